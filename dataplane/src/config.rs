@@ -1,0 +1,523 @@
+//! The data plane's configuration: one TOML file, deserialized once and validated into a
+//! checked [`Config`] at startup. Every problem is reported with its key and value.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::Deserialize;
+use tuning::{PartialSettings, Settings};
+
+/// The configuration file as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// Address the proxy listens on.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Address of the admin endpoint (`/healthz`, `/readyz`, `/metrics`).
+    #[serde(default = "default_admin")]
+    pub admin_listen: String,
+    /// Name of this data plane in profiles and logs (default: the host name).
+    #[serde(default)]
+    pub dataplane_id: Option<String>,
+    /// Limits that apply to every connection.
+    #[serde(default)]
+    pub limits: RawLimits,
+    /// Static settings for every service unless the service says otherwise.
+    #[serde(default)]
+    pub defaults: Settings,
+    /// Services by name.
+    #[serde(default)]
+    pub services: BTreeMap<String, RawService>,
+}
+
+/// Limits as written (durations in seconds or `"30s"` forms).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    /// Most client connections open at once; more are refused with 503.
+    #[serde(default = "d_max_connections")]
+    pub max_connections: usize,
+    /// Time a client has to send a complete request head.
+    #[serde(default = "d_handshake_timeout")]
+    pub handshake_timeout: String,
+    /// Largest request head accepted, bytes (larger: 431).
+    #[serde(default = "d_max_head_bytes")]
+    pub max_head_bytes: usize,
+    /// Largest WebSocket message in `frame_aware` (larger: close 1009).
+    #[serde(default = "d_max_message_bytes")]
+    pub max_message_bytes: usize,
+    /// A peer that does not accept bytes for this long is closed (1008) and counted.
+    #[serde(default = "d_stall_timeout")]
+    pub stall_timeout: String,
+    /// How long shutdown waits for connections to finish after sending them close 1001.
+    #[serde(default = "d_drain")]
+    pub drain_timeout: String,
+    /// Upstream connect timeout.
+    #[serde(default = "d_connect_timeout")]
+    pub connect_timeout: String,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        RawLimits {
+            max_connections: d_max_connections(),
+            handshake_timeout: d_handshake_timeout(),
+            max_head_bytes: d_max_head_bytes(),
+            max_message_bytes: d_max_message_bytes(),
+            stall_timeout: d_stall_timeout(),
+            drain_timeout: d_drain(),
+            connect_timeout: d_connect_timeout(),
+        }
+    }
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8080".into()
+}
+fn default_admin() -> String {
+    "127.0.0.1:8091".into()
+}
+fn d_max_connections() -> usize {
+    10_000
+}
+fn d_handshake_timeout() -> String {
+    "10s".into()
+}
+fn d_max_head_bytes() -> usize {
+    16 << 10
+}
+fn d_max_message_bytes() -> usize {
+    16 << 20
+}
+fn d_stall_timeout() -> String {
+    "30s".into()
+}
+fn d_drain() -> String {
+    "10s".into()
+}
+fn d_connect_timeout() -> String {
+    "5s".into()
+}
+
+/// A service as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawService {
+    /// Upstream addresses (`host:port`), used round robin.
+    pub upstreams: Vec<String>,
+    /// Routes that lead to this service.
+    #[serde(default)]
+    pub routes: Vec<RawRoute>,
+    /// Changes to the default settings for this service.
+    #[serde(default)]
+    pub settings: PartialSettings,
+    /// Upstream keep-alive pool for plain HTTP.
+    #[serde(default)]
+    pub pool: RawPool,
+}
+
+/// A route as written: a host (optional) and a path prefix.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    /// Host to match (case-insensitive, port ignored); any host when absent.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Path prefix to match, at a segment boundary (`/ws` matches `/ws` and `/ws/x`).
+    #[serde(default = "d_prefix")]
+    pub path_prefix: String,
+    /// Name of the route in profiles (default: the path prefix).
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+fn d_prefix() -> String {
+    "/".into()
+}
+
+/// Upstream pool limits as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPool {
+    /// Most connections open to one upstream address at once.
+    #[serde(default = "d_pool_max")]
+    pub max_per_upstream: usize,
+    /// An idle pooled connection is closed after this long.
+    #[serde(default = "d_pool_idle")]
+    pub idle_timeout: String,
+    /// A pooled connection is not reused once this old.
+    #[serde(default = "d_pool_life")]
+    pub max_lifetime: String,
+}
+
+impl Default for RawPool {
+    fn default() -> Self {
+        RawPool {
+            max_per_upstream: d_pool_max(),
+            idle_timeout: d_pool_idle(),
+            max_lifetime: d_pool_life(),
+        }
+    }
+}
+
+fn d_pool_max() -> usize {
+    256
+}
+fn d_pool_idle() -> String {
+    "60s".into()
+}
+fn d_pool_life() -> String {
+    "10m".into()
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Proxy listen address.
+    pub listen: SocketAddr,
+    /// Admin listen address.
+    pub admin_listen: SocketAddr,
+    /// This data plane's name.
+    pub dataplane_id: String,
+    /// Limits.
+    pub limits: Limits,
+    /// Services.
+    pub services: BTreeMap<String, Service>,
+}
+
+/// Validated limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// See [`RawLimits::max_connections`].
+    pub max_connections: usize,
+    /// See [`RawLimits::handshake_timeout`].
+    pub handshake_timeout: Duration,
+    /// See [`RawLimits::max_head_bytes`].
+    pub max_head_bytes: usize,
+    /// See [`RawLimits::max_message_bytes`].
+    pub max_message_bytes: usize,
+    /// See [`RawLimits::stall_timeout`].
+    pub stall_timeout: Duration,
+    /// See [`RawLimits::drain_timeout`].
+    pub drain_timeout: Duration,
+    /// See [`RawLimits::connect_timeout`].
+    pub connect_timeout: Duration,
+}
+
+/// A validated service.
+#[derive(Debug, Clone)]
+pub struct Service {
+    /// Its name.
+    pub name: String,
+    /// Upstream addresses as `host:port` (resolved at connect time).
+    pub upstreams: Vec<String>,
+    /// Routes.
+    pub routes: Vec<Route>,
+    /// Static settings (defaults with the service's changes).
+    pub settings: Settings,
+    /// Pool limits.
+    pub pool: PoolLimits,
+}
+
+/// A validated route.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// Lower-case host without port, or any.
+    pub host: Option<String>,
+    /// Path prefix (starts with `/`, no trailing `/` except the root).
+    pub path_prefix: String,
+    /// Name in profiles.
+    pub name: String,
+}
+
+/// Validated pool limits.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolLimits {
+    /// See [`RawPool::max_per_upstream`].
+    pub max_per_upstream: usize,
+    /// See [`RawPool::idle_timeout`].
+    pub idle_timeout: Duration,
+    /// See [`RawPool::max_lifetime`].
+    pub max_lifetime: Duration,
+}
+
+fn dur(errors: &mut Vec<String>, key: &str, v: &str) -> Duration {
+    match parse_duration(v) {
+        Some(d) => d,
+        None => {
+            errors.push(format!(
+                "{key} = {v:?} is not a duration (e.g. \"500ms\", \"30s\", \"5m\")"
+            ));
+            Duration::ZERO
+        }
+    }
+}
+
+/// Parse `"250ms"`, `"30s"`, `"5m"`, `"1h"` or plain seconds.
+pub fn parse_duration(v: &str) -> Option<Duration> {
+    let t = v.trim();
+    if let Some(ms) = t.strip_suffix("ms") {
+        return ms.trim().parse().ok().map(Duration::from_millis);
+    }
+    tuning::settings::parse_secs(t)
+        .filter(|_| !t.eq_ignore_ascii_case("off"))
+        .map(|s| Duration::from_secs(u64::from(s)))
+}
+
+fn addr(errors: &mut Vec<String>, key: &str, v: &str) -> SocketAddr {
+    v.parse().unwrap_or_else(|_| {
+        errors.push(format!(
+            "{key} = {v:?} is not an address (e.g. \"127.0.0.1:8080\")"
+        ));
+        SocketAddr::from(([0, 0, 0, 0], 0))
+    })
+}
+
+fn valid_upstream(v: &str) -> bool {
+    match v.rsplit_once(':') {
+        Some((host, port)) => {
+            !host.is_empty()
+                && port.parse::<u16>().is_ok_and(|p| p > 0)
+                && !host.contains('/')
+                && !host.contains(' ')
+        }
+        None => false,
+    }
+}
+
+impl Config {
+    /// Parse and validate a TOML text. On failure, every problem found, each naming its key.
+    pub fn from_toml(text: &str) -> Result<Config, Vec<String>> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| vec![e.to_string()])?;
+        raw.validate()
+    }
+}
+
+impl RawConfig {
+    /// Check everything; collect every problem rather than stopping at the first.
+    pub fn validate(self) -> Result<Config, Vec<String>> {
+        let mut e = Vec::new();
+        let listen = addr(&mut e, "listen", &self.listen);
+        let admin_listen = addr(&mut e, "admin_listen", &self.admin_listen);
+        let l = &self.limits;
+        if l.max_connections == 0 {
+            e.push("limits.max_connections = 0 must be at least 1".into());
+        }
+        if l.max_head_bytes < 8192 {
+            e.push(format!(
+                "limits.max_head_bytes = {} must be at least 8192",
+                l.max_head_bytes
+            ));
+        }
+        if l.max_message_bytes < 125 {
+            e.push(format!(
+                "limits.max_message_bytes = {} must be at least 125",
+                l.max_message_bytes
+            ));
+        }
+        let limits = Limits {
+            max_connections: l.max_connections,
+            handshake_timeout: dur(&mut e, "limits.handshake_timeout", &l.handshake_timeout),
+            max_head_bytes: l.max_head_bytes,
+            max_message_bytes: l.max_message_bytes,
+            stall_timeout: dur(&mut e, "limits.stall_timeout", &l.stall_timeout),
+            drain_timeout: dur(&mut e, "limits.drain_timeout", &l.drain_timeout),
+            connect_timeout: dur(&mut e, "limits.connect_timeout", &l.connect_timeout),
+        };
+        for p in self.defaults.problems() {
+            e.push(format!("defaults.{p}"));
+        }
+        if self.services.is_empty() {
+            e.push("services: at least one service is needed".into());
+        }
+        let mut services = BTreeMap::new();
+        for (name, s) in self.services {
+            let key = format!("services.{name}");
+            if s.upstreams.is_empty() {
+                e.push(format!("{key}.upstreams = [] needs at least one address"));
+            }
+            for u in &s.upstreams {
+                if !valid_upstream(u) {
+                    e.push(format!(
+                        "{key}.upstreams: {u:?} is not host:port (e.g. \"127.0.0.1:9000\")"
+                    ));
+                }
+            }
+            let settings = self.defaults.with(&s.settings);
+            for p in settings.problems() {
+                e.push(format!("{key}.settings.{p}"));
+            }
+            if settings.compression && settings.mode == tuning::Mode::FrameAware {
+                e.push(format!(
+                    "{key}.settings.compression = true: permessage-deflate is not implemented in this data plane yet"
+                ));
+            }
+            let raw_routes = if s.routes.is_empty() {
+                vec![RawRoute {
+                    host: None,
+                    path_prefix: format!("/{name}"),
+                    name: None,
+                }]
+            } else {
+                s.routes
+            };
+            let mut routes = Vec::new();
+            for (i, r) in raw_routes.into_iter().enumerate() {
+                if !r.path_prefix.starts_with('/') {
+                    e.push(format!(
+                        "{key}.routes[{i}].path_prefix = {:?} must start with '/'",
+                        r.path_prefix
+                    ));
+                }
+                let mut prefix = r.path_prefix.clone();
+                while prefix.len() > 1 && prefix.ends_with('/') {
+                    prefix.pop();
+                }
+                routes.push(Route {
+                    host: r.host.map(|h| h.to_ascii_lowercase()),
+                    name: r.name.unwrap_or_else(|| prefix.clone()),
+                    path_prefix: prefix,
+                });
+            }
+            let pool = PoolLimits {
+                max_per_upstream: s.pool.max_per_upstream,
+                idle_timeout: dur(&mut e, &format!("{key}.pool.idle_timeout"), &s.pool.idle_timeout),
+                max_lifetime: dur(&mut e, &format!("{key}.pool.max_lifetime"), &s.pool.max_lifetime),
+            };
+            if pool.max_per_upstream == 0 {
+                e.push(format!("{key}.pool.max_per_upstream = 0 must be at least 1"));
+            }
+            services.insert(
+                name.clone(),
+                Service {
+                    name,
+                    upstreams: s.upstreams,
+                    routes,
+                    settings,
+                    pool,
+                },
+            );
+        }
+        // Two services may not claim the same host + prefix.
+        let mut seen = BTreeMap::new();
+        for s in services.values() {
+            for r in &s.routes {
+                let k = (r.host.clone(), r.path_prefix.clone());
+                if let Some(other) = seen.insert(k, s.name.clone()) {
+                    e.push(format!(
+                        "services.{}.routes: path_prefix {:?}{} is also routed to service {other}",
+                        s.name,
+                        r.path_prefix,
+                        r.host
+                            .as_ref()
+                            .map(|h| format!(" on host {h:?}"))
+                            .unwrap_or_default()
+                    ));
+                }
+            }
+        }
+        if !e.is_empty() {
+            return Err(e);
+        }
+        Ok(Config {
+            listen,
+            admin_listen,
+            dataplane_id: self.dataplane_id.unwrap_or_else(default_id),
+            limits,
+            services,
+        })
+    }
+}
+
+fn default_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "dataplane".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+listen = "127.0.0.1:0"
+[services.chat]
+upstreams = ["127.0.0.1:9000"]
+routes = [{ path_prefix = "/ws/" }, { host = "Chat.Example", path_prefix = "/" }]
+settings = { mode = "frame_aware", ping_interval = "15s" }
+"#;
+
+    #[test]
+    fn good_config_validates() {
+        let c = Config::from_toml(GOOD).unwrap();
+        let s = &c.services["chat"];
+        assert_eq!(s.routes[0].path_prefix, "/ws");
+        assert_eq!(s.routes[1].host.as_deref(), Some("chat.example"));
+        assert_eq!(s.settings.ping_interval, 15);
+        assert_eq!(c.limits.handshake_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn every_problem_names_key_and_value() {
+        let e = Config::from_toml(
+            r#"
+listen = "nowhere"
+[limits]
+stall_timeout = "soon"
+[services.bulk]
+upstreams = ["localhost"]
+routes = [{ path_prefix = "bulk" }]
+settings = { buffer_size = 1000, compression = true }
+[services.other]
+upstreams = ["127.0.0.1:1"]
+routes = [{ path_prefix = "/bulk" }]
+"#,
+        )
+        .unwrap_err();
+        let all = e.join("\n");
+        for needle in [
+            "listen = \"nowhere\"",
+            "limits.stall_timeout = \"soon\"",
+            "services.bulk.upstreams: \"localhost\" is not host:port",
+            "services.bulk.routes[0].path_prefix = \"bulk\" must start with '/'",
+            "services.bulk.settings.buffer_size = 1000",
+            "services.bulk.settings.compression = true requires mode",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+    }
+
+    #[test]
+    fn duplicate_routes_are_refused() {
+        let e = Config::from_toml(
+            r#"
+[services.a]
+upstreams = ["127.0.0.1:1"]
+routes = [{ path_prefix = "/x" }]
+[services.b]
+upstreams = ["127.0.0.1:2"]
+routes = [{ path_prefix = "/x/" }]
+"#,
+        )
+        .unwrap_err();
+        assert!(e[0].contains("also routed to service a"), "{e:?}");
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = Config::from_toml("lisen = \"x\"\n").unwrap_err();
+        assert!(e[0].contains("lisen"), "{e:?}");
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("7"), Some(Duration::from_secs(7)));
+        assert_eq!(parse_duration("off"), None);
+    }
+}

@@ -1,0 +1,513 @@
+//! `frame_aware` mode: WebSocket messages are parsed on both legs (tokio-tungstenite), so the
+//! proxy can ping each peer itself, detect a dead one, enforce the maximum message size with
+//! close 1009, propagate close codes both ways and close cleanly on idle timeout or shutdown.
+//!
+//! Each leg has one writer fed by a channel of capacity 1: a reader whose destination does not
+//! keep up waits on that channel, so at most a couple of messages per direction are held in the
+//! proxy, and a peer that accepts nothing for the stall timeout is closed with 1008.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tuning::{ClosedBy, Hist, PingStats, Settings};
+
+use super::{CloseRequest, ForwardLimits, Outcome};
+use crate::stats::DirStats;
+
+/// Which leg.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Leg {
+    Client,
+    Upstream,
+}
+
+/// Ping bookkeeping for one leg.
+#[derive(Debug, Default)]
+struct Pings {
+    next_id: u64,
+    outstanding: Option<(u64, Instant)>,
+    consecutive_missed: u32,
+    sent: u64,
+    answered: u64,
+    missed: u64,
+    rtt_min: Option<u64>,
+    rtt_max: Option<u64>,
+    rtts: Hist,
+}
+
+impl Pings {
+    fn on_pong(&mut self, payload: &[u8]) {
+        let Ok(id) = <[u8; 8]>::try_from(payload).map(u64::from_be_bytes) else {
+            return;
+        };
+        if let Some((want, at)) = self.outstanding {
+            if want == id {
+                let us = at.elapsed().as_micros() as u64;
+                self.answered += 1;
+                self.rtt_min = Some(self.rtt_min.map_or(us, |m| m.min(us)));
+                self.rtt_max = Some(self.rtt_max.map_or(us, |m| m.max(us)));
+                self.rtts.record(us);
+                self.outstanding = None;
+                self.consecutive_missed = 0;
+            }
+        }
+    }
+
+    fn stats(&self) -> PingStats {
+        PingStats {
+            sent: self.sent,
+            answered: self.answered,
+            missed: self.missed,
+            rtt_min_us: self.rtt_min,
+            rtt_p50_us: self.rtts.quantile_upper(0.5),
+            rtt_p99_us: self.rtts.quantile_upper(0.99),
+            rtt_max_us: self.rtt_max,
+        }
+    }
+}
+
+/// What ended a reader.
+#[derive(Debug)]
+enum ReadEnd {
+    /// The peer closed (close frame, then end of stream).
+    Closed,
+    /// The stream ended without a close frame, or failed.
+    Abnormal(&'static str),
+    /// The peer sent a message larger than the limit.
+    TooBig,
+    /// The peer broke the protocol.
+    Protocol,
+}
+
+/// State shared by the futures of one connection (all polled by one task).
+#[derive(Debug)]
+struct Shared {
+    origin: Instant,
+    activity: AtomicU64,
+    in_flight: AtomicU64,
+    peak: AtomicU64,
+    paused_ns: AtomicU64,
+    /// The first close seen: (by, code, reason).
+    first_close: Mutex<Option<(ClosedBy, u16, String)>>,
+    closing: AtomicBool,
+}
+
+impl Shared {
+    fn touch(&self) {
+        self.activity
+            .store(self.origin.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    fn record_close(&self, by: ClosedBy, code: u16, reason: &str) {
+        let mut g = self.first_close.lock().expect("close lock");
+        if g.is_none() {
+            *g = Some((by, code, reason.to_string()));
+        }
+    }
+}
+
+fn ws_config(settings: &Settings, limits: &ForwardLimits) -> WebSocketConfig {
+    let mut c = WebSocketConfig::default();
+    c.read_buffer_size = settings.buffer_size as usize;
+    c.write_buffer_size = 0;
+    c.max_message_size = Some(limits.max_message_bytes);
+    c.max_frame_size = Some(limits.max_message_bytes);
+    c
+}
+
+fn close_msg(code: u16, reason: &str) -> Message {
+    Message::Close(Some(CloseFrame {
+        code: CloseCode::from(code),
+        reason: reason.into(),
+    }))
+}
+
+/// Read one leg and forward to the other's writer.
+async fn reader<S>(
+    leg: Leg,
+    mut stream: S,
+    to_other: mpsc::Sender<Message>,
+    stats: &mut DirStats,
+    pings: &Mutex<Pings>,
+    shared: &Shared,
+) -> ReadEnd
+where
+    S: futures_util::Stream<Item = Result<Message, WsError>> + Unpin,
+{
+    let by = match leg {
+        Leg::Client => ClosedBy::Client,
+        Leg::Upstream => ClosedBy::Upstream,
+    };
+    let mut closed = false;
+    loop {
+        let msg = match stream.next().await {
+            None => {
+                return if closed {
+                    ReadEnd::Closed
+                } else {
+                    ReadEnd::Abnormal("eof")
+                };
+            }
+            Some(Ok(m)) => m,
+            Some(Err(WsError::ConnectionClosed)) => return ReadEnd::Closed,
+            Some(Err(WsError::Capacity(_))) => return ReadEnd::TooBig,
+            Some(Err(WsError::Protocol(p))) => {
+                if closed {
+                    return ReadEnd::Closed;
+                }
+                tracing::debug!(?leg, error = %p, "protocol error");
+                return ReadEnd::Protocol;
+            }
+            Some(Err(WsError::Utf8(_))) => return ReadEnd::Protocol,
+            Some(Err(_)) => {
+                return if closed {
+                    ReadEnd::Closed
+                } else {
+                    ReadEnd::Abnormal("io")
+                };
+            }
+        };
+        match msg {
+            Message::Text(_) | Message::Binary(_) => {
+                let n = match &msg {
+                    Message::Text(t) => t.len(),
+                    Message::Binary(b) => b.len(),
+                    _ => 0,
+                } as u64;
+                let now = Instant::now();
+                stats.on_read(n as usize);
+                stats.on_message(n, now);
+                shared.touch();
+                if closed || shared.closing.load(Ordering::Relaxed) {
+                    continue;
+                }
+                let inflight = shared.in_flight.fetch_add(n, Ordering::Relaxed) + n;
+                shared.peak.fetch_max(inflight, Ordering::Relaxed);
+                match to_other.try_send(msg) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(m)) => {
+                        let t = Instant::now();
+                        let r = to_other.send(m).await;
+                        shared
+                            .paused_ns
+                            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                        if r.is_err() {
+                            return ReadEnd::Abnormal("other_leg_gone");
+                        }
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        return ReadEnd::Abnormal("other_leg_gone");
+                    }
+                }
+            }
+            Message::Pong(p) => pings.lock().expect("pings").on_pong(&p),
+            // tungstenite answers pings itself; the proxy does not forward them.
+            Message::Ping(_) | Message::Frame(_) => {}
+            Message::Close(frame) => {
+                let (code, reason) = frame
+                    .as_ref()
+                    .map_or((1005, String::new()), |f| (u16::from(f.code), f.reason.to_string()));
+                shared.record_close(by, code, &reason);
+                if !closed && !shared.closing.swap(true, Ordering::Relaxed) {
+                    // Propagate the peer's close to the other leg, same code and reason.
+                    let fwd = match frame {
+                        Some(f) if code != 1005 => Message::Close(Some(f)),
+                        _ => Message::Close(None),
+                    };
+                    let _ = to_other.send(fwd).await;
+                }
+                // tungstenite replies to the close itself; keep reading until the stream ends.
+                closed = true;
+            }
+        }
+    }
+}
+
+/// Write messages from the channel to one leg.
+async fn writer<S>(
+    mut sink: S,
+    mut rx: mpsc::Receiver<Message>,
+    stall: Duration,
+    shared: &Shared,
+) -> Result<(), &'static str>
+where
+    S: futures_util::Sink<Message, Error = WsError> + Unpin,
+{
+    while let Some(m) = rx.recv().await {
+        let n = match &m {
+            Message::Text(t) => t.len() as u64,
+            Message::Binary(b) => b.len() as u64,
+            _ => 0,
+        };
+        let is_close = matches!(m, Message::Close(_));
+        let r = tokio::time::timeout(stall, sink.send(m)).await;
+        shared.in_flight.fetch_sub(n, Ordering::Relaxed);
+        match r {
+            Err(_) => return Err("stalled"),
+            Ok(Err(WsError::ConnectionClosed | WsError::AlreadyClosed)) => return Ok(()),
+            Ok(Err(WsError::Protocol(_))) if is_close => {}
+            Ok(Err(_)) => return Err("io"),
+            Ok(Ok(())) => {}
+        }
+    }
+    let _ = tokio::time::timeout(stall, sink.close()).await;
+    Ok(())
+}
+
+/// Ping one leg every `interval`; returns when the peer missed enough pongs to be dead.
+async fn pinger(interval: Duration, tx: mpsc::Sender<Message>, pings: &Mutex<Pings>) {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    loop {
+        tick.tick().await;
+        let payload = {
+            let mut p = pings.lock().expect("pings");
+            if p.outstanding.take().is_some() {
+                p.missed += 1;
+                p.consecutive_missed += 1;
+                if p.consecutive_missed >= tuning::settings::MISSED_PONGS_FOR_DEAD_PEER {
+                    return;
+                }
+            }
+            p.next_id += 1;
+            let id = p.next_id;
+            p.outstanding = Some((id, Instant::now()));
+            p.sent += 1;
+            id.to_be_bytes()
+        };
+        // A full channel means the writer is busy with data: the ping waits its turn.
+        if tx.send(Message::Ping(Bytes::copy_from_slice(&payload))).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+async fn idle_expired(shared: &Shared, idle: Duration) {
+    loop {
+        let last = shared.origin + Duration::from_nanos(shared.activity.load(Ordering::Relaxed));
+        let deadline = last + idle;
+        if Instant::now() >= deadline {
+            return;
+        }
+        tokio::time::sleep_until(deadline.into()).await;
+    }
+}
+
+async fn maybe<F: std::future::Future<Output = ()>>(f: Option<F>) {
+    match f {
+        Some(f) => f.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Forward a WebSocket connection message by message. See [`super::zero_copy::run`] for the
+/// meaning of the arguments.
+#[allow(clippy::too_many_arguments)]
+pub async fn run(
+    client: TcpStream,
+    client_head: Vec<u8>,
+    upstream: TcpStream,
+    upstream_head: Vec<u8>,
+    settings: &Settings,
+    limits: ForwardLimits,
+    mut shutdown: watch::Receiver<bool>,
+    drain_delay: Duration,
+) -> Outcome {
+    let cfg = ws_config(settings, &limits);
+    let client_ws =
+        WebSocketStream::from_partially_read(client, client_head, Role::Server, Some(cfg)).await;
+    let upstream_ws =
+        WebSocketStream::from_partially_read(upstream, upstream_head, Role::Client, Some(cfg))
+            .await;
+    let (c_sink, c_stream) = client_ws.split();
+    let (u_sink, u_stream) = upstream_ws.split();
+    let (c_tx, c_rx) = mpsc::channel::<Message>(1);
+    let (u_tx, u_rx) = mpsc::channel::<Message>(1);
+    let shared = Shared {
+        origin: Instant::now(),
+        activity: AtomicU64::new(0),
+        in_flight: AtomicU64::new(0),
+        peak: AtomicU64::new(0),
+        paused_ns: AtomicU64::new(0),
+        first_close: Mutex::new(None),
+        closing: AtomicBool::new(false),
+    };
+    let mut c2u = DirStats::new(shared.origin);
+    let mut u2c = DirStats::new(shared.origin);
+    let c_pings = Mutex::new(Pings::default());
+    let u_pings = Mutex::new(Pings::default());
+    let idle = Duration::from_secs(u64::from(settings.idle_timeout));
+    let ping_every = (settings.ping_interval > 0)
+        .then(|| Duration::from_secs(u64::from(settings.ping_interval)));
+    let mut out = Outcome::default();
+
+    let mut proxy_close: Option<(u16, &'static str, u16, &'static str)> = None;
+    {
+        let mut r_client = std::pin::pin!(reader(
+            Leg::Client,
+            c_stream,
+            u_tx.clone(),
+            &mut c2u,
+            &c_pings,
+            &shared
+        ));
+        let mut r_upstream = std::pin::pin!(reader(
+            Leg::Upstream,
+            u_stream,
+            c_tx.clone(),
+            &mut u2c,
+            &u_pings,
+            &shared
+        ));
+        let mut w_client = std::pin::pin!(writer(c_sink, c_rx, limits.stall_timeout, &shared));
+        let mut w_upstream = std::pin::pin!(writer(u_sink, u_rx, limits.stall_timeout, &shared));
+        let mut p_client = std::pin::pin!(maybe(
+            ping_every.map(|d| pinger(d, c_tx.clone(), &c_pings))
+        ));
+        let mut p_upstream = std::pin::pin!(maybe(
+            ping_every.map(|d| pinger(d, u_tx.clone(), &u_pings))
+        ));
+        let (mut rc_done, mut ru_done, mut wc_done, mut wu_done) = (false, false, false, false);
+        let mut grace: Option<tokio::time::Instant> = None;
+        let mut draining = false;
+        loop {
+            let grace_sleep = async {
+                match grace {
+                    Some(g) => tokio::time::sleep_until(g).await,
+                    None => std::future::pending().await,
+                }
+            };
+            // What the proxy decides to do: (code to client, reason, code to upstream, reason).
+            let mut decide: Option<(u16, &'static str, u16, &'static str)> = None;
+            tokio::select! {
+                e = &mut r_client, if !rc_done => {
+                    rc_done = true;
+                    match e {
+                        ReadEnd::Closed => {}
+                        ReadEnd::Abnormal(why) => {
+                            shared.record_close(ClosedBy::Client, 1006, "");
+                            out.error_class.get_or_insert(if why == "io" { "client_io" } else { "client_gone" });
+                            decide = Some((0, "", 1001, "client went away"));
+                        }
+                        ReadEnd::TooBig => {
+                            out.error_class.get_or_insert("client_message_too_big");
+                            decide = Some((1009, "message too big", 1001, "client sent a message too big"));
+                        }
+                        ReadEnd::Protocol => {
+                            out.error_class.get_or_insert("client_protocol");
+                            decide = Some((1002, "protocol error", 1001, "client protocol error"));
+                        }
+                    }
+                }
+                e = &mut r_upstream, if !ru_done => {
+                    ru_done = true;
+                    match e {
+                        ReadEnd::Closed => {}
+                        ReadEnd::Abnormal(why) => {
+                            shared.record_close(ClosedBy::Upstream, 1006, "");
+                            out.error_class.get_or_insert(if why == "io" { "upstream_io" } else { "upstream_gone" });
+                            decide = Some((1011, "upstream went away", 0, ""));
+                        }
+                        ReadEnd::TooBig => {
+                            out.error_class.get_or_insert("upstream_message_too_big");
+                            decide = Some((1011, "upstream sent a message too big", 1009, "message too big"));
+                        }
+                        ReadEnd::Protocol => {
+                            out.error_class.get_or_insert("upstream_protocol");
+                            decide = Some((1011, "upstream protocol error", 1002, "protocol error"));
+                        }
+                    }
+                }
+                r = &mut w_client, if !wc_done => {
+                    wc_done = true;
+                    if let Err(why) = r {
+                        out.error_class.get_or_insert(if why == "stalled" { "client_stalled" } else { "client_io" });
+                        decide = Some((0, "", 1001, "client not reading"));
+                        if why == "stalled" { shared.record_close(ClosedBy::Proxy, 1008, "client stalled"); }
+                    }
+                }
+                r = &mut w_upstream, if !wu_done => {
+                    wu_done = true;
+                    if let Err(why) = r {
+                        out.error_class.get_or_insert(if why == "stalled" { "upstream_stalled" } else { "upstream_io" });
+                        decide = Some((1011, "upstream not reading", 0, ""));
+                        if why == "stalled" { shared.record_close(ClosedBy::Proxy, 1008, "upstream stalled"); }
+                    }
+                }
+                () = &mut p_client => {
+                    out.dead_peer = true;
+                    out.error_class.get_or_insert("client_dead");
+                    shared.record_close(ClosedBy::Proxy, 1001, "client not responding");
+                    decide = Some((1001, "ping timeout", 1001, "client not responding"));
+                    p_client.set(maybe(None));
+                }
+                () = &mut p_upstream => {
+                    out.dead_peer = true;
+                    out.error_class.get_or_insert("upstream_dead");
+                    shared.record_close(ClosedBy::Proxy, 1011, "upstream not responding");
+                    decide = Some((1011, "upstream not responding", 1001, "ping timeout"));
+                    p_upstream.set(maybe(None));
+                }
+                () = idle_expired(&shared, idle), if proxy_close.is_none() && !shared.closing.load(Ordering::Relaxed) => {
+                    out.idle_timeout_fired = true;
+                    let (c, r) = CloseRequest::Idle.code_reason();
+                    shared.record_close(ClosedBy::Proxy, c, r);
+                    decide = Some((c, r, c, r));
+                }
+                r = async { shutdown.wait_for(|v| *v).await.is_ok() }, if !draining => {
+                    draining = true;
+                    if r {
+                        tokio::time::sleep(drain_delay).await;
+                        if !shared.closing.load(Ordering::Relaxed) {
+                            let (c, r) = CloseRequest::Shutdown.code_reason();
+                            shared.record_close(ClosedBy::Proxy, c, r);
+                            decide = Some((c, r, c, r));
+                        }
+                    }
+                }
+                () = grace_sleep => break,
+            }
+            if let Some(d) = decide {
+                if proxy_close.is_none() {
+                    proxy_close = Some(d);
+                    shared.closing.store(true, Ordering::Relaxed);
+                    if d.0 != 0 && !wc_done {
+                        let _ = c_tx.try_send(close_msg(d.0, d.1));
+                    }
+                    if d.2 != 0 && !wu_done {
+                        let _ = u_tx.try_send(close_msg(d.2, d.3));
+                    }
+                }
+            }
+            if shared.closing.load(Ordering::Relaxed) && grace.is_none() {
+                grace = Some(tokio::time::Instant::now() + limits.close_grace);
+            }
+            if rc_done && ru_done {
+                break;
+            }
+        }
+    }
+    let end = Instant::now();
+    if let Some((by, code, reason)) = shared.first_close.lock().expect("close lock").take() {
+        out.closed_by = Some(by);
+        out.close_code = Some(code);
+        out.close_reason = (!reason.is_empty()).then_some(reason);
+    } else {
+        out.closed_by = Some(ClosedBy::Proxy);
+    }
+    out.c2u = c2u.finish(end);
+    out.u2c = u2c.finish(end);
+    out.ping_client = c_pings.lock().expect("pings").stats();
+    out.ping_upstream = u_pings.lock().expect("pings").stats();
+    out.paused = Duration::from_nanos(shared.paused_ns.load(Ordering::Relaxed));
+    out.peak_buffered = shared.peak.load(Ordering::Relaxed);
+    out
+}

@@ -1,0 +1,123 @@
+//! Forwarding an upgraded connection in one of the two modes, and what both modes share: the
+//! buffer pool, close requests, and the outcome recorded in the profile.
+
+pub mod frame_aware;
+pub mod zero_copy;
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tuning::{ClosedBy, DirectionStats, PingStats};
+
+/// Why the proxy itself asks a connection to close.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseRequest {
+    /// No traffic for `idle_timeout` (close 1001 "idle timeout").
+    Idle,
+    /// The data plane is shutting down (close 1001 "going away").
+    Shutdown,
+}
+
+impl CloseRequest {
+    /// The WebSocket close code and reason sent for it.
+    pub fn code_reason(self) -> (u16, &'static str) {
+        match self {
+            CloseRequest::Idle => (1001, "idle timeout"),
+            CloseRequest::Shutdown => (1001, "proxy shutting down"),
+        }
+    }
+}
+
+/// Per-connection limits the forwarders need.
+#[derive(Debug, Clone, Copy)]
+pub struct ForwardLimits {
+    /// A peer that accepts no bytes for this long is closed.
+    pub stall_timeout: Duration,
+    /// Largest message in `frame_aware`.
+    pub max_message_bytes: usize,
+    /// How long to wait for the peers' close replies after the proxy closed.
+    pub close_grace: Duration,
+}
+
+/// How a forwarded connection ended, for the profile.
+#[derive(Debug, Clone, Default)]
+pub struct Outcome {
+    /// Client → upstream statistics.
+    pub c2u: DirectionStats,
+    /// Upstream → client statistics.
+    pub u2c: DirectionStats,
+    /// Pings toward the client.
+    pub ping_client: PingStats,
+    /// Pings toward the upstream.
+    pub ping_upstream: PingStats,
+    /// Who ended it.
+    pub closed_by: Option<ClosedBy>,
+    /// The close code (from whichever side closed first).
+    pub close_code: Option<u16>,
+    /// The close reason.
+    pub close_reason: Option<String>,
+    /// Error class, when it ended with an error.
+    pub error_class: Option<&'static str>,
+    /// A peer stopped answering pings (or TCP keepalive probes).
+    pub dead_peer: bool,
+    /// The idle timeout fired.
+    pub idle_timeout_fired: bool,
+    /// Total time reads were paused because the other side was not accepting bytes.
+    pub paused: Duration,
+    /// Most bytes held for this connection at once.
+    pub peak_buffered: u64,
+}
+
+/// A pool of read buffers per size class, so that an idle connection holds none: a buffer is
+/// taken when a socket is readable and given back as soon as its bytes are written.
+#[derive(Debug)]
+pub struct BufPool {
+    classes: [Mutex<Vec<Box<[u8]>>>; 4],
+    keep: usize,
+}
+
+impl BufPool {
+    /// A pool that keeps at most `keep` spare buffers per size class.
+    pub const fn new(keep: usize) -> BufPool {
+        BufPool {
+            classes: [
+                Mutex::new(Vec::new()),
+                Mutex::new(Vec::new()),
+                Mutex::new(Vec::new()),
+                Mutex::new(Vec::new()),
+            ],
+            keep,
+        }
+    }
+
+    fn class(size: usize) -> usize {
+        tuning::settings::BUFFER_SIZES
+            .iter()
+            .position(|s| *s as usize >= size)
+            .unwrap_or(3)
+    }
+
+    /// A buffer of at least `size` bytes.
+    pub fn get(&self, size: usize) -> Box<[u8]> {
+        let c = Self::class(size);
+        let cap = (tuning::settings::BUFFER_SIZES[c] as usize).max(size);
+        if let Some(b) = self.classes[c].lock().expect("pool lock").pop() {
+            if b.len() >= size {
+                return b;
+            }
+        }
+        vec![0u8; cap].into_boxed_slice()
+    }
+
+    /// Give a buffer back.
+    pub fn put(&self, b: Box<[u8]>) {
+        let c = Self::class(b.len());
+        let mut v = self.classes[c].lock().expect("pool lock");
+        if v.len() < self.keep {
+            v.push(b);
+        }
+    }
+}
+
+/// The process-wide buffer pool.
+pub static BUFFERS: BufPool = BufPool::new(512);

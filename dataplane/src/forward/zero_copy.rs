@@ -1,0 +1,456 @@
+//! `zero_copy` mode: bytes are forwarded unmodified in both directions.
+//!
+//! Each direction waits for readability holding nothing; only when bytes are there does it take
+//! a buffer of `Settings.buffer_size` from the shared pool, read, write everything to the other
+//! side and give the buffer back, so an idle connection holds no buffer. Reads of one direction
+//! stop while its destination does not accept bytes (backpressure: at most one buffer in flight
+//! per direction, never a queue). WebSocket frame headers are tracked as the bytes pass, for
+//! message counts and sizes; payloads are never copied anywhere else. The proxy can close at a
+//! frame boundary with a real close frame (masked toward the upstream), so an idle timeout or a
+//! shutdown ends the connection the way RFC 6455 wants rather than with a reset.
+//!
+//! Not yet done: splice(2) through pooled pipes (the copy loop is what runs today).
+
+use std::io;
+use std::net::Shutdown;
+use std::pin::pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tuning::{ClosedBy, Settings};
+
+use super::{BUFFERS, CloseRequest, ForwardLimits, Outcome};
+use crate::frames::{FrameEvent, FrameTracker};
+use crate::stats::DirStats;
+
+/// Whether the forwarded bytes are WebSocket frames (tracked) or an opaque tunnel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// RFC 6455 frames: tracked, and the proxy can insert close frames.
+    WebSocket,
+    /// Opaque bytes (any other Upgrade token, raw TCP).
+    Opaque,
+}
+
+#[derive(Debug)]
+struct Dir {
+    stats: DirStats,
+    tracker: Option<FrameTracker>,
+    paused: Duration,
+    /// The destination is the upstream: frames we insert must be masked.
+    to_upstream: bool,
+    closed_by_proxy: bool,
+}
+
+#[derive(Debug)]
+enum End {
+    /// The source finished sending (FIN); the destination was half-closed.
+    Eof,
+    /// The proxy closed this direction (close frame sent or tunnel shut down).
+    ProxyClosed,
+    /// The destination accepted no bytes for the stall timeout.
+    Stalled,
+    /// Reading the source failed.
+    ReadError(io::Error),
+    /// Writing the destination failed.
+    WriteError(io::Error),
+}
+
+fn close_frame(code: u16, reason: &str, masked: bool) -> ([u8; 133], usize) {
+    let mut f = [0u8; 133];
+    let reason = &reason.as_bytes()[..reason.len().min(123)];
+    let plen = 2 + reason.len();
+    f[0] = 0x88;
+    f[1] = plen as u8 | if masked { 0x80 } else { 0 };
+    let mut at = 2;
+    let key = if masked {
+        let u = uuid::Uuid::new_v4();
+        let b = u.as_bytes();
+        let k = [b[0], b[1], b[2], b[3]];
+        f[2..6].copy_from_slice(&k);
+        at = 6;
+        k
+    } else {
+        [0; 4]
+    };
+    let mut payload = [0u8; 125];
+    payload[..2].copy_from_slice(&code.to_be_bytes());
+    payload[2..plen].copy_from_slice(reason);
+    for i in 0..plen {
+        f[at + i] = payload[i] ^ key[i % 4];
+    }
+    (f, at + plen)
+}
+
+/// Write all of `data`, waiting for the destination when it is full; a destination that
+/// accepts nothing for `stall` is an error of kind `TimedOut`.
+async fn write_all(
+    dst: &TcpStream,
+    mut data: &[u8],
+    stall: Duration,
+    paused: &mut Duration,
+) -> io::Result<()> {
+    while !data.is_empty() {
+        match dst.try_write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let t = Instant::now();
+                let r = tokio::time::timeout(stall, dst.writable()).await;
+                *paused += t.elapsed();
+                match r {
+                    Ok(r) => r?,
+                    Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "stalled")),
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn track(dir: &mut Dir, data: &[u8], now: Instant) {
+    dir.stats.on_read(data.len());
+    if let Some(t) = dir.tracker.as_mut() {
+        let stats = &mut dir.stats;
+        t.feed(data, |e| {
+            if let FrameEvent::Message(n) = e {
+                stats.on_message(n, now);
+            }
+        });
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn pump(
+    dir: &mut Dir,
+    src: &TcpStream,
+    dst: &TcpStream,
+    head: &[u8],
+    buffer_size: usize,
+    limits: ForwardLimits,
+    activity: &AtomicU64,
+    origin: Instant,
+    mut close_rx: watch::Receiver<Option<CloseRequest>>,
+) -> End {
+    let touch = || activity.store(origin.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    if !head.is_empty() {
+        track(dir, head, Instant::now());
+        if let Err(e) = write_all(dst, head, limits.stall_timeout, &mut dir.paused).await {
+            return write_end(e);
+        }
+        touch();
+    }
+    let mut closing: Option<(CloseRequest, Instant)> = None;
+    loop {
+        if let Some((req, since)) = closing {
+            let at_boundary = dir.tracker.as_ref().is_none_or(|t| t.at_frame_boundary());
+            if at_boundary || since.elapsed() > limits.close_grace {
+                if at_boundary && dir.tracker.is_some() {
+                    let (code, reason) = req.code_reason();
+                    let (f, n) = close_frame(code, reason, dir.to_upstream);
+                    let _ = write_all(dst, &f[..n], limits.close_grace, &mut dir.paused).await;
+                }
+                let _ = socket2::SockRef::from(dst).shutdown(Shutdown::Write);
+                dir.closed_by_proxy = true;
+                // Discard what the source still sends (its close reply) until it finishes.
+                let drain = async {
+                    let mut scratch = [0u8; 1024];
+                    loop {
+                        if src.readable().await.is_err() {
+                            return;
+                        }
+                        match src.try_read(&mut scratch) {
+                            Ok(0) => return,
+                            Ok(n) => dir.stats.on_read(n),
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                            Err(_) => return,
+                        }
+                    }
+                };
+                let _ = tokio::time::timeout(limits.close_grace, drain).await;
+                return End::ProxyClosed;
+            }
+        }
+        let ready = tokio::select! {
+            biased;
+            r = close_rx.changed(), if closing.is_none() => {
+                if r.is_ok() {
+                    if let Some(req) = *close_rx.borrow_and_update() {
+                        closing = Some((req, Instant::now()));
+                    }
+                }
+                continue;
+            }
+            r = src.readable() => r,
+        };
+        if let Err(e) = ready {
+            return End::ReadError(e);
+        }
+        let mut buf = BUFFERS.get(buffer_size);
+        let n = match src.try_read(&mut buf[..buffer_size]) {
+            Ok(0) => {
+                BUFFERS.put(buf);
+                let _ = socket2::SockRef::from(dst).shutdown(Shutdown::Write);
+                return End::Eof;
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                BUFFERS.put(buf);
+                continue;
+            }
+            Err(e) => {
+                BUFFERS.put(buf);
+                return End::ReadError(e);
+            }
+        };
+        touch();
+        track(dir, &buf[..n], Instant::now());
+        let w = write_all(dst, &buf[..n], limits.stall_timeout, &mut dir.paused).await;
+        BUFFERS.put(buf);
+        if let Err(e) = w {
+            return write_end(e);
+        }
+    }
+}
+
+fn write_end(e: io::Error) -> End {
+    if e.kind() == io::ErrorKind::TimedOut {
+        End::Stalled
+    } else {
+        End::WriteError(e)
+    }
+}
+
+/// Set TCP keepalive as the `zero_copy` stand-in for pings: idle = interval, 3 probes.
+pub fn set_keepalive(s: &TcpStream, ping_interval: u32) {
+    if ping_interval == 0 {
+        return;
+    }
+    let d = Duration::from_secs(u64::from(ping_interval));
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(d)
+        .with_interval(d)
+        .with_retries(tuning::settings::MISSED_PONGS_FOR_DEAD_PEER);
+    if let Err(e) = socket2::SockRef::from(s).set_tcp_keepalive(&ka) {
+        tracing::debug!(error = %e, "could not set TCP keepalive");
+    }
+}
+
+async fn idle_expired(activity: &AtomicU64, origin: Instant, idle: Duration) {
+    loop {
+        let last = origin + Duration::from_nanos(activity.load(Ordering::Relaxed));
+        let deadline = last + idle;
+        if Instant::now() >= deadline {
+            return;
+        }
+        tokio::time::sleep_until(deadline.into()).await;
+    }
+}
+
+/// Forward until both directions finish, an error ends the connection, or the proxy closes it.
+///
+/// `client_head` are bytes the client sent after its request head (forwarded to the upstream
+/// first); `upstream_head` are bytes the upstream sent after its 101 (forwarded to the client
+/// first). `shutdown` turns true when the data plane drains; the connection then waits
+/// `drain_delay` (its slot in the drain window) and closes with 1001.
+#[allow(clippy::too_many_arguments)]
+pub async fn run(
+    client: TcpStream,
+    client_head: &[u8],
+    upstream: TcpStream,
+    upstream_head: &[u8],
+    settings: &Settings,
+    framing: Framing,
+    limits: ForwardLimits,
+    mut shutdown: watch::Receiver<bool>,
+    drain_delay: Duration,
+) -> Outcome {
+    let origin = Instant::now();
+    let activity = AtomicU64::new(0);
+    let (close_tx, close_rx) = watch::channel(None::<CloseRequest>);
+    set_keepalive(&client, settings.ping_interval);
+    set_keepalive(&upstream, settings.ping_interval);
+    let tracker = || (framing == Framing::WebSocket).then(FrameTracker::default);
+    let mut c2u = Dir {
+        stats: DirStats::new(origin),
+        tracker: tracker(),
+        paused: Duration::ZERO,
+        to_upstream: true,
+        closed_by_proxy: false,
+    };
+    let mut u2c = Dir {
+        stats: DirStats::new(origin),
+        tracker: tracker(),
+        paused: Duration::ZERO,
+        to_upstream: false,
+        closed_by_proxy: false,
+    };
+    let bs = settings.buffer_size as usize;
+    let idle = Duration::from_secs(u64::from(settings.idle_timeout));
+    let mut out = Outcome::default();
+    let mut first_end: Option<(bool, End)> = None;
+    {
+        let mut a = pin!(pump(
+            &mut c2u,
+            &client,
+            &upstream,
+            client_head,
+            bs,
+            limits,
+            &activity,
+            origin,
+            close_rx.clone()
+        ));
+        let mut b = pin!(pump(
+            &mut u2c,
+            &upstream,
+            &client,
+            upstream_head,
+            bs,
+            limits,
+            &activity,
+            origin,
+            close_rx
+        ));
+        let mut a_done = false;
+        let mut b_done = false;
+        let mut close_sent = false;
+        let mut draining = false;
+        loop {
+            tokio::select! {
+                e = &mut a, if !a_done => {
+                    a_done = true;
+                    let fatal = !matches!(e, End::Eof | End::ProxyClosed);
+                    if first_end.is_none() { first_end = Some((true, e)); }
+                    if fatal { break; }
+                }
+                e = &mut b, if !b_done => {
+                    b_done = true;
+                    let fatal = !matches!(e, End::Eof | End::ProxyClosed);
+                    if first_end.is_none() { first_end = Some((false, e)); }
+                    if fatal { break; }
+                }
+                _ = idle_expired(&activity, origin, idle), if !close_sent => {
+                    close_sent = true;
+                    out.idle_timeout_fired = true;
+                    let _ = close_tx.send(Some(CloseRequest::Idle));
+                }
+                r = async { shutdown.wait_for(|v| *v).await.is_ok() }, if !draining && !close_sent => {
+                    draining = true;
+                    if r {
+                        tokio::time::sleep(drain_delay).await;
+                        close_sent = true;
+                        let _ = close_tx.send(Some(CloseRequest::Shutdown));
+                    }
+                }
+            }
+            if a_done && b_done {
+                break;
+            }
+        }
+    }
+    let end = Instant::now();
+    out.paused = c2u.paused + u2c.paused;
+    // Close code: whichever side sent a close frame first is the one we can name; prefer the
+    // direction that ended first.
+    let close_of = |d: &Dir| {
+        d.tracker
+            .as_ref()
+            .and_then(|t| t.close())
+            .map(|(c, r)| (c, String::from_utf8_lossy(r).into_owned()))
+    };
+    let proxy_closed = c2u.closed_by_proxy || u2c.closed_by_proxy;
+    match first_end {
+        Some((from_client, e)) => {
+            let (first, second) = if from_client {
+                (&c2u, &u2c)
+            } else {
+                (&u2c, &c2u)
+            };
+            let side = if from_client {
+                ClosedBy::Client
+            } else {
+                ClosedBy::Upstream
+            };
+            out.closed_by = Some(if proxy_closed { ClosedBy::Proxy } else { side });
+            if let Some((c, r)) = close_of(first).or_else(|| close_of(second)) {
+                out.close_code = Some(c);
+                out.close_reason = Some(r);
+            }
+            let was_read = matches!(e, End::ReadError(_));
+            match e {
+                End::Eof | End::ProxyClosed => {}
+                End::Stalled => {
+                    out.closed_by = Some(ClosedBy::Proxy);
+                    out.error_class = Some(if from_client {
+                        "upstream_stalled"
+                    } else {
+                        "client_stalled"
+                    });
+                }
+                End::ReadError(e) | End::WriteError(e) => {
+                    let client_side = from_client == was_read;
+                    // A keepalive that went unanswered surfaces as ETIMEDOUT.
+                    let dead = e.raw_os_error() == Some(libc::ETIMEDOUT);
+                    out.dead_peer = dead;
+                    out.closed_by = Some(if client_side {
+                        ClosedBy::Client
+                    } else {
+                        ClosedBy::Upstream
+                    });
+                    out.error_class = Some(match (client_side, dead) {
+                        (true, true) => "client_dead",
+                        (false, true) => "upstream_dead",
+                        (true, false) => "client_io",
+                        (false, false) => "upstream_io",
+                    });
+                }
+            }
+            if proxy_closed {
+                let req = if out.idle_timeout_fired {
+                    CloseRequest::Idle
+                } else {
+                    CloseRequest::Shutdown
+                };
+                let (c, r) = req.code_reason();
+                if framing == Framing::WebSocket {
+                    out.close_code = Some(c);
+                    out.close_reason = Some(r.into());
+                }
+            }
+        }
+        None => out.closed_by = Some(ClosedBy::Proxy),
+    }
+    out.c2u = c2u.stats.finish(end);
+    out.u2c = u2c.stats.finish(end);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn close_frames_are_well_formed() {
+        let (f, n) = close_frame(1001, "idle timeout", false);
+        assert_eq!(&f[..4], &[0x88, 14, 0x03, 0xE9]);
+        assert_eq!(&f[4..n], b"idle timeout");
+        let (m, n) = close_frame(1001, "idle timeout", true);
+        assert_eq!(m[1], 0x80 | 14);
+        let key = [m[2], m[3], m[4], m[5]];
+        let payload: Vec<u8> = m[6..n]
+            .iter()
+            .enumerate()
+            .map(|(i, b)| b ^ key[i % 4])
+            .collect();
+        assert_eq!(&payload[..2], &[0x03, 0xE9]);
+        assert_eq!(&payload[2..], b"idle timeout");
+        let mut t = FrameTracker::default();
+        let mut seen = false;
+        t.feed(&m[..n], |e| seen = e == FrameEvent::Close);
+        assert!(seen);
+        assert_eq!(t.close().map(|(c, _)| c), Some(1001));
+    }
+}

@@ -1,0 +1,228 @@
+//! Header rules of a proxy: hop-by-hop removal (RFC 9110 §7.6.1), forwarding headers
+//! (X-Forwarded-*, RFC 7239 Forwarded), Via with loop detection, and smuggling checks.
+
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// The fixed hop-by-hop set of RFC 9110 §7.6.1 (plus the never-standard Proxy-Connection).
+const HOP_BY_HOP: [&str; 6] = [
+    "connection",
+    "proxy-connection",
+    "keep-alive",
+    "te",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Every header name listed in any `Connection` field line (comma lists, any case).
+pub fn connection_tokens(h: &HeaderMap) -> Vec<String> {
+    h.get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
+/// Whether the `Connection` header asks for an upgrade.
+pub fn wants_upgrade(h: &HeaderMap) -> bool {
+    connection_tokens(h).iter().any(|t| t == "upgrade") && h.contains_key(header::UPGRADE)
+}
+
+/// Remove the hop-by-hop headers: the fixed set plus every header the `Connection` header names.
+pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    for t in connection_tokens(h) {
+        if let Ok(name) = HeaderName::from_bytes(t.as_bytes()) {
+            h.remove(name);
+        }
+    }
+    for n in HOP_BY_HOP {
+        h.remove(n);
+    }
+}
+
+/// Why a request is refused before it is forwarded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadRequest {
+    /// Content-Length and Transfer-Encoding together (a smuggling vector).
+    #[error("Content-Length together with Transfer-Encoding")]
+    LengthAndChunked,
+    /// Several Content-Length values that differ.
+    #[error("conflicting Content-Length values")]
+    ConflictingLength,
+    /// A Content-Length that is not a number.
+    #[error("invalid Content-Length")]
+    BadLength,
+    /// Our own Via token is in the request: it went round in a loop.
+    #[error("request loop detected (Via)")]
+    Loop,
+}
+
+/// Refuse what must never be forwarded.
+pub fn check_request(h: &HeaderMap, via_token: &str) -> Result<(), BadRequest> {
+    let lengths: Vec<&HeaderValue> = h.get_all(header::CONTENT_LENGTH).iter().collect();
+    if !lengths.is_empty() && h.contains_key(header::TRANSFER_ENCODING) {
+        return Err(BadRequest::LengthAndChunked);
+    }
+    let mut seen: Option<u64> = None;
+    for v in lengths {
+        for part in v.to_str().map_err(|_| BadRequest::BadLength)?.split(',') {
+            let p = part.trim();
+            if p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(BadRequest::BadLength);
+            }
+            let n: u64 = p.parse().map_err(|_| BadRequest::BadLength)?;
+            if seen.is_some_and(|s| s != n) {
+                return Err(BadRequest::ConflictingLength);
+            }
+            seen = Some(n);
+        }
+    }
+    if via_contains(h, via_token) {
+        return Err(BadRequest::Loop);
+    }
+    Ok(())
+}
+
+fn via_contains(h: &HeaderMap, token: &str) -> bool {
+    h.get_all(header::VIA)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|hop| {
+            hop.split_whitespace()
+                .nth(1)
+                .is_some_and(|by| by.eq_ignore_ascii_case(token))
+        })
+}
+
+/// Append `1.1 <token>` to Via.
+pub fn add_via(h: &mut HeaderMap, token: &str) {
+    if let Ok(v) = HeaderValue::from_str(&format!("1.1 {token}")) {
+        h.append(header::VIA, v);
+    }
+}
+
+fn forwarded_node(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(a) => a.to_string(),
+        IpAddr::V6(a) => format!("\"[{a}]\""),
+    }
+}
+
+fn quote_if_needed(v: &str) -> String {
+    if v.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+    {
+        v.to_string()
+    } else {
+        format!("\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\""))
+    }
+}
+
+/// Add X-Forwarded-For/-Proto/-Host and Forwarded for a request from `client`.
+pub fn add_forwarded(h: &mut HeaderMap, client: IpAddr, proto: &str, host: Option<&str>) {
+    let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {client}"),
+        _ => client.to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        h.insert("x-forwarded-for", v);
+    }
+    h.insert("x-forwarded-proto", HeaderValue::from_static(if proto == "https" { "https" } else { "http" }));
+    if let Some(host) = host {
+        if let Ok(v) = HeaderValue::from_str(host) {
+            h.insert("x-forwarded-host", v);
+        }
+    }
+    let mut f = format!("for={};proto={proto}", forwarded_node(client));
+    if let Some(host) = host {
+        f.push_str(";host=");
+        f.push_str(&quote_if_needed(host));
+    }
+    if let Ok(v) = HeaderValue::from_str(&f) {
+        h.append(header::FORWARDED, v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn strips_fixed_set_and_every_connection_named_header() {
+        let mut h = map(&[
+            ("Connection", "keep-alive, X-Secret"),
+            ("connection", "X-Other"),
+            ("x-secret", "1"),
+            ("X-OTHER", "2"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("upgrade", "h2c"),
+            ("proxy-connection", "close"),
+            ("x-keep", "3"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, vec!["x-keep"]);
+    }
+
+    #[test]
+    fn smuggling_shapes_are_refused() {
+        let t = "trimtab-x";
+        assert_eq!(
+            check_request(&map(&[("content-length", "5"), ("transfer-encoding", "chunked")]), t),
+            Err(BadRequest::LengthAndChunked)
+        );
+        assert_eq!(
+            check_request(&map(&[("content-length", "5"), ("content-length", "6")]), t),
+            Err(BadRequest::ConflictingLength)
+        );
+        assert_eq!(
+            check_request(&map(&[("content-length", "5, 6")]), t),
+            Err(BadRequest::ConflictingLength)
+        );
+        assert_eq!(
+            check_request(&map(&[("content-length", "+5")]), t),
+            Err(BadRequest::BadLength)
+        );
+        assert_eq!(
+            check_request(&map(&[("content-length", "5"), ("content-length", "5")]), t),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn via_loop_is_detected() {
+        let mut h = map(&[("via", "1.0 fred, 1.1 other")]);
+        assert_eq!(check_request(&h, "trimtab-a"), Ok(()));
+        add_via(&mut h, "trimtab-a");
+        assert_eq!(check_request(&h, "trimtab-a"), Err(BadRequest::Loop));
+    }
+
+    #[test]
+    fn forwarded_headers_append() {
+        let mut h = map(&[("x-forwarded-for", "10.0.0.1")]);
+        add_forwarded(&mut h, "::1".parse().unwrap(), "http", Some("example.com:8080"));
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1, ::1");
+        assert_eq!(h["x-forwarded-host"], "example.com:8080");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(
+            h["forwarded"],
+            "for=\"[::1]\";proto=http;host=\"example.com:8080\""
+        );
+    }
+}

@@ -1,0 +1,87 @@
+//! `dataplane --config dataplane.toml`
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::Parser;
+use dataplane::{Config, DataPlane};
+
+/// trimtab's data plane: a WebSocket/HTTP reverse proxy that profiles every connection.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Configuration file (TOML).
+    #[arg(long, short)]
+    config: PathBuf,
+    /// Check the configuration and exit.
+    #[arg(long)]
+    check: bool,
+}
+
+fn load(path: &Path) -> anyhow::Result<Config> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    Config::from_toml(&text).map_err(|errors| {
+        anyhow::anyhow!("invalid config {}:\n  {}", path.display(), errors.join("\n  "))
+    })
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let config = load(&args.config)?;
+    if args.check {
+        println!("{}: ok", args.config.display());
+        return Ok(());
+    }
+    dataplane::telemetry::init_logging();
+    match dataplane::server::raise_nofile_limit() {
+        Ok(n) => tracing::debug!(nofile = n, "open files limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open files limit"),
+    }
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding listen = {}", config.listen))?;
+    let admin = tokio::net::TcpListener::bind(config.admin_listen)
+        .await
+        .with_context(|| format!("binding admin_listen = {}", config.admin_listen))?;
+    tracing::info!(
+        proxy = %listener.local_addr()?,
+        admin = %admin.local_addr()?,
+        services = config.services.len(),
+        "data plane listening"
+    );
+    let dp = Arc::new(DataPlane::new(
+        config,
+        Arc::new(dataplane::source::StaticSettings),
+        Arc::new(dataplane::source::LogSink),
+    ));
+    // SIGHUP: reload routes and services; a bad file is logged and the old config stays.
+    {
+        let dp = dp.clone();
+        let path = args.config.clone();
+        tokio::spawn(async move {
+            let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                .expect("SIGHUP handler");
+            while hup.recv().await.is_some() {
+                match load(&path) {
+                    Ok(c) => dp.reload(c),
+                    Err(e) => tracing::error!(error = %e, "reload refused; keeping the running config"),
+                }
+            }
+        });
+    }
+    dp.serve(listener, admin, shutdown_signal()).await;
+    tracing::info!("data plane stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,243 @@
+//! The upstream keep-alive pool for plain HTTP/1.1: per-upstream connection limits, idle
+//! timeout and maximum lifetime. A connection goes back to the pool only after its response
+//! body has been read to the end; one whose body was abandoned is closed.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::config::PoolLimits;
+
+/// A connection checked out of the pool.
+#[derive(Debug)]
+pub struct Conn {
+    /// Send the request here.
+    pub sender: SendRequest<Incoming>,
+    /// The upstream address.
+    pub upstream: Arc<str>,
+    /// When it was opened.
+    pub created: Instant,
+    /// When it was last given back (equals `created` for a new connection).
+    pub idle_since: Instant,
+    /// Whether it served a request before.
+    pub reused: bool,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Conn {
+    /// Age of the connection.
+    pub fn age(&self) -> Duration {
+        self.created.elapsed()
+    }
+
+    /// How long it sat idle before this checkout.
+    pub fn idle(&self) -> Duration {
+        if self.reused {
+            self.idle_since.elapsed()
+        } else {
+            Duration::ZERO
+        }
+    }
+}
+
+/// Why no connection could be had.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// Every connection to this upstream is busy and none freed up in time.
+    #[error("upstream {0} connection limit reached")]
+    Saturated(Arc<str>),
+    /// TCP connect failed or timed out.
+    #[error("connect to upstream {upstream} failed: {reason}")]
+    Connect {
+        /// The upstream.
+        upstream: Arc<str>,
+        /// What happened.
+        reason: String,
+    },
+}
+
+#[derive(Debug)]
+struct Upstream {
+    idle: Vec<Conn>,
+    limit: Arc<Semaphore>,
+}
+
+/// The pool of every upstream.
+#[derive(Debug, Default)]
+pub struct Pool {
+    upstreams: Mutex<HashMap<Arc<str>, Upstream>>,
+}
+
+impl Pool {
+    /// Take an idle connection (not expired, still open) or open a new one.
+    pub async fn checkout(
+        &self,
+        upstream: &str,
+        limits: PoolLimits,
+        connect_timeout: Duration,
+    ) -> Result<Conn, ConnectError> {
+        let (key, sem) = {
+            let mut map = self.upstreams.lock().expect("pool lock");
+            let key: Arc<str> = match map.get_key_value(upstream) {
+                Some((k, _)) => k.clone(),
+                None => upstream.into(),
+            };
+            let u = map.entry(key.clone()).or_insert_with(|| Upstream {
+                idle: Vec::new(),
+                limit: Arc::new(Semaphore::new(limits.max_per_upstream)),
+            });
+            while let Some(mut c) = u.idle.pop() {
+                let expired = c.created.elapsed() >= limits.max_lifetime
+                    || c.idle_since.elapsed() >= limits.idle_timeout;
+                if !expired && !c.sender.is_closed() && c.sender.is_ready() {
+                    c.reused = true;
+                    return Ok(c);
+                }
+                // dropped: closes the connection and frees its permit
+            }
+            (key, u.limit.clone())
+        };
+        let permit = tokio::time::timeout(connect_timeout, sem.acquire_owned())
+            .await
+            .map_err(|_| ConnectError::Saturated(key.clone()))?
+            .expect("semaphore never closed");
+        let tcp = tokio::time::timeout(connect_timeout, TcpStream::connect(&*key))
+            .await
+            .map_err(|_| ConnectError::Connect {
+                upstream: key.clone(),
+                reason: "timed out".into(),
+            })?
+            .map_err(|e| ConnectError::Connect {
+                upstream: key.clone(),
+                reason: e.to_string(),
+            })?;
+        let _ = tcp.set_nodelay(true);
+        let (sender, conn) = hyper::client::conn::http1::Builder::new()
+            .handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|e| ConnectError::Connect {
+                upstream: key.clone(),
+                reason: e.to_string(),
+            })?;
+        let up = key.clone();
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(upstream = %up, error = %e, "upstream connection ended");
+            }
+        });
+        let now = Instant::now();
+        Ok(Conn {
+            sender,
+            upstream: key,
+            created: now,
+            idle_since: now,
+            reused: false,
+            _permit: permit,
+        })
+    }
+
+    /// Give a connection back after its response completed.
+    pub fn checkin(&self, mut c: Conn, limits: PoolLimits) {
+        if c.sender.is_closed() || c.created.elapsed() >= limits.max_lifetime {
+            return;
+        }
+        c.idle_since = Instant::now();
+        let mut map = self.upstreams.lock().expect("pool lock");
+        if let Some(u) = map.get_mut(&c.upstream) {
+            u.idle.push(c);
+        }
+    }
+
+    /// Close idle connections past their idle timeout or lifetime (run periodically).
+    pub fn sweep(&self, limits_of: impl Fn(&str) -> Option<PoolLimits>) {
+        let mut map = self.upstreams.lock().expect("pool lock");
+        for (k, u) in map.iter_mut() {
+            let Some(l) = limits_of(k) else {
+                u.idle.clear();
+                continue;
+            };
+            u.idle.retain(|c| {
+                c.idle_since.elapsed() < l.idle_timeout
+                    && c.created.elapsed() < l.max_lifetime
+                    && !c.sender.is_closed()
+            });
+        }
+    }
+
+    /// Idle connections currently pooled for an upstream.
+    pub fn idle_count(&self, upstream: &str) -> usize {
+        self.upstreams
+            .lock()
+            .expect("pool lock")
+            .get(upstream)
+            .map_or(0, |u| u.idle.len())
+    }
+}
+
+/// A response body that returns its connection to the pool once read to the end.
+#[derive(Debug)]
+pub struct PooledBody {
+    inner: Incoming,
+    conn: Option<Conn>,
+    pool: Arc<Pool>,
+    limits: PoolLimits,
+}
+
+impl PooledBody {
+    /// Wrap an upstream response body.
+    pub fn new(inner: Incoming, conn: Conn, pool: Arc<Pool>, limits: PoolLimits) -> PooledBody {
+        let mut b = PooledBody {
+            inner,
+            conn: Some(conn),
+            pool,
+            limits,
+        };
+        if b.inner.is_end_stream() {
+            b.release();
+        }
+        b
+    }
+
+    fn release(&mut self) {
+        if let Some(c) = self.conn.take() {
+            self.pool.checkin(c, self.limits);
+        }
+    }
+}
+
+impl Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(None) => self.release(),
+            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.release(),
+            Poll::Ready(Some(Err(_))) => self.conn = None,
+            _ => {}
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

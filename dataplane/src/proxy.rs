@@ -1,0 +1,640 @@
+//! The request handler: plain HTTP/1.1 through the keep-alive pool, and upgrades (WebSocket in
+//! either mode, any other token as a byte tunnel) handed to the forwarders.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio_tungstenite::tungstenite::handshake::{client::generate_key, derive_accept_key};
+use tuning::{ClientClass, ConnectionContext, Decision, Mode, Profile, Protocol, Timings};
+
+use crate::config::{Config, Limits, Service};
+use crate::forward::{self, ForwardLimits, Outcome};
+use crate::headers::{self, BadRequest};
+use crate::pool::{Pool, PooledBody};
+use crate::routing::{RouteMatch, Router};
+use crate::source::{ProfileSink, SettingsSource, applicable};
+use crate::telemetry::METRICS;
+
+/// The body of every response the proxy sends.
+pub type RespBody = UnsyncBoxBody<Bytes, hyper::Error>;
+
+/// The routing state, swapped whole on reload.
+#[derive(Debug)]
+pub struct Routes {
+    /// The validated config.
+    pub config: Config,
+    /// The table built from it.
+    pub router: Router,
+}
+
+impl Routes {
+    /// Build from a validated config.
+    pub fn new(config: Config) -> Routes {
+        Routes {
+            router: Router::new(&config),
+            config,
+        }
+    }
+}
+
+/// Everything the handler shares across connections.
+#[derive(Debug)]
+pub struct Proxy {
+    routes: RwLock<Arc<Routes>>,
+    /// The upstream HTTP pool.
+    pub pool: Arc<Pool>,
+    source: Arc<dyn SettingsSource>,
+    sink: Arc<dyn ProfileSink>,
+    /// Turns true when the data plane starts draining.
+    pub shutdown: watch::Receiver<bool>,
+    via_token: String,
+    rr: AtomicUsize,
+}
+
+/// Per-client-connection facts.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// When the TCP connection was accepted.
+    pub accepted: Instant,
+    /// Held while any part of this connection (including an upgraded tunnel) lives.
+    pub guard: Arc<dyn std::any::Any + Send + Sync>,
+}
+
+fn full(status: StatusCode, reason: &str) -> Response<RespBody> {
+    let mut r = Response::new(
+        Full::new(Bytes::from(format!("{reason}\n")))
+            .map_err(|never: Infallible| match never {})
+            .boxed_unsync(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn bad_request(reason: &str) -> Response<RespBody> {
+    METRICS.refused_bad_request.fetch_add(1, Ordering::Relaxed);
+    let mut r = full(StatusCode::BAD_REQUEST, reason);
+    // The framing of what follows cannot be trusted: close after this response.
+    r.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    r
+}
+
+fn is_idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+fn valid_ws_key(v: &HeaderValue) -> bool {
+    // 16 random bytes, base64: 22 significant characters and "==".
+    let b = v.as_bytes();
+    b.len() == 24
+        && b.ends_with(b"==")
+        && b[..22]
+            .iter()
+            .all(|c| c.is_ascii_alphanumeric() || *c == b'+' || *c == b'/')
+}
+
+fn offered_subprotocols(h: &http::HeaderMap) -> Vec<String> {
+    h.get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
+fn offers_deflate(h: &http::HeaderMap) -> bool {
+    h.get_all(header::SEC_WEBSOCKET_EXTENSIONS)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.to_ascii_lowercase().contains("permessage-deflate"))
+}
+
+impl Proxy {
+    /// A proxy over a validated config.
+    pub fn new(
+        config: Config,
+        source: Arc<dyn SettingsSource>,
+        sink: Arc<dyn ProfileSink>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Proxy {
+        let via_token = format!("trimtab-{}", config.dataplane_id);
+        Proxy {
+            routes: RwLock::new(Arc::new(Routes::new(config))),
+            pool: Arc::new(Pool::default()),
+            source,
+            sink,
+            shutdown,
+            via_token,
+            rr: AtomicUsize::new(0),
+        }
+    }
+
+    /// The current routing state.
+    pub fn routes(&self) -> Arc<Routes> {
+        self.routes.read().expect("routes lock").clone()
+    }
+
+    /// Replace the routes (SIGHUP). Live connections keep what they started with.
+    pub fn reload(&self, config: Config) {
+        *self.routes.write().expect("routes lock") = Arc::new(Routes::new(config));
+    }
+
+    fn limits(&self) -> Limits {
+        self.routes().config.limits
+    }
+
+    fn pick_upstream<'a>(&self, s: &'a Service) -> &'a str {
+        let i = self.rr.fetch_add(1, Ordering::Relaxed);
+        &s.upstreams[i % s.upstreams.len()]
+    }
+
+    /// Handle one request from a client connection.
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+    ) -> Result<Response<RespBody>, Infallible> {
+        let t0 = Instant::now();
+        if let Err(e) = headers::check_request(req.headers(), &self.via_token) {
+            return Ok(match e {
+                BadRequest::Loop => full(StatusCode::LOOP_DETECTED, &e.to_string()),
+                _ => bad_request(&e.to_string()),
+            });
+        }
+        let routes = self.routes();
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_owned)
+            .or_else(|| req.uri().authority().map(|a| a.to_string()));
+        let Some(route) = routes.router.route(host.as_deref(), req.uri().path()) else {
+            return Ok(full(StatusCode::NOT_FOUND, "no route for this host and path"));
+        };
+        if headers::wants_upgrade(req.headers()) {
+            Ok(self.upgrade(req, conn, route, host, t0).await)
+        } else {
+            Ok(self.forward_http(req, conn, route, host).await)
+        }
+    }
+
+    async fn forward_http(
+        &self,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+        route: RouteMatch,
+        host: Option<String>,
+    ) -> Response<RespBody> {
+        let (mut parts, body) = req.into_parts();
+        headers::strip_hop_by_hop(&mut parts.headers);
+        headers::add_forwarded(&mut parts.headers, conn.peer.ip(), "http", host.as_deref());
+        headers::add_via(&mut parts.headers, &self.via_token);
+        if !parts.headers.contains_key(header::HOST) {
+            if let Some(h) = host.as_deref().and_then(|h| HeaderValue::from_str(h).ok()) {
+                parts.headers.insert(header::HOST, h);
+            }
+        }
+        parts.uri = parts
+            .uri
+            .path_and_query()
+            .map_or_else(|| Uri::from_static("/"), |pq| {
+                Uri::try_from(pq.as_str()).unwrap_or_else(|_| Uri::from_static("/"))
+            });
+        parts.version = http::Version::HTTP_11;
+        let idempotent = is_idempotent(&parts.method);
+        let method = parts.method.clone();
+        let mut req = Request::from_parts(parts, body);
+        let service = route.service.clone();
+        let limits = self.limits();
+        let upstream = self.pick_upstream(&service).to_string();
+        let mut retried = false;
+        loop {
+            let mut c = match self
+                .pool
+                .checkout(&upstream, service.pool, limits.connect_timeout)
+                .await
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    let saturated = matches!(e, crate::pool::ConnectError::Saturated(_));
+                    METRICS.upstream_error(if saturated { "saturated" } else { "connect" });
+                    METRICS.finish("http", "upstream_error");
+                    tracing::warn!(side = "upstream", service = %service.name, %upstream, error = %e, "upstream unavailable");
+                    return if saturated {
+                        let mut r = full(StatusCode::SERVICE_UNAVAILABLE, "upstream connection limit reached");
+                        r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                        r
+                    } else {
+                        full(StatusCode::BAD_GATEWAY, "upstream connect failed")
+                    };
+                }
+            };
+            let reused = c.reused;
+            if reused {
+                METRICS.pool_reused.fetch_add(1, Ordering::Relaxed);
+            } else {
+                METRICS.pool_new.fetch_add(1, Ordering::Relaxed);
+            }
+            match c.sender.try_send_request(req).await {
+                Ok(resp) => {
+                    let (mut parts, body) = resp.into_parts();
+                    headers::strip_hop_by_hop(&mut parts.headers);
+                    headers::add_via(&mut parts.headers, &self.via_token);
+                    METRICS.finish("http", "ok");
+                    let body = PooledBody::new(body, c, self.pool.clone(), service.pool);
+                    return Response::from_parts(parts, body.boxed_unsync());
+                }
+                Err(mut e) => {
+                    let unsent = e.take_message();
+                    let err = e.into_error();
+                    METRICS.upstream_error(if reused { "send_reused" } else { "send_new" });
+                    tracing::warn!(
+                        side = "upstream",
+                        service = %service.name,
+                        %upstream,
+                        %method,
+                        reused,
+                        conn_age_ms = c.age().as_millis() as u64,
+                        conn_idle_ms = c.idle().as_millis() as u64,
+                        request_sent = unsent.is_none(),
+                        error = %err,
+                        "upstream request failed"
+                    );
+                    match unsent {
+                        Some(r) if reused && idempotent && !retried => {
+                            retried = true;
+                            METRICS.retries.fetch_add(1, Ordering::Relaxed);
+                            req = r;
+                            continue;
+                        }
+                        _ => {
+                            METRICS.finish("http", "upstream_error");
+                            return full(StatusCode::BAD_GATEWAY, "upstream request failed");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn upgrade(
+        self: Arc<Self>,
+        mut req: Request<Incoming>,
+        conn: ConnInfo,
+        route: RouteMatch,
+        host: Option<String>,
+        t0: Instant,
+    ) -> Response<RespBody> {
+        let token_value = req.headers()[header::UPGRADE].clone();
+        let token = token_value
+            .to_str()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        let is_ws = token == "websocket";
+        let client_key = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned();
+        if is_ws {
+            if req.method() != Method::GET {
+                return bad_request("WebSocket upgrade must use GET");
+            }
+            let version_ok = req
+                .headers()
+                .get(header::SEC_WEBSOCKET_VERSION)
+                .is_some_and(|v| v == "13");
+            if !version_ok {
+                let mut r = full(StatusCode::UPGRADE_REQUIRED, "unsupported WebSocket version");
+                r.headers_mut()
+                    .insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+                return r;
+            }
+            if !client_key.as_ref().is_some_and(valid_ws_key) {
+                return bad_request("missing or invalid Sec-WebSocket-Key");
+            }
+        }
+        let service = route.service.clone();
+        let limits = self.limits();
+        let offered = offered_subprotocols(req.headers());
+        let ua = req
+            .headers()
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok());
+        let started_at = chrono::Utc::now();
+        let ctx = ConnectionContext {
+            service: service.name.clone(),
+            route: route.route.clone(),
+            protocol: if is_ws {
+                Protocol::Websocket
+            } else {
+                Protocol::Upgrade
+            },
+            subprotocol: offered.first().cloned(),
+            offers_deflate: offers_deflate(req.headers()),
+            client_class: ClientClass::from_user_agent(ua),
+            client_region: "unknown".into(),
+            hour_of_week: tuning::context::hour_of_week(started_at.timestamp()),
+            client_key: Some(conn.peer.ip().to_string()),
+        };
+        let decision = applicable(self.source.decide(&ctx, &service));
+        let settings = decision.settings;
+        let frame_aware = is_ws && settings.mode == Mode::FrameAware;
+
+        // Upstream: connect, send the upgrade request, read its answer.
+        let upstream = self.pick_upstream(&service).to_string();
+        let mut timings = Timings::default();
+        let tc = Instant::now();
+        let tcp = match tokio::time::timeout(limits.connect_timeout, TcpStream::connect(&upstream)).await {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => {
+                METRICS.upstream_error("connect");
+                METRICS.finish(ctx.protocol.as_str(), "upstream_error");
+                tracing::warn!(side = "upstream", service = %service.name, %upstream, error = %e, "upstream connect failed");
+                return full(StatusCode::BAD_GATEWAY, "upstream connect failed");
+            }
+            Err(_) => {
+                METRICS.upstream_error("connect");
+                METRICS.finish(ctx.protocol.as_str(), "upstream_error");
+                return full(StatusCode::GATEWAY_TIMEOUT, "upstream connect timed out");
+            }
+        };
+        timings.connect_us = Some(tc.elapsed().as_micros() as u64);
+        let _ = tcp.set_nodelay(true);
+        let mut up_headers = req.headers().clone();
+        headers::strip_hop_by_hop(&mut up_headers);
+        headers::add_forwarded(&mut up_headers, conn.peer.ip(), "http", host.as_deref());
+        headers::add_via(&mut up_headers, &self.via_token);
+        up_headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        up_headers.insert(header::UPGRADE, token_value.clone());
+        let up_key = if frame_aware {
+            let k = generate_key();
+            up_headers.insert(
+                header::SEC_WEBSOCKET_KEY,
+                HeaderValue::from_str(&k).expect("base64 is a valid header value"),
+            );
+            // The upstream leg is plain RFC 6455: no extensions offered.
+            up_headers.remove(header::SEC_WEBSOCKET_EXTENSIONS);
+            Some(k)
+        } else {
+            client_key
+                .as_ref()
+                .and_then(|k| k.to_str().ok())
+                .map(str::to_owned)
+        };
+        let path = req
+            .uri()
+            .path_and_query()
+            .map_or("/", |pq| pq.as_str())
+            .to_string();
+        let mut up_req = Request::new(Empty::<Bytes>::new());
+        *up_req.uri_mut() = path.parse().unwrap_or_else(|_| Uri::from_static("/"));
+        *up_req.headers_mut() = up_headers;
+        let handshake = async {
+            let (mut sender, connection) = hyper::client::conn::http1::Builder::new()
+                .handshake::<_, Empty<Bytes>>(TokioIo::new(tcp))
+                .await?;
+            tokio::spawn(async move {
+                if let Err(e) = connection.with_upgrades().await {
+                    tracing::debug!(error = %e, "upstream upgrade connection ended");
+                }
+            });
+            sender.send_request(up_req).await
+        };
+        let mut resp = match tokio::time::timeout(limits.handshake_timeout, handshake).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                METRICS.upstream_error("send_new");
+                METRICS.finish(ctx.protocol.as_str(), "upstream_error");
+                tracing::warn!(side = "upstream", service = %service.name, %upstream, error = %e, "upstream upgrade request failed");
+                return full(StatusCode::BAD_GATEWAY, "upstream upgrade request failed");
+            }
+            Err(_) => {
+                METRICS.finish(ctx.protocol.as_str(), "timeout");
+                return full(StatusCode::GATEWAY_TIMEOUT, "upstream did not answer the upgrade");
+            }
+        };
+        if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            // The upstream refused the upgrade: relay its answer as it is.
+            let (mut parts, body) = resp.into_parts();
+            headers::strip_hop_by_hop(&mut parts.headers);
+            headers::add_via(&mut parts.headers, &self.via_token);
+            METRICS.finish(ctx.protocol.as_str(), "ok");
+            return Response::from_parts(parts, body.boxed_unsync());
+        }
+        // Check the upstream's 101 before telling the client yes.
+        let up_h = resp.headers();
+        let upgrade_ok = up_h
+            .get(header::UPGRADE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case(&token));
+        if !upgrade_ok {
+            METRICS.finish(ctx.protocol.as_str(), "upstream_error");
+            return full(StatusCode::BAD_GATEWAY, "upstream switched to a different protocol");
+        }
+        if is_ws {
+            let want = up_key.as_deref().map(|k| derive_accept_key(k.as_bytes()));
+            let got = up_h
+                .get(header::SEC_WEBSOCKET_ACCEPT)
+                .and_then(|v| v.to_str().ok());
+            if want.as_deref() != got {
+                METRICS.finish("websocket", "upstream_error");
+                return full(StatusCode::BAD_GATEWAY, "upstream sent a wrong Sec-WebSocket-Accept");
+            }
+            let selected = up_h
+                .get(header::SEC_WEBSOCKET_PROTOCOL)
+                .and_then(|v| v.to_str().ok())
+                .map(|s| s.trim().to_string());
+            if let Some(s) = &selected {
+                if !offered.iter().any(|o| o == s) {
+                    METRICS.finish("websocket", "upstream_error");
+                    return full(StatusCode::BAD_GATEWAY, "upstream selected a subprotocol the client did not offer");
+                }
+            }
+            if frame_aware && up_h.contains_key(header::SEC_WEBSOCKET_EXTENSIONS) {
+                METRICS.finish("websocket", "upstream_error");
+                return full(StatusCode::BAD_GATEWAY, "upstream negotiated an extension it was not offered");
+            }
+        }
+        let mut client_headers = resp.headers().clone();
+        headers::strip_hop_by_hop(&mut client_headers);
+        headers::add_via(&mut client_headers, &self.via_token);
+        client_headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        client_headers.insert(header::UPGRADE, token_value);
+        if is_ws {
+            let k = client_key.as_ref().expect("validated above").as_bytes();
+            client_headers.insert(
+                header::SEC_WEBSOCKET_ACCEPT,
+                HeaderValue::from_str(&derive_accept_key(k)).expect("base64"),
+            );
+        }
+        timings.upgrade_us = Some(t0.elapsed().as_micros() as u64);
+        let up_on = hyper::upgrade::on(&mut resp);
+        let client_on = hyper::upgrade::on(&mut req);
+        let proxy = self.clone();
+        tokio::spawn(async move {
+            let (c, u) = tokio::join!(client_on, up_on);
+            let (c, u) = match (c, u) {
+                (Ok(c), Ok(u)) => (c, u),
+                (c, u) => {
+                    tracing::warn!(client_ok = c.is_ok(), upstream_ok = u.is_ok(), "upgrade did not complete");
+                    return;
+                }
+            };
+            let (Ok(c), Ok(u)) = (
+                c.downcast::<TokioIo<TcpStream>>(),
+                u.downcast::<TokioIo<TcpStream>>(),
+            ) else {
+                tracing::error!("upgraded connection is not a TCP stream");
+                return;
+            };
+            proxy
+                .tunnel(
+                    c.io.into_inner(),
+                    c.read_buf,
+                    u.io.into_inner(),
+                    u.read_buf,
+                    ctx,
+                    decision,
+                    timings,
+                    started_at,
+                    conn,
+                )
+                .await;
+        });
+        let mut r = Response::new(
+            Empty::new()
+                .map_err(|never: Infallible| match never {})
+                .boxed_unsync(),
+        );
+        *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        *r.headers_mut() = client_headers;
+        r
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn tunnel(
+        &self,
+        client: TcpStream,
+        client_head: Bytes,
+        upstream: TcpStream,
+        upstream_head: Bytes,
+        ctx: ConnectionContext,
+        decision: Decision,
+        timings: Timings,
+        started_at: chrono::DateTime<chrono::Utc>,
+        conn: ConnInfo,
+    ) {
+        METRICS.active_upgraded.fetch_add(1, Ordering::Relaxed);
+        let limits = self.limits();
+        let settings = decision.settings;
+        let fl = ForwardLimits {
+            stall_timeout: limits.stall_timeout,
+            max_message_bytes: limits.max_message_bytes,
+            close_grace: limits.drain_timeout.min(Duration::from_secs(5)),
+        };
+        let id = uuid::Uuid::new_v4();
+        // Spread shutdown closes over most of the drain window.
+        let slot = tuning::hash::unit(tuning::hash::stable_hash(&[id.as_bytes()]));
+        let drain_delay = limits.drain_timeout.mul_f64(0.5 * slot);
+        let is_ws = ctx.protocol == Protocol::Websocket;
+        let out: Outcome = if is_ws && settings.mode == Mode::FrameAware {
+            forward::frame_aware::run(
+                client,
+                client_head.to_vec(),
+                upstream,
+                upstream_head.to_vec(),
+                &settings,
+                fl,
+                self.shutdown.clone(),
+                drain_delay,
+            )
+            .await
+        } else {
+            let framing = if is_ws {
+                forward::zero_copy::Framing::WebSocket
+            } else {
+                forward::zero_copy::Framing::Opaque
+            };
+            forward::zero_copy::run(
+                client,
+                &client_head,
+                upstream,
+                &upstream_head,
+                &settings,
+                framing,
+                fl,
+                self.shutdown.clone(),
+                drain_delay,
+            )
+            .await
+        };
+        METRICS.active_upgraded.fetch_sub(1, Ordering::Relaxed);
+        let m = &METRICS;
+        m.bytes[0].fetch_add(out.c2u.bytes, Ordering::Relaxed);
+        m.bytes[1].fetch_add(out.u2c.bytes, Ordering::Relaxed);
+        m.messages[0].fetch_add(out.c2u.messages, Ordering::Relaxed);
+        m.messages[1].fetch_add(out.u2c.messages, Ordering::Relaxed);
+        m.paused_us
+            .fetch_add(out.paused.as_micros() as u64, Ordering::Relaxed);
+        if out.dead_peer {
+            m.dead_peers.fetch_add(1, Ordering::Relaxed);
+        }
+        if out.idle_timeout_fired {
+            m.idle_timeouts.fetch_add(1, Ordering::Relaxed);
+        }
+        if out.error_class.is_some_and(|e| e.ends_with("_stalled")) {
+            m.stalled_closes.fetch_add(1, Ordering::Relaxed);
+        }
+        let outcome = match (out.error_class, out.closed_by) {
+            (Some(e), _) if e.starts_with("upstream") => "upstream_error",
+            (Some(_), _) => "client_error",
+            (None, Some(tuning::ClosedBy::Proxy)) => "proxy_closed",
+            _ => "ok",
+        };
+        m.finish(ctx.protocol.as_str(), outcome);
+        let profile = Profile {
+            connection_id: id,
+            dataplane_id: self.routes().config.dataplane_id.clone(),
+            started_at,
+            duration_us: conn.accepted.elapsed().as_micros() as u64,
+            context: ctx,
+            decision,
+            timings,
+            client_to_upstream: out.c2u,
+            upstream_to_client: out.u2c,
+            ping_client: out.ping_client,
+            ping_upstream: out.ping_upstream,
+            paused_ms: out.paused.as_millis() as u64,
+            peak_buffered_bytes: out.peak_buffered,
+            closed_by: out.closed_by.unwrap_or(tuning::ClosedBy::Proxy),
+            close_code: out.close_code,
+            close_reason: out.close_reason,
+            error_class: out.error_class.map(str::to_owned),
+            dead_peer: out.dead_peer,
+            idle_timeout_fired: out.idle_timeout_fired,
+        };
+        m.profiles_emitted.fetch_add(1, Ordering::Relaxed);
+        self.sink.emit(profile);
+        drop(conn);
+    }
+}

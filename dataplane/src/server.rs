@@ -1,0 +1,278 @@
+//! The accept loop, the connection limit, graceful shutdown and the admin endpoint.
+//!
+//! One task per client connection, holding a permit of the connection limit for as long as any
+//! part of it lives (an upgraded tunnel keeps it). Accept errors such as EMFILE back off instead
+//! of ending the loop. On shutdown the listener closes, HTTP connections finish their current
+//! request, WebSockets get close 1001 spread over the drain window, and `serve` returns once
+//! every connection is gone or the drain deadline passed.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+
+use crate::config::Config;
+use crate::proxy::{ConnInfo, Proxy};
+use crate::source::{ProfileSink, SettingsSource};
+use crate::telemetry::METRICS;
+
+/// A data plane ready to serve.
+#[derive(Debug)]
+pub struct DataPlane {
+    /// The shared handler (reload through it).
+    pub proxy: Arc<Proxy>,
+    shutdown_tx: watch::Sender<bool>,
+    limit: Arc<Semaphore>,
+    max_connections: usize,
+}
+
+impl DataPlane {
+    /// Build from a validated config, a settings source and a profile sink.
+    pub fn new(
+        config: Config,
+        source: Arc<dyn SettingsSource>,
+        sink: Arc<dyn ProfileSink>,
+    ) -> DataPlane {
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let max = config.limits.max_connections;
+        DataPlane {
+            proxy: Arc::new(Proxy::new(config, source, sink, shutdown_rx)),
+            shutdown_tx,
+            limit: Arc::new(Semaphore::new(max)),
+            max_connections: max,
+        }
+    }
+
+    /// Replace routes and services (SIGHUP); live connections are not touched. The listen
+    /// addresses and the connection limit keep their startup values.
+    pub fn reload(&self, config: Config) {
+        self.proxy.reload(config);
+        tracing::info!("configuration reloaded");
+    }
+
+    /// Serve on already-bound listeners until `shutdown` resolves, then drain.
+    pub async fn serve(
+        &self,
+        listener: TcpListener,
+        admin: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) {
+        let admin_task = tokio::spawn(serve_admin(admin, self.proxy.shutdown.clone()));
+        let sweeper = {
+            let proxy = self.proxy.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(5));
+                loop {
+                    tick.tick().await;
+                    let routes = proxy.routes();
+                    proxy.pool.sweep(|up| {
+                        routes
+                            .config
+                            .services
+                            .values()
+                            .find(|s| s.upstreams.iter().any(|u| u == up))
+                            .map(|s| s.pool)
+                    });
+                }
+            })
+        };
+        let refusals = Arc::new(Semaphore::new(256));
+        tokio::pin!(shutdown);
+        let mut backoff = Duration::from_millis(5);
+        loop {
+            let accepted = tokio::select! {
+                () = &mut shutdown => break,
+                r = listener.accept() => r,
+            };
+            let (stream, peer) = match accepted {
+                Ok(x) => {
+                    backoff = Duration::from_millis(5);
+                    x
+                }
+                Err(e) => {
+                    // EMFILE, ENFILE, ENOBUFS…: wait and try again; never end the loop.
+                    tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let Ok(permit) = self.limit.clone().try_acquire_owned() else {
+                METRICS.refused_limit.fetch_add(1, Ordering::Relaxed);
+                if let Ok(p) = refusals.clone().try_acquire_owned() {
+                    tokio::spawn(async move {
+                        refuse(stream).await;
+                        drop(p);
+                    });
+                }
+                continue;
+            };
+            METRICS.active_connections.fetch_add(1, Ordering::Relaxed);
+            let proxy = self.proxy.clone();
+            tokio::spawn(async move {
+                let guard = Arc::new(ActiveGuard(permit));
+                serve_connection(proxy, stream, peer, guard).await;
+            });
+        }
+        drop(listener);
+        let limits = self.proxy.routes().config.limits;
+        tracing::info!(
+            open = self.max_connections - self.limit.available_permits(),
+            "shutting down: draining connections"
+        );
+        let _ = self.shutdown_tx.send(true);
+        let deadline = Instant::now() + limits.drain_timeout + Duration::from_secs(1);
+        while self.limit.available_permits() < self.max_connections && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let left = self.max_connections - self.limit.available_permits();
+        if left > 0 {
+            tracing::warn!(left, "drain deadline passed with connections still open");
+        }
+        sweeper.abort();
+        admin_task.abort();
+    }
+}
+
+/// Releases the connection-limit permit and the gauge when the last holder drops.
+#[derive(Debug)]
+struct ActiveGuard(#[allow(dead_code)] tokio::sync::OwnedSemaphorePermit);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        METRICS.active_connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn serve_connection(
+    proxy: Arc<Proxy>,
+    stream: TcpStream,
+    peer: std::net::SocketAddr,
+    guard: Arc<ActiveGuard>,
+) {
+    let limits = proxy.routes().config.limits;
+    let mut shutdown = proxy.shutdown.clone();
+    let info = ConnInfo {
+        peer,
+        accepted: Instant::now(),
+        guard,
+    };
+    let svc_proxy = proxy.clone();
+    let service = service_fn(move |req: Request<Incoming>| {
+        let p = svc_proxy.clone();
+        let mut info = info.clone();
+        info.accepted = Instant::now();
+        p.handle(req, info)
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.handshake_timeout)
+        .max_buf_size(limits.max_head_bytes)
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    let r = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = async { shutdown.wait_for(|v| *v).await.is_ok() } => {
+            conn.as_mut().graceful_shutdown();
+            conn.as_mut().await
+        }
+    };
+    if let Err(e) = r {
+        tracing::debug!(side = "client", %peer, error = %e, "client connection ended with an error");
+    }
+}
+
+/// Answer 503 with Retry-After to a connection over the limit, then close it politely.
+async fn refuse(mut stream: TcpStream) {
+    let body = "connection limit reached\n";
+    let msg = format!(
+        "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        let mut scratch = [0u8; 2048];
+        // Read what the client sent first, so that closing does not reset the answer away.
+        let _ = tokio::time::timeout(Duration::from_millis(200), stream.read(&mut scratch)).await;
+        stream.write_all(msg.as_bytes()).await?;
+        stream.shutdown().await?;
+        while stream.read(&mut scratch).await? > 0 {}
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
+}
+
+async fn serve_admin(listener: TcpListener, shutdown: watch::Receiver<bool>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let draining = *shutdown.borrow();
+                async move {
+                    let (status, body, ctype) = match req.uri().path() {
+                        "/healthz" => (StatusCode::OK, "ok\n".to_string(), "text/plain"),
+                        "/readyz" if draining => {
+                            (StatusCode::SERVICE_UNAVAILABLE, "draining\n".into(), "text/plain")
+                        }
+                        "/readyz" => (StatusCode::OK, "ready\n".into(), "text/plain"),
+                        "/metrics" => (
+                            StatusCode::OK,
+                            METRICS.render(),
+                            "text/plain; version=0.0.4; charset=utf-8",
+                        ),
+                        _ => (StatusCode::NOT_FOUND, "not found\n".into(), "text/plain"),
+                    };
+                    let mut r = Response::new(Full::new(Bytes::from(body)));
+                    *r.status_mut() = status;
+                    r.headers_mut().insert(
+                        http::header::CONTENT_TYPE,
+                        http::HeaderValue::from_static(ctype),
+                    );
+                    Ok::<_, Infallible>(r)
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+/// Raise the soft open-files limit to the hard limit (each proxied connection needs two
+/// descriptors). Returns the new soft limit.
+pub fn raise_nofile_limit() -> std::io::Result<u64> {
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if rl.rlim_cur < rl.rlim_max {
+            rl.rlim_cur = rl.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &rl) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+    }
+    Ok(rl.rlim_cur)
+}

@@ -1,0 +1,174 @@
+//! The one telemetry module: logging set-up and the data plane's metrics (atomics, rendered in
+//! the Prometheus text format on the admin port). Labels are low-cardinality by construction:
+//! they come from fixed enums, never from request data.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+/// Start logging: JSON lines when stderr is not a terminal, pretty otherwise. `RUST_LOG`
+/// filters (default `info`).
+pub fn init_logging() {
+    use std::io::IsTerminal as _;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::io::stderr().is_terminal() {
+        b.init();
+    } else {
+        b.json().flatten_event(true).init();
+    }
+}
+
+/// Outcomes of a client connection or request, for `trimtab_dataplane_connections_total`.
+pub const OUTCOMES: [&str; 6] = ["ok", "upstream_error", "client_error", "refused", "timeout", "proxy_closed"];
+/// Protocols, for labels.
+pub const PROTOCOLS: [&str; 3] = ["http", "websocket", "upgrade"];
+/// Upstream error kinds.
+pub const UPSTREAM_ERRORS: [&str; 4] = ["connect", "saturated", "send_new", "send_reused"];
+
+/// Every metric of the data plane.
+#[derive(Debug)]
+pub struct Metrics {
+    /// Client connections open now.
+    pub active_connections: AtomicI64,
+    /// Upgraded (WebSocket / tunnel) connections open now.
+    pub active_upgraded: AtomicI64,
+    /// Finished requests/connections by protocol × outcome.
+    pub finished: [[AtomicU64; OUTCOMES.len()]; PROTOCOLS.len()],
+    /// Connections refused at the limit.
+    pub refused_limit: AtomicU64,
+    /// Requests refused as malformed (400/431) by the proxy.
+    pub refused_bad_request: AtomicU64,
+    /// Upstream errors by kind.
+    pub upstream_errors: [AtomicU64; UPSTREAM_ERRORS.len()],
+    /// Idempotent requests retried after a reused connection failed before sending.
+    pub retries: AtomicU64,
+    /// Requests sent on a reused pooled connection.
+    pub pool_reused: AtomicU64,
+    /// Requests sent on a new connection.
+    pub pool_new: AtomicU64,
+    /// Dead peers detected.
+    pub dead_peers: AtomicU64,
+    /// Idle timeouts fired.
+    pub idle_timeouts: AtomicU64,
+    /// Peers closed for not reading (stall limit).
+    pub stalled_closes: AtomicU64,
+    /// Bytes forwarded, client→upstream and upstream→client (upgraded connections).
+    pub bytes: [AtomicU64; 2],
+    /// Messages forwarded, client→upstream and upstream→client.
+    pub messages: [AtomicU64; 2],
+    /// Seconds reads were paused by backpressure (microseconds, rendered as seconds).
+    pub paused_us: AtomicU64,
+    /// Settings values clamped onto their grid.
+    pub settings_clamped: AtomicU64,
+    /// Profiles handed to the profile sink, and dropped because it was full.
+    pub profiles_emitted: AtomicU64,
+    /// Profiles dropped.
+    pub profiles_dropped: AtomicU64,
+}
+
+#[allow(clippy::declare_interior_mutable_const)]
+const Z: AtomicU64 = AtomicU64::new(0);
+#[allow(clippy::declare_interior_mutable_const)]
+const ZROW: [AtomicU64; OUTCOMES.len()] = [Z; OUTCOMES.len()];
+
+impl Metrics {
+    /// All zero.
+    pub const fn new() -> Metrics {
+        Metrics {
+            active_connections: AtomicI64::new(0),
+            active_upgraded: AtomicI64::new(0),
+            finished: [ZROW; PROTOCOLS.len()],
+            refused_limit: Z,
+            refused_bad_request: Z,
+            upstream_errors: [Z; UPSTREAM_ERRORS.len()],
+            retries: Z,
+            pool_reused: Z,
+            pool_new: Z,
+            dead_peers: Z,
+            idle_timeouts: Z,
+            stalled_closes: Z,
+            bytes: [Z; 2],
+            messages: [Z; 2],
+            paused_us: Z,
+            settings_clamped: Z,
+            profiles_emitted: Z,
+            profiles_dropped: Z,
+        }
+    }
+
+    /// Count a finished request or connection.
+    pub fn finish(&self, protocol: &str, outcome: &str) {
+        let p = PROTOCOLS.iter().position(|x| *x == protocol).unwrap_or(0);
+        let o = OUTCOMES.iter().position(|x| *x == outcome).unwrap_or(0);
+        self.finished[p][o].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Count an upstream error.
+    pub fn upstream_error(&self, kind: &str) {
+        if let Some(i) = UPSTREAM_ERRORS.iter().position(|x| *x == kind) {
+            self.upstream_errors[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Render in the Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut s = String::with_capacity(4096);
+        let g = |v: &AtomicU64| v.load(Ordering::Relaxed);
+        let one = |s: &mut String, name: &str, kind: &str, help: &str, v: String| {
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+        };
+        one(&mut s, "trimtab_dataplane_active_connections", "gauge", "Client connections open now.",
+            self.active_connections.load(Ordering::Relaxed).to_string());
+        one(&mut s, "trimtab_dataplane_active_upgraded_connections", "gauge", "WebSocket and tunnel connections open now.",
+            self.active_upgraded.load(Ordering::Relaxed).to_string());
+        let _ = writeln!(s, "# HELP trimtab_dataplane_finished_total Finished requests and upgraded connections by protocol and outcome.\n# TYPE trimtab_dataplane_finished_total counter");
+        for (pi, p) in PROTOCOLS.iter().enumerate() {
+            for (oi, o) in OUTCOMES.iter().enumerate() {
+                let _ = writeln!(s, "trimtab_dataplane_finished_total{{protocol=\"{p}\",outcome=\"{o}\"}} {}", g(&self.finished[pi][oi]));
+            }
+        }
+        let _ = writeln!(s, "# HELP trimtab_dataplane_upstream_errors_total Upstream failures by kind.\n# TYPE trimtab_dataplane_upstream_errors_total counter");
+        for (i, k) in UPSTREAM_ERRORS.iter().enumerate() {
+            let _ = writeln!(s, "trimtab_dataplane_upstream_errors_total{{kind=\"{k}\"}} {}", g(&self.upstream_errors[i]));
+        }
+        let _ = writeln!(s, "# HELP trimtab_dataplane_refused_total Connections and requests refused by the proxy.\n# TYPE trimtab_dataplane_refused_total counter");
+        let _ = writeln!(s, "trimtab_dataplane_refused_total{{reason=\"connection_limit\"}} {}", g(&self.refused_limit));
+        let _ = writeln!(s, "trimtab_dataplane_refused_total{{reason=\"bad_request\"}} {}", g(&self.refused_bad_request));
+        let _ = writeln!(s, "# HELP trimtab_dataplane_pool_requests_total Upstream HTTP requests by pooled connection reuse.\n# TYPE trimtab_dataplane_pool_requests_total counter");
+        let _ = writeln!(s, "trimtab_dataplane_pool_requests_total{{connection=\"reused\"}} {}", g(&self.pool_reused));
+        let _ = writeln!(s, "trimtab_dataplane_pool_requests_total{{connection=\"new\"}} {}", g(&self.pool_new));
+        let _ = writeln!(s, "# HELP trimtab_dataplane_bytes_total Bytes forwarded on upgraded connections.\n# TYPE trimtab_dataplane_bytes_total counter");
+        let _ = writeln!(s, "# HELP trimtab_dataplane_messages_total WebSocket messages forwarded.\n# TYPE trimtab_dataplane_messages_total counter");
+        for (i, d) in ["client_to_upstream", "upstream_to_client"].iter().enumerate() {
+            let _ = writeln!(s, "trimtab_dataplane_bytes_total{{direction=\"{d}\"}} {}", g(&self.bytes[i]));
+            let _ = writeln!(s, "trimtab_dataplane_messages_total{{direction=\"{d}\"}} {}", g(&self.messages[i]));
+        }
+        for (name, help, v) in [
+            ("trimtab_dataplane_retries_total", "Idempotent requests retried once after a reused connection failed before sending.", &self.retries),
+            ("trimtab_dataplane_dead_peers_total", "Peers declared dead (missed pongs or keepalive probes).", &self.dead_peers),
+            ("trimtab_dataplane_idle_timeouts_total", "Connections closed by the idle timeout.", &self.idle_timeouts),
+            ("trimtab_dataplane_stalled_closes_total", "Peers closed for not reading within the stall limit.", &self.stalled_closes),
+            ("trimtab_dataplane_settings_clamped_total", "Settings values moved onto their grid.", &self.settings_clamped),
+            ("trimtab_dataplane_profiles_emitted_total", "Connection profiles handed to the profile writer.", &self.profiles_emitted),
+            ("trimtab_dataplane_profiles_dropped_total", "Connection profiles dropped (queue and spool full).", &self.profiles_dropped),
+        ] {
+            one(&mut s, name, "counter", help, g(v).to_string());
+        }
+        one(&mut s, "trimtab_dataplane_backpressure_paused_seconds_total", "counter",
+            "Time reads were paused because the other side was not accepting bytes.",
+            format!("{:.6}", g(&self.paused_us) as f64 / 1e6));
+        s
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+/// The process's metrics.
+pub static METRICS: Metrics = Metrics::new();

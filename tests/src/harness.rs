@@ -1,0 +1,184 @@
+//! Spawning the real binaries for end-to-end tests: each on port 0, its bound addresses read
+//! from its own log line, its logs kept for assertions, killed when dropped.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Where the workspace's binaries are: `TRIMTAB_BIN_DIR`, else next to the test executable.
+pub fn bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("TRIMTAB_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    // target/debug/deps/e2e-… → target/debug
+    exe.parent()
+        .and_then(|p| p.parent())
+        .expect("target dir")
+        .to_path_buf()
+}
+
+/// A unique scratch directory for one test.
+pub fn scratch_dir(name: &str) -> PathBuf {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let d = std::env::temp_dir().join(format!(
+        "trimtab-test-{}-{}-{n}-{name}",
+        std::process::id(),
+        Instant::now().elapsed().as_nanos()
+    ));
+    std::fs::create_dir_all(&d).expect("scratch dir");
+    d
+}
+
+/// A running data plane process.
+#[derive(Debug)]
+pub struct DataPlaneProc {
+    child: Child,
+    /// The proxy's address.
+    pub proxy: SocketAddr,
+    /// The admin endpoint's address.
+    pub admin: SocketAddr,
+    /// Every log line so far.
+    pub logs: Arc<Mutex<Vec<String>>>,
+    /// The config file (rewrite it and send SIGHUP to reload).
+    pub config_path: PathBuf,
+}
+
+impl DataPlaneProc {
+    /// Start `dataplane` with this config text (whose `listen` and `admin_listen` should be
+    /// `127.0.0.1:0`), and wait until it reports where it listens.
+    pub fn start(config: &str) -> DataPlaneProc {
+        let dir = scratch_dir("dataplane");
+        let config_path = dir.join("dataplane.toml");
+        std::fs::write(&config_path, config).expect("write config");
+        let mut child = Command::new(bin_dir().join("dataplane"))
+            .arg("--config")
+            .arg(&config_path)
+            .env("RUST_LOG", "info,dataplane=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn dataplane (build it first: cargo build --bins)");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().expect("stderr");
+        let l2 = logs.clone();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if !sent && line.contains("data plane listening") {
+                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                        let p = v["proxy"].as_str().and_then(|s| s.parse().ok());
+                        let a = v["admin"].as_str().and_then(|s| s.parse().ok());
+                        if let (Some(p), Some(a)) = (p, a) {
+                            let _ = tx.send((p, a));
+                            sent = true;
+                        }
+                    }
+                }
+                l2.lock().expect("logs").push(line);
+            }
+        });
+        let (proxy, admin) = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(x) => x,
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "dataplane did not start; logs:\n{}",
+                    logs.lock().expect("logs").join("\n")
+                );
+            }
+        };
+        DataPlaneProc {
+            child,
+            proxy,
+            admin,
+            logs,
+            config_path,
+        }
+    }
+
+    /// Send a signal (e.g. `libc::SIGTERM`).
+    pub fn signal(&self, sig: &str) {
+        let _ = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status();
+    }
+
+    /// Wait for the process to exit; its status, or `None` on timeout.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// All logs so far, joined.
+    pub fn log_text(&self) -> String {
+        self.logs.lock().expect("logs").join("\n")
+    }
+
+    /// Wait until a log line contains `needle`.
+    pub async fn wait_log(&self, needle: &str, within: Duration) -> Option<String> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Some(l) = self
+                .logs
+                .lock()
+                .expect("logs")
+                .iter()
+                .find(|l| l.contains(needle))
+            {
+                return Some(l.clone());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+
+    /// The log lines of finished connections (one JSON object each).
+    pub fn closed_connections(&self) -> Vec<serde_json::Value> {
+        self.logs
+            .lock()
+            .expect("logs")
+            .iter()
+            .filter(|l| l.contains("\"connection closed\""))
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+}
+
+impl Drop for DataPlaneProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Retry an async check until it returns `Some` or the time is up.
+pub async fn eventually<T, F, Fut>(within: Duration, mut f: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f().await {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

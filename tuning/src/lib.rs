@@ -1,0 +1,19 @@
+//! `tuning`: the shared vocabulary of trimtab.
+//!
+//! The data plane, the optimizer and the trainer all speak in these types, and all compute
+//! features, cohorts and exploration draws with this crate's one implementation, so that
+//! training and serving can never disagree. It has no I/O and no heavy dependencies.
+
+pub mod cohort;
+pub mod context;
+pub mod decision;
+pub mod features;
+pub mod hash;
+pub mod profile;
+pub mod settings;
+
+pub use context::{ClientClass, ConnectionContext, Protocol};
+pub use decision::{Cohort, Decision, Reason};
+pub use features::{ContextAggregates, encode, feature_len, feature_names, schema_hash};
+pub use profile::{ClosedBy, DirectionStats, Hist, PingStats, Profile, Timings};
+pub use settings::{Mode, PartialSettings, Settings, SettingsError, Target};
