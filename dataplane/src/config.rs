@@ -383,11 +383,21 @@ impl RawConfig {
             }
             let pool = PoolLimits {
                 max_per_upstream: s.pool.max_per_upstream,
-                idle_timeout: dur(&mut e, &format!("{key}.pool.idle_timeout"), &s.pool.idle_timeout),
-                max_lifetime: dur(&mut e, &format!("{key}.pool.max_lifetime"), &s.pool.max_lifetime),
+                idle_timeout: dur(
+                    &mut e,
+                    &format!("{key}.pool.idle_timeout"),
+                    &s.pool.idle_timeout,
+                ),
+                max_lifetime: dur(
+                    &mut e,
+                    &format!("{key}.pool.max_lifetime"),
+                    &s.pool.max_lifetime,
+                ),
             };
             if pool.max_per_upstream == 0 {
-                e.push(format!("{key}.pool.max_per_upstream = 0 must be at least 1"));
+                e.push(format!(
+                    "{key}.pool.max_per_upstream = 0 must be at least 1"
+                ));
             }
             services.insert(
                 name.clone(),

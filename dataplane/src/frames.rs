@@ -43,6 +43,7 @@ pub struct FrameTracker {
     message_bytes: u64,
     close_payload: [u8; 125],
     close_len: u8,
+    close_seen: bool,
     /// The stream violated the framing (length > 2^63, control frame too long). Tracking stops.
     pub broken: bool,
 }
@@ -60,6 +61,7 @@ impl Default for FrameTracker {
             message_bytes: 0,
             close_payload: [0; 125],
             close_len: 0,
+            close_seen: false,
             broken: false,
         }
     }
@@ -76,11 +78,14 @@ impl FrameTracker {
         self.at_frame_boundary() && !self.in_message
     }
 
-    /// The code and reason of the last close frame seen, if any.
+    /// The code and reason of the last close frame seen, if any (1005 "no status" for a close
+    /// frame without a code, as RFC 6455 §7.1.5 reports it).
     pub fn close(&self) -> Option<(u16, &[u8])> {
         if self.close_len >= 2 {
             let p = &self.close_payload[..usize::from(self.close_len)];
             Some((u16::from_be_bytes([p[0], p[1]]), &p[2..]))
+        } else if self.close_seen {
+            Some((1005, &[]))
         } else {
             None
         }
@@ -172,6 +177,7 @@ impl FrameTracker {
         self.offset = 0;
         if opcode == 0x8 {
             self.close_len = len.min(125) as u8;
+            self.close_seen = true;
         }
         if len == 0 {
             self.end_frame(on_event);

@@ -131,11 +131,14 @@ pub fn add_forwarded(h: &mut HeaderMap, client: IpAddr, proto: &str, host: Optio
     if let Ok(v) = HeaderValue::from_str(&xff) {
         h.insert("x-forwarded-for", v);
     }
-    h.insert("x-forwarded-proto", HeaderValue::from_static(if proto == "https" { "https" } else { "http" }));
-    if let Some(host) = host {
-        if let Ok(v) = HeaderValue::from_str(host) {
-            h.insert("x-forwarded-host", v);
-        }
+    h.insert(
+        "x-forwarded-proto",
+        HeaderValue::from_static(if proto == "https" { "https" } else { "http" }),
+    );
+    if let Some(host) = host
+        && let Ok(v) = HeaderValue::from_str(host)
+    {
+        h.insert("x-forwarded-host", v);
     }
     let mut f = format!("for={};proto={proto}", forwarded_node(client));
     if let Some(host) = host {
@@ -184,7 +187,10 @@ mod tests {
     fn smuggling_shapes_are_refused() {
         let t = "trimtab-x";
         assert_eq!(
-            check_request(&map(&[("content-length", "5"), ("transfer-encoding", "chunked")]), t),
+            check_request(
+                &map(&[("content-length", "5"), ("transfer-encoding", "chunked")]),
+                t
+            ),
             Err(BadRequest::LengthAndChunked)
         );
         assert_eq!(
@@ -216,7 +222,12 @@ mod tests {
     #[test]
     fn forwarded_headers_append() {
         let mut h = map(&[("x-forwarded-for", "10.0.0.1")]);
-        add_forwarded(&mut h, "::1".parse().unwrap(), "http", Some("example.com:8080"));
+        add_forwarded(
+            &mut h,
+            "::1".parse().unwrap(),
+            "http",
+            Some("example.com:8080"),
+        );
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, ::1");
         assert_eq!(h["x-forwarded-host"], "example.com:8080");
         assert_eq!(h["x-forwarded-proto"], "http");

@@ -23,7 +23,11 @@ fn load(path: &Path) -> anyhow::Result<Config> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     Config::from_toml(&text).map_err(|errors| {
-        anyhow::anyhow!("invalid config {}:\n  {}", path.display(), errors.join("\n  "))
+        anyhow::anyhow!(
+            "invalid config {}:\n  {}",
+            path.display(),
+            errors.join("\n  ")
+        )
     })
 }
 
@@ -67,7 +71,9 @@ async fn main() -> anyhow::Result<()> {
             while hup.recv().await.is_some() {
                 match load(&path) {
                     Ok(c) => dp.reload(c),
-                    Err(e) => tracing::error!(error = %e, "reload refused; keeping the running config"),
+                    Err(e) => {
+                        tracing::error!(error = %e, "reload refused; keeping the running config")
+                    }
                 }
             }
         });

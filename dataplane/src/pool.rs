@@ -22,7 +22,7 @@ use crate::config::PoolLimits;
 #[derive(Debug)]
 pub struct Conn {
     /// Send the request here.
-    pub sender: SendRequest<Incoming>,
+    pub sender: SendRequest<ClientBody>,
     /// The upstream address.
     pub upstream: Arc<str>,
     /// When it was opened.
@@ -181,6 +181,46 @@ impl Pool {
             .expect("pool lock")
             .get(upstream)
             .map_or(0, |u| u.idle.len())
+    }
+}
+
+/// A client's request body on its way upstream; remembers whether the client's framing broke
+/// (e.g. a bad chunk size), so the proxy can answer 400 rather than blame the upstream.
+#[derive(Debug)]
+pub struct ClientBody {
+    inner: Incoming,
+    failed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl ClientBody {
+    /// Wrap a request body; `failed` turns true if reading it fails.
+    pub fn new(inner: Incoming, failed: Arc<std::sync::atomic::AtomicBool>) -> ClientBody {
+        ClientBody { inner, failed }
+    }
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Err(_))) = &r {
+            self.failed
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -22,7 +22,7 @@ use tuning::{ClientClass, ConnectionContext, Decision, Mode, Profile, Protocol, 
 use crate::config::{Config, Limits, Service};
 use crate::forward::{self, ForwardLimits, Outcome};
 use crate::headers::{self, BadRequest};
-use crate::pool::{Pool, PooledBody};
+use crate::pool::{ClientBody, Pool, PooledBody};
 use crate::routing::{RouteMatch, Router};
 use crate::source::{ProfileSink, SettingsSource, applicable};
 use crate::telemetry::METRICS;
@@ -191,7 +191,10 @@ impl Proxy {
             .map(str::to_owned)
             .or_else(|| req.uri().authority().map(|a| a.to_string()));
         let Some(route) = routes.router.route(host.as_deref(), req.uri().path()) else {
-            return Ok(full(StatusCode::NOT_FOUND, "no route for this host and path"));
+            return Ok(full(
+                StatusCode::NOT_FOUND,
+                "no route for this host and path",
+            ));
         };
         if headers::wants_upgrade(req.headers()) {
             Ok(self.upgrade(req, conn, route, host, t0).await)
@@ -211,21 +214,20 @@ impl Proxy {
         headers::strip_hop_by_hop(&mut parts.headers);
         headers::add_forwarded(&mut parts.headers, conn.peer.ip(), "http", host.as_deref());
         headers::add_via(&mut parts.headers, &self.via_token);
-        if !parts.headers.contains_key(header::HOST) {
-            if let Some(h) = host.as_deref().and_then(|h| HeaderValue::from_str(h).ok()) {
-                parts.headers.insert(header::HOST, h);
-            }
+        if !parts.headers.contains_key(header::HOST)
+            && let Some(h) = host.as_deref().and_then(|h| HeaderValue::from_str(h).ok())
+        {
+            parts.headers.insert(header::HOST, h);
         }
-        parts.uri = parts
-            .uri
-            .path_and_query()
-            .map_or_else(|| Uri::from_static("/"), |pq| {
-                Uri::try_from(pq.as_str()).unwrap_or_else(|_| Uri::from_static("/"))
-            });
+        parts.uri = parts.uri.path_and_query().map_or_else(
+            || Uri::from_static("/"),
+            |pq| Uri::try_from(pq.as_str()).unwrap_or_else(|_| Uri::from_static("/")),
+        );
         parts.version = http::Version::HTTP_11;
         let idempotent = is_idempotent(&parts.method);
         let method = parts.method.clone();
-        let mut req = Request::from_parts(parts, body);
+        let body_failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut req = Request::from_parts(parts, ClientBody::new(body, body_failed.clone()));
         let service = route.service.clone();
         let limits = self.limits();
         let upstream = self.pick_upstream(&service).to_string();
@@ -243,8 +245,12 @@ impl Proxy {
                     METRICS.finish("http", "upstream_error");
                     tracing::warn!(side = "upstream", service = %service.name, %upstream, error = %e, "upstream unavailable");
                     return if saturated {
-                        let mut r = full(StatusCode::SERVICE_UNAVAILABLE, "upstream connection limit reached");
-                        r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                        let mut r = full(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "upstream connection limit reached",
+                        );
+                        r.headers_mut()
+                            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
                         r
                     } else {
                         full(StatusCode::BAD_GATEWAY, "upstream connect failed")
@@ -269,6 +275,11 @@ impl Proxy {
                 Err(mut e) => {
                     let unsent = e.take_message();
                     let err = e.into_error();
+                    if body_failed.load(Ordering::Relaxed) {
+                        tracing::info!(side = "client", service = %service.name, %method, error = %err, "malformed request body");
+                        METRICS.finish("http", "client_error");
+                        return bad_request("malformed request body");
+                    }
                     METRICS.upstream_error(if reused { "send_reused" } else { "send_new" });
                     tracing::warn!(
                         side = "upstream",
@@ -324,9 +335,14 @@ impl Proxy {
                 .get(header::SEC_WEBSOCKET_VERSION)
                 .is_some_and(|v| v == "13");
             if !version_ok {
-                let mut r = full(StatusCode::UPGRADE_REQUIRED, "unsupported WebSocket version");
-                r.headers_mut()
-                    .insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+                let mut r = full(
+                    StatusCode::UPGRADE_REQUIRED,
+                    "unsupported WebSocket version",
+                );
+                r.headers_mut().insert(
+                    header::SEC_WEBSOCKET_VERSION,
+                    HeaderValue::from_static("13"),
+                );
                 return r;
             }
             if !client_key.as_ref().is_some_and(valid_ws_key) {
@@ -364,7 +380,9 @@ impl Proxy {
         let upstream = self.pick_upstream(&service).to_string();
         let mut timings = Timings::default();
         let tc = Instant::now();
-        let tcp = match tokio::time::timeout(limits.connect_timeout, TcpStream::connect(&upstream)).await {
+        let tcp = match tokio::time::timeout(limits.connect_timeout, TcpStream::connect(&upstream))
+            .await
+        {
             Ok(Ok(t)) => t,
             Ok(Err(e)) => {
                 METRICS.upstream_error("connect");
@@ -430,7 +448,10 @@ impl Proxy {
             }
             Err(_) => {
                 METRICS.finish(ctx.protocol.as_str(), "timeout");
-                return full(StatusCode::GATEWAY_TIMEOUT, "upstream did not answer the upgrade");
+                return full(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream did not answer the upgrade",
+                );
             }
         };
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
@@ -449,7 +470,10 @@ impl Proxy {
             .is_some_and(|v| v.trim().eq_ignore_ascii_case(&token));
         if !upgrade_ok {
             METRICS.finish(ctx.protocol.as_str(), "upstream_error");
-            return full(StatusCode::BAD_GATEWAY, "upstream switched to a different protocol");
+            return full(
+                StatusCode::BAD_GATEWAY,
+                "upstream switched to a different protocol",
+            );
         }
         if is_ws {
             let want = up_key.as_deref().map(|k| derive_accept_key(k.as_bytes()));
@@ -458,21 +482,30 @@ impl Proxy {
                 .and_then(|v| v.to_str().ok());
             if want.as_deref() != got {
                 METRICS.finish("websocket", "upstream_error");
-                return full(StatusCode::BAD_GATEWAY, "upstream sent a wrong Sec-WebSocket-Accept");
+                return full(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream sent a wrong Sec-WebSocket-Accept",
+                );
             }
             let selected = up_h
                 .get(header::SEC_WEBSOCKET_PROTOCOL)
                 .and_then(|v| v.to_str().ok())
                 .map(|s| s.trim().to_string());
-            if let Some(s) = &selected {
-                if !offered.iter().any(|o| o == s) {
-                    METRICS.finish("websocket", "upstream_error");
-                    return full(StatusCode::BAD_GATEWAY, "upstream selected a subprotocol the client did not offer");
-                }
+            if let Some(s) = &selected
+                && !offered.iter().any(|o| o == s)
+            {
+                METRICS.finish("websocket", "upstream_error");
+                return full(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream selected a subprotocol the client did not offer",
+                );
             }
             if frame_aware && up_h.contains_key(header::SEC_WEBSOCKET_EXTENSIONS) {
                 METRICS.finish("websocket", "upstream_error");
-                return full(StatusCode::BAD_GATEWAY, "upstream negotiated an extension it was not offered");
+                return full(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream negotiated an extension it was not offered",
+                );
             }
         }
         let mut client_headers = resp.headers().clone();
@@ -496,7 +529,11 @@ impl Proxy {
             let (c, u) = match (c, u) {
                 (Ok(c), Ok(u)) => (c, u),
                 (c, u) => {
-                    tracing::warn!(client_ok = c.is_ok(), upstream_ok = u.is_ok(), "upgrade did not complete");
+                    tracing::warn!(
+                        client_ok = c.is_ok(),
+                        upstream_ok = u.is_ok(),
+                        "upgrade did not complete"
+                    );
                     return;
                 }
             };

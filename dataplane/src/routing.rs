@@ -67,7 +67,9 @@ impl Router {
             let h = h.trim();
             // strip the port, keeping bracketed IPv6 literals intact
             let bare = if h.starts_with('[') {
-                h.split_once(']').map_or(h, |(a, _)| a).trim_start_matches('[')
+                h.split_once(']')
+                    .map_or(h, |(a, _)| a)
+                    .trim_start_matches('[')
             } else {
                 h.rsplit_once(':').map_or(h, |(a, _)| a)
             };
@@ -118,7 +120,10 @@ routes = [{ host = "special.example", path_prefix = "/ws", name = "special-ws" }
         assert_eq!(svc(None, "/ws/room/1"), "ws");
         assert_eq!(svc(None, "/wsx"), "root");
         assert_eq!(svc(Some("SPECIAL.example:8080"), "/ws/a"), "special");
-        assert_eq!(r.route(Some("special.example"), "/ws").unwrap().route, "special-ws");
+        assert_eq!(
+            r.route(Some("special.example"), "/ws").unwrap().route,
+            "special-ws"
+        );
         assert_eq!(svc(Some("other"), "/ws"), "ws");
         assert_eq!(svc(None, "/"), "root");
     }

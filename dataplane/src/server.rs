@@ -228,9 +228,11 @@ async fn serve_admin(listener: TcpListener, shutdown: watch::Receiver<bool>) {
                 async move {
                     let (status, body, ctype) = match req.uri().path() {
                         "/healthz" => (StatusCode::OK, "ok\n".to_string(), "text/plain"),
-                        "/readyz" if draining => {
-                            (StatusCode::SERVICE_UNAVAILABLE, "draining\n".into(), "text/plain")
-                        }
+                        "/readyz" if draining => (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "draining\n".into(),
+                            "text/plain",
+                        ),
                         "/readyz" => (StatusCode::OK, "ready\n".into(), "text/plain"),
                         "/metrics" => (
                             StatusCode::OK,

@@ -22,7 +22,14 @@ pub fn init_logging() {
 }
 
 /// Outcomes of a client connection or request, for `trimtab_dataplane_connections_total`.
-pub const OUTCOMES: [&str; 6] = ["ok", "upstream_error", "client_error", "refused", "timeout", "proxy_closed"];
+pub const OUTCOMES: [&str; 6] = [
+    "ok",
+    "upstream_error",
+    "client_error",
+    "refused",
+    "timeout",
+    "proxy_closed",
+];
 /// Protocols, for labels.
 pub const PROTOCOLS: [&str; 3] = ["http", "websocket", "upgrade"];
 /// Upstream error kinds.
@@ -120,46 +127,141 @@ impl Metrics {
         let one = |s: &mut String, name: &str, kind: &str, help: &str, v: String| {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
         };
-        one(&mut s, "trimtab_dataplane_active_connections", "gauge", "Client connections open now.",
-            self.active_connections.load(Ordering::Relaxed).to_string());
-        one(&mut s, "trimtab_dataplane_active_upgraded_connections", "gauge", "WebSocket and tunnel connections open now.",
-            self.active_upgraded.load(Ordering::Relaxed).to_string());
-        let _ = writeln!(s, "# HELP trimtab_dataplane_finished_total Finished requests and upgraded connections by protocol and outcome.\n# TYPE trimtab_dataplane_finished_total counter");
+        one(
+            &mut s,
+            "trimtab_dataplane_active_connections",
+            "gauge",
+            "Client connections open now.",
+            self.active_connections.load(Ordering::Relaxed).to_string(),
+        );
+        one(
+            &mut s,
+            "trimtab_dataplane_active_upgraded_connections",
+            "gauge",
+            "WebSocket and tunnel connections open now.",
+            self.active_upgraded.load(Ordering::Relaxed).to_string(),
+        );
+        let _ = writeln!(
+            s,
+            "# HELP trimtab_dataplane_finished_total Finished requests and upgraded connections by protocol and outcome.\n# TYPE trimtab_dataplane_finished_total counter"
+        );
         for (pi, p) in PROTOCOLS.iter().enumerate() {
             for (oi, o) in OUTCOMES.iter().enumerate() {
-                let _ = writeln!(s, "trimtab_dataplane_finished_total{{protocol=\"{p}\",outcome=\"{o}\"}} {}", g(&self.finished[pi][oi]));
+                let _ = writeln!(
+                    s,
+                    "trimtab_dataplane_finished_total{{protocol=\"{p}\",outcome=\"{o}\"}} {}",
+                    g(&self.finished[pi][oi])
+                );
             }
         }
-        let _ = writeln!(s, "# HELP trimtab_dataplane_upstream_errors_total Upstream failures by kind.\n# TYPE trimtab_dataplane_upstream_errors_total counter");
+        let _ = writeln!(
+            s,
+            "# HELP trimtab_dataplane_upstream_errors_total Upstream failures by kind.\n# TYPE trimtab_dataplane_upstream_errors_total counter"
+        );
         for (i, k) in UPSTREAM_ERRORS.iter().enumerate() {
-            let _ = writeln!(s, "trimtab_dataplane_upstream_errors_total{{kind=\"{k}\"}} {}", g(&self.upstream_errors[i]));
+            let _ = writeln!(
+                s,
+                "trimtab_dataplane_upstream_errors_total{{kind=\"{k}\"}} {}",
+                g(&self.upstream_errors[i])
+            );
         }
-        let _ = writeln!(s, "# HELP trimtab_dataplane_refused_total Connections and requests refused by the proxy.\n# TYPE trimtab_dataplane_refused_total counter");
-        let _ = writeln!(s, "trimtab_dataplane_refused_total{{reason=\"connection_limit\"}} {}", g(&self.refused_limit));
-        let _ = writeln!(s, "trimtab_dataplane_refused_total{{reason=\"bad_request\"}} {}", g(&self.refused_bad_request));
-        let _ = writeln!(s, "# HELP trimtab_dataplane_pool_requests_total Upstream HTTP requests by pooled connection reuse.\n# TYPE trimtab_dataplane_pool_requests_total counter");
-        let _ = writeln!(s, "trimtab_dataplane_pool_requests_total{{connection=\"reused\"}} {}", g(&self.pool_reused));
-        let _ = writeln!(s, "trimtab_dataplane_pool_requests_total{{connection=\"new\"}} {}", g(&self.pool_new));
-        let _ = writeln!(s, "# HELP trimtab_dataplane_bytes_total Bytes forwarded on upgraded connections.\n# TYPE trimtab_dataplane_bytes_total counter");
-        let _ = writeln!(s, "# HELP trimtab_dataplane_messages_total WebSocket messages forwarded.\n# TYPE trimtab_dataplane_messages_total counter");
-        for (i, d) in ["client_to_upstream", "upstream_to_client"].iter().enumerate() {
-            let _ = writeln!(s, "trimtab_dataplane_bytes_total{{direction=\"{d}\"}} {}", g(&self.bytes[i]));
-            let _ = writeln!(s, "trimtab_dataplane_messages_total{{direction=\"{d}\"}} {}", g(&self.messages[i]));
+        let _ = writeln!(
+            s,
+            "# HELP trimtab_dataplane_refused_total Connections and requests refused by the proxy.\n# TYPE trimtab_dataplane_refused_total counter"
+        );
+        let _ = writeln!(
+            s,
+            "trimtab_dataplane_refused_total{{reason=\"connection_limit\"}} {}",
+            g(&self.refused_limit)
+        );
+        let _ = writeln!(
+            s,
+            "trimtab_dataplane_refused_total{{reason=\"bad_request\"}} {}",
+            g(&self.refused_bad_request)
+        );
+        let _ = writeln!(
+            s,
+            "# HELP trimtab_dataplane_pool_requests_total Upstream HTTP requests by pooled connection reuse.\n# TYPE trimtab_dataplane_pool_requests_total counter"
+        );
+        let _ = writeln!(
+            s,
+            "trimtab_dataplane_pool_requests_total{{connection=\"reused\"}} {}",
+            g(&self.pool_reused)
+        );
+        let _ = writeln!(
+            s,
+            "trimtab_dataplane_pool_requests_total{{connection=\"new\"}} {}",
+            g(&self.pool_new)
+        );
+        let _ = writeln!(
+            s,
+            "# HELP trimtab_dataplane_bytes_total Bytes forwarded on upgraded connections.\n# TYPE trimtab_dataplane_bytes_total counter"
+        );
+        let _ = writeln!(
+            s,
+            "# HELP trimtab_dataplane_messages_total WebSocket messages forwarded.\n# TYPE trimtab_dataplane_messages_total counter"
+        );
+        for (i, d) in ["client_to_upstream", "upstream_to_client"]
+            .iter()
+            .enumerate()
+        {
+            let _ = writeln!(
+                s,
+                "trimtab_dataplane_bytes_total{{direction=\"{d}\"}} {}",
+                g(&self.bytes[i])
+            );
+            let _ = writeln!(
+                s,
+                "trimtab_dataplane_messages_total{{direction=\"{d}\"}} {}",
+                g(&self.messages[i])
+            );
         }
         for (name, help, v) in [
-            ("trimtab_dataplane_retries_total", "Idempotent requests retried once after a reused connection failed before sending.", &self.retries),
-            ("trimtab_dataplane_dead_peers_total", "Peers declared dead (missed pongs or keepalive probes).", &self.dead_peers),
-            ("trimtab_dataplane_idle_timeouts_total", "Connections closed by the idle timeout.", &self.idle_timeouts),
-            ("trimtab_dataplane_stalled_closes_total", "Peers closed for not reading within the stall limit.", &self.stalled_closes),
-            ("trimtab_dataplane_settings_clamped_total", "Settings values moved onto their grid.", &self.settings_clamped),
-            ("trimtab_dataplane_profiles_emitted_total", "Connection profiles handed to the profile writer.", &self.profiles_emitted),
-            ("trimtab_dataplane_profiles_dropped_total", "Connection profiles dropped (queue and spool full).", &self.profiles_dropped),
+            (
+                "trimtab_dataplane_retries_total",
+                "Idempotent requests retried once after a reused connection failed before sending.",
+                &self.retries,
+            ),
+            (
+                "trimtab_dataplane_dead_peers_total",
+                "Peers declared dead (missed pongs or keepalive probes).",
+                &self.dead_peers,
+            ),
+            (
+                "trimtab_dataplane_idle_timeouts_total",
+                "Connections closed by the idle timeout.",
+                &self.idle_timeouts,
+            ),
+            (
+                "trimtab_dataplane_stalled_closes_total",
+                "Peers closed for not reading within the stall limit.",
+                &self.stalled_closes,
+            ),
+            (
+                "trimtab_dataplane_settings_clamped_total",
+                "Settings values moved onto their grid.",
+                &self.settings_clamped,
+            ),
+            (
+                "trimtab_dataplane_profiles_emitted_total",
+                "Connection profiles handed to the profile writer.",
+                &self.profiles_emitted,
+            ),
+            (
+                "trimtab_dataplane_profiles_dropped_total",
+                "Connection profiles dropped (queue and spool full).",
+                &self.profiles_dropped,
+            ),
         ] {
             one(&mut s, name, "counter", help, g(v).to_string());
         }
-        one(&mut s, "trimtab_dataplane_backpressure_paused_seconds_total", "counter",
+        one(
+            &mut s,
+            "trimtab_dataplane_backpressure_paused_seconds_total",
+            "counter",
             "Time reads were paused because the other side was not accepting bytes.",
-            format!("{:.6}", g(&self.paused_us) as f64 / 1e6));
+            format!("{:.6}", g(&self.paused_us) as f64 / 1e6),
+        );
         s
     }
 }

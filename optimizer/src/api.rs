@@ -86,8 +86,9 @@ async fn decisions(
     State(s): State<AppState>,
     Json(req): Json<DecisionRequest>,
 ) -> Json<DecisionResponse> {
-    let decide =
-        |c: &ConnectionContext| Decision::fixed(s.config.static_settings(&c.service), Reason::Default);
+    let decide = |c: &ConnectionContext| {
+        Decision::fixed(s.config.static_settings(&c.service), Reason::Default)
+    };
     Json(match req {
         DecisionRequest::One(c) => DecisionResponse::One(decide(&c)),
         DecisionRequest::Batch(cs) => DecisionResponse::Batch(cs.iter().map(decide).collect()),

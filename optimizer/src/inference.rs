@@ -95,15 +95,15 @@ pub fn predict_labels(
     rows: Vec<f32>,
     width: usize,
 ) -> Result<Vec<i64>, InferenceError> {
-    if width == 0 || rows.len() % width != 0 {
+    if width == 0 || !rows.len().is_multiple_of(width) {
         return Err(InferenceError::Run(format!(
             "{} values do not make rows of {width}",
             rows.len()
         )));
     }
     let n = rows.len() / width;
-    let tensor = Tensor::from_array(([n, width], rows))
-        .map_err(|e| InferenceError::Run(e.to_string()))?;
+    let tensor =
+        Tensor::from_array(([n, width], rows)).map_err(|e| InferenceError::Run(e.to_string()))?;
     let out = session
         .run(ort::inputs![input => tensor])
         .map_err(|e| InferenceError::Run(e.to_string()))?;
@@ -135,8 +135,8 @@ mod tests {
             .expect("models/smoke.onnx");
         let mut s = rt.session(&bytes).expect("session");
         assert_eq!(s.inputs()[0].name(), "features");
-        let labels = predict_labels(&mut s, "features", vec![0.2, 0.0, 0.9, 0.0, 0.5, 7.0], 2)
-            .expect("run");
+        let labels =
+            predict_labels(&mut s, "features", vec![0.2, 0.0, 0.9, 0.0, 0.5, 7.0], 2).expect("run");
         assert_eq!(labels, vec![0, 1, 0]);
     }
 }

@@ -71,14 +71,15 @@ impl DataPlaneProc {
         std::thread::spawn(move || {
             let mut sent = false;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if !sent && line.contains("data plane listening") {
-                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-                        let p = v["proxy"].as_str().and_then(|s| s.parse().ok());
-                        let a = v["admin"].as_str().and_then(|s| s.parse().ok());
-                        if let (Some(p), Some(a)) = (p, a) {
-                            let _ = tx.send((p, a));
-                            sent = true;
-                        }
+                if !sent
+                    && line.contains("data plane listening")
+                    && let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                {
+                    let p = v["proxy"].as_str().and_then(|s| s.parse().ok());
+                    let a = v["admin"].as_str().and_then(|s| s.parse().ok());
+                    if let (Some(p), Some(a)) = (p, a) {
+                        let _ = tx.send((p, a));
+                        sent = true;
                     }
                 }
                 l2.lock().expect("logs").push(line);

@@ -82,9 +82,7 @@ async fn handle(mut req: Request<Incoming>) -> Result<Response<Body>, Infallible
             let on = hyper::upgrade::on(&mut req);
             tokio::spawn(async move {
                 let Ok(up) = on.await else { return };
-                let parts = up
-                    .downcast::<TokioIo<TcpStream>>()
-                    .expect("tcp stream");
+                let parts = up.downcast::<TokioIo<TcpStream>>().expect("tcp stream");
                 let mut io = parts.io.into_inner();
                 if greet {
                     // A first frame in the same write as nothing else: right after the 101.
@@ -108,7 +106,10 @@ async fn handle(mut req: Request<Incoming>) -> Result<Response<Body>, Infallible
                 derive_accept_key(key.as_bytes()).parse().expect("hv"),
             );
             if offered.iter().any(|p| p == "echo.v1") {
-                h.insert(header::SEC_WEBSOCKET_PROTOCOL, "echo.v1".parse().expect("hv"));
+                h.insert(
+                    header::SEC_WEBSOCKET_PROTOCOL,
+                    "echo.v1".parse().expect("hv"),
+                );
             }
             h.insert("x-upstream", "echo".parse().expect("hv"));
             Ok(r)
@@ -117,9 +118,7 @@ async fn handle(mut req: Request<Incoming>) -> Result<Response<Body>, Infallible
             let on = hyper::upgrade::on(&mut req);
             tokio::spawn(async move {
                 let Ok(up) = on.await else { return };
-                let parts = up
-                    .downcast::<TokioIo<TcpStream>>()
-                    .expect("tcp stream");
+                let parts = up.downcast::<TokioIo<TcpStream>>().expect("tcp stream");
                 let mut io = parts.io.into_inner();
                 let _ = io.write_all(&parts.read_buf).await;
                 let (mut r, mut w) = io.split();
@@ -181,10 +180,7 @@ async fn http(req: Request<Incoming>) -> Response<Body> {
                     ));
                 }
             }
-            let mut r = text(
-                StatusCode::OK,
-                serde_json::Value::Object(m).to_string(),
-            );
+            let mut r = text(StatusCode::OK, serde_json::Value::Object(m).to_string());
             r.headers_mut()
                 .insert(header::CONNECTION, "x-hop".parse().expect("hv"));
             r.headers_mut().insert("x-hop", "1".parse().expect("hv"));
@@ -203,8 +199,10 @@ async fn http(req: Request<Incoming>) -> Response<Body> {
                 Some((Ok::<_, Infallible>(Frame::data(ev)), i + 1))
             });
             let mut r = Response::new(StreamBody::new(stream).boxed_unsync());
-            r.headers_mut()
-                .insert(header::CONTENT_TYPE, "text/event-stream".parse().expect("hv"));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                "text/event-stream".parse().expect("hv"),
+            );
             r
         }
         _ => {

@@ -9,7 +9,9 @@ use serde::Serialize;
 #[derive(Debug, thiserror::Error)]
 pub enum TrainerError {
     /// The `profiles` table is missing.
-    #[error("the database has no `profiles` table: run the migrations first (start the optimizer or `./dev up`)")]
+    #[error(
+        "the database has no `profiles` table: run the migrations first (start the optimizer or `./dev up`)"
+    )]
     Unmigrated,
     /// No profiles in the window.
     #[error("no profiles between {since} and {until}{}", service.as_ref().map(|s| format!(" for service {s:?}")).unwrap_or_default())]
@@ -55,10 +57,9 @@ pub async fn summarize(
     if since >= until {
         return Err(TrainerError::BadWindow { since, until });
     }
-    let exists: Option<String> =
-        sqlx::query_scalar("select to_regclass('public.profiles')::text")
-            .fetch_one(db)
-            .await?;
+    let exists: Option<String> = sqlx::query_scalar("select to_regclass('public.profiles')::text")
+        .fetch_one(db)
+        .await?;
     if exists.is_none() {
         return Err(TrainerError::Unmigrated);
     }

@@ -11,7 +11,11 @@ pub const COHORT_POINTS: u32 = 10_000;
 /// The client's point in `[0, COHORT_POINTS)` for a rollout salt. Stable for the same
 /// (salt, service, client key); a different salt reshuffles everyone.
 pub fn cohort_point(salt: u64, service: &str, client_key: &str) -> u32 {
-    let h = stable_hash(&[&salt.to_le_bytes(), service.as_bytes(), client_key.as_bytes()]);
+    let h = stable_hash(&[
+        &salt.to_le_bytes(),
+        service.as_bytes(),
+        client_key.as_bytes(),
+    ]);
     (h % u64::from(COHORT_POINTS)) as u32
 }
 
@@ -145,7 +149,10 @@ mod tests {
         let rate = f64::from(explored) / n as f64;
         assert!((rate - 0.05).abs() < 0.01, "rate {rate}");
         let none = explore(base, 0.0, 7);
-        assert_eq!((none.settings, none.propensity, none.explored), (base, 1.0, false));
+        assert_eq!(
+            (none.settings, none.propensity, none.explored),
+            (base, 1.0, false)
+        );
     }
 
     #[test]

@@ -80,7 +80,9 @@ impl ClientClass {
         };
         let u = ua.to_ascii_lowercase();
         let has = |needles: &[&str]| needles.iter().any(|n| u.contains(n));
-        if has(&["esp32", "esp8266", "arduino", "mqtt", "iot", "device", "firmware"]) {
+        if has(&[
+            "esp32", "esp8266", "arduino", "mqtt", "iot", "device", "firmware",
+        ]) {
             ClientClass::Device
         } else if has(&["okhttp", "cfnetwork", "dart", "darwin/", "android"])
             && !u.contains("mozilla")

@@ -38,7 +38,10 @@ mod tests {
     #[test]
     fn is_stable_across_releases() {
         // Golden value (also computed independently in Python): if it changes, every cohort in production moves. Do not update them.
-        assert_eq!(stable_hash(&[b"salt", b"chat", b"client-1"]), 0x02c0_5c23_95cf_0d28);
+        assert_eq!(
+            stable_hash(&[b"salt", b"chat", b"client-1"]),
+            0x02c0_5c23_95cf_0d28
+        );
         assert_eq!(stable_hash(&[]), mix(0xcbf2_9ce4_8422_2325));
     }
 

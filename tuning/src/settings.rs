@@ -322,7 +322,11 @@ fn de_bytes<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
 }
 
 fn de_secs<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
-    human(d, parse_secs, "a duration (e.g. 30, \"30s\", \"5m\" or \"off\")")
+    human(
+        d,
+        parse_secs,
+        "a duration (e.g. 30, \"30s\", \"5m\" or \"off\")",
+    )
 }
 
 fn de_opt_bytes<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
@@ -412,9 +416,9 @@ impl Target {
 
 /// Format a byte count the way config files write it (`16KiB`).
 pub fn fmt_bytes(b: u32) -> String {
-    if b >= 1 << 20 && b % (1 << 20) == 0 {
+    if b >= 1 << 20 && b.is_multiple_of(1 << 20) {
         format!("{}MiB", b >> 20)
-    } else if b >= 1 << 10 && b % (1 << 10) == 0 {
+    } else if b >= 1 << 10 && b.is_multiple_of(1 << 10) {
         format!("{}KiB", b >> 10)
     } else {
         format!("{b}B")

@@ -49,16 +49,16 @@ impl Pings {
         let Ok(id) = <[u8; 8]>::try_from(payload).map(u64::from_be_bytes) else {
             return;
         };
-        if let Some((want, at)) = self.outstanding {
-            if want == id {
-                let us = at.elapsed().as_micros() as u64;
-                self.answered += 1;
-                self.rtt_min = Some(self.rtt_min.map_or(us, |m| m.min(us)));
-                self.rtt_max = Some(self.rtt_max.map_or(us, |m| m.max(us)));
-                self.rtts.record(us);
-                self.outstanding = None;
-                self.consecutive_missed = 0;
-            }
+        if let Some((want, at)) = self.outstanding
+            && want == id
+        {
+            let us = at.elapsed().as_micros() as u64;
+            self.answered += 1;
+            self.rtt_min = Some(self.rtt_min.map_or(us, |m| m.min(us)));
+            self.rtt_max = Some(self.rtt_max.map_or(us, |m| m.max(us)));
+            self.rtts.record(us);
+            self.outstanding = None;
+            self.consecutive_missed = 0;
         }
     }
 
@@ -213,9 +213,9 @@ where
             // tungstenite answers pings itself; the proxy does not forward them.
             Message::Ping(_) | Message::Frame(_) => {}
             Message::Close(frame) => {
-                let (code, reason) = frame
-                    .as_ref()
-                    .map_or((1005, String::new()), |f| (u16::from(f.code), f.reason.to_string()));
+                let (code, reason) = frame.as_ref().map_or((1005, String::new()), |f| {
+                    (u16::from(f.code), f.reason.to_string())
+                });
                 shared.record_close(by, code, &reason);
                 if !closed && !shared.closing.swap(true, Ordering::Relaxed) {
                     // Propagate the peer's close to the other leg, same code and reason.
@@ -284,7 +284,11 @@ async fn pinger(interval: Duration, tx: mpsc::Sender<Message>, pings: &Mutex<Pin
             id.to_be_bytes()
         };
         // A full channel means the writer is busy with data: the ping waits its turn.
-        if tx.send(Message::Ping(Bytes::copy_from_slice(&payload))).await.is_err() {
+        if tx
+            .send(Message::Ping(Bytes::copy_from_slice(&payload)))
+            .await
+            .is_err()
+        {
             std::future::pending::<()>().await;
         }
     }
@@ -369,12 +373,10 @@ pub async fn run(
         ));
         let mut w_client = std::pin::pin!(writer(c_sink, c_rx, limits.stall_timeout, &shared));
         let mut w_upstream = std::pin::pin!(writer(u_sink, u_rx, limits.stall_timeout, &shared));
-        let mut p_client = std::pin::pin!(maybe(
-            ping_every.map(|d| pinger(d, c_tx.clone(), &c_pings))
-        ));
-        let mut p_upstream = std::pin::pin!(maybe(
-            ping_every.map(|d| pinger(d, u_tx.clone(), &u_pings))
-        ));
+        let mut p_client =
+            std::pin::pin!(maybe(ping_every.map(|d| pinger(d, c_tx.clone(), &c_pings))));
+        let mut p_upstream =
+            std::pin::pin!(maybe(ping_every.map(|d| pinger(d, u_tx.clone(), &u_pings))));
         let (mut rc_done, mut ru_done, mut wc_done, mut wu_done) = (false, false, false, false);
         let mut grace: Option<tokio::time::Instant> = None;
         let mut draining = false;
@@ -475,16 +477,16 @@ pub async fn run(
                 }
                 () = grace_sleep => break,
             }
-            if let Some(d) = decide {
-                if proxy_close.is_none() {
-                    proxy_close = Some(d);
-                    shared.closing.store(true, Ordering::Relaxed);
-                    if d.0 != 0 && !wc_done {
-                        let _ = c_tx.try_send(close_msg(d.0, d.1));
-                    }
-                    if d.2 != 0 && !wu_done {
-                        let _ = u_tx.try_send(close_msg(d.2, d.3));
-                    }
+            if let Some(d) = decide
+                && proxy_close.is_none()
+            {
+                proxy_close = Some(d);
+                shared.closing.store(true, Ordering::Relaxed);
+                if d.0 != 0 && !wc_done {
+                    let _ = c_tx.try_send(close_msg(d.0, d.1));
+                }
+                if d.2 != 0 && !wu_done {
+                    let _ = u_tx.try_send(close_msg(d.2, d.3));
                 }
             }
             if shared.closing.load(Ordering::Relaxed) && grace.is_none() {

@@ -101,10 +101,10 @@ impl BufPool {
     pub fn get(&self, size: usize) -> Box<[u8]> {
         let c = Self::class(size);
         let cap = (tuning::settings::BUFFER_SIZES[c] as usize).max(size);
-        if let Some(b) = self.classes[c].lock().expect("pool lock").pop() {
-            if b.len() >= size {
-                return b;
-            }
+        if let Some(b) = self.classes[c].lock().expect("pool lock").pop()
+            && b.len() >= size
+        {
+            return b;
         }
         vec![0u8; cap].into_boxed_slice()
     }

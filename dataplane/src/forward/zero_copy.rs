@@ -14,7 +14,7 @@
 use std::io;
 use std::net::Shutdown;
 use std::pin::pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
@@ -110,15 +110,39 @@ async fn write_all(
     Ok(())
 }
 
-fn track(dir: &mut Dir, data: &[u8], now: Instant) {
+/// Account for forwarded bytes; true when they carried a close frame.
+fn track(dir: &mut Dir, data: &[u8], now: Instant) -> bool {
     dir.stats.on_read(data.len());
+    let mut close = false;
     if let Some(t) = dir.tracker.as_mut() {
         let stats = &mut dir.stats;
-        t.feed(data, |e| {
-            if let FrameEvent::Message(n) = e {
-                stats.on_message(n, now);
-            }
+        t.feed(data, |e| match e {
+            FrameEvent::Message(n) => stats.on_message(n, now),
+            FrameEvent::Close => close = true,
+            FrameEvent::Ping | FrameEvent::Pong => {}
         });
+    }
+    close
+}
+
+/// Which close frames have been forwarded completely: bit 1 client→upstream, bit 2
+/// upstream→client; and which came first.
+#[derive(Debug, Default)]
+struct Closes {
+    forwarded: AtomicU8,
+    first: AtomicU8,
+}
+
+impl Closes {
+    fn forwarded(&self, bit: u8) {
+        self.forwarded.fetch_or(bit, Ordering::Relaxed);
+        let _ = self
+            .first
+            .compare_exchange(0, bit, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    fn handshake_done(&self) -> bool {
+        self.forwarded.load(Ordering::Relaxed) == 3
     }
 }
 
@@ -131,14 +155,19 @@ async fn pump(
     buffer_size: usize,
     limits: ForwardLimits,
     activity: &AtomicU64,
+    closes: &Closes,
     origin: Instant,
     mut close_rx: watch::Receiver<Option<CloseRequest>>,
 ) -> End {
     let touch = || activity.store(origin.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    let bit = if dir.to_upstream { 1 } else { 2 };
     if !head.is_empty() {
-        track(dir, head, Instant::now());
+        let close = track(dir, head, Instant::now());
         if let Err(e) = write_all(dst, head, limits.stall_timeout, &mut dir.paused).await {
             return write_end(e);
+        }
+        if close {
+            closes.forwarded(bit);
         }
         touch();
     }
@@ -176,11 +205,10 @@ async fn pump(
         let ready = tokio::select! {
             biased;
             r = close_rx.changed(), if closing.is_none() => {
-                if r.is_ok() {
-                    if let Some(req) = *close_rx.borrow_and_update() {
+                if r.is_ok()
+                    && let Some(req) = *close_rx.borrow_and_update() {
                         closing = Some((req, Instant::now()));
                     }
-                }
                 continue;
             }
             r = src.readable() => r,
@@ -206,11 +234,14 @@ async fn pump(
             }
         };
         touch();
-        track(dir, &buf[..n], Instant::now());
+        let close = track(dir, &buf[..n], Instant::now());
         let w = write_all(dst, &buf[..n], limits.stall_timeout, &mut dir.paused).await;
         BUFFERS.put(buf);
         if let Err(e) = w {
             return write_end(e);
+        }
+        if close {
+            closes.forwarded(bit);
         }
     }
 }
@@ -269,6 +300,7 @@ pub async fn run(
 ) -> Outcome {
     let origin = Instant::now();
     let activity = AtomicU64::new(0);
+    let closes = Closes::default();
     let (close_tx, close_rx) = watch::channel(None::<CloseRequest>);
     set_keepalive(&client, settings.ping_interval);
     set_keepalive(&upstream, settings.ping_interval);
@@ -300,6 +332,7 @@ pub async fn run(
             bs,
             limits,
             &activity,
+            &closes,
             origin,
             close_rx.clone()
         ));
@@ -311,6 +344,7 @@ pub async fn run(
             bs,
             limits,
             &activity,
+            &closes,
             origin,
             close_rx
         ));
@@ -324,13 +358,14 @@ pub async fn run(
                     a_done = true;
                     let fatal = !matches!(e, End::Eof | End::ProxyClosed);
                     if first_end.is_none() { first_end = Some((true, e)); }
-                    if fatal { break; }
+                    // After a complete close handshake one FIN ends the connection.
+                    if fatal || closes.handshake_done() { break; }
                 }
                 e = &mut b, if !b_done => {
                     b_done = true;
                     let fatal = !matches!(e, End::Eof | End::ProxyClosed);
                     if first_end.is_none() { first_end = Some((false, e)); }
-                    if fatal { break; }
+                    if fatal || closes.handshake_done() { break; }
                 }
                 _ = idle_expired(&activity, origin, idle), if !close_sent => {
                     close_sent = true;
@@ -369,12 +404,19 @@ pub async fn run(
             } else {
                 (&u2c, &c2u)
             };
-            let side = if from_client {
-                ClosedBy::Client
-            } else {
-                ClosedBy::Upstream
+            // The side that sent the first close frame closed; failing that, the first to end.
+            let side = match closes.first.load(Ordering::Relaxed) {
+                1 => ClosedBy::Client,
+                2 => ClosedBy::Upstream,
+                _ if from_client => ClosedBy::Client,
+                _ => ClosedBy::Upstream,
             };
             out.closed_by = Some(if proxy_closed { ClosedBy::Proxy } else { side });
+            let (first, second) = match closes.first.load(Ordering::Relaxed) {
+                1 => (&c2u, &u2c),
+                2 => (&u2c, &c2u),
+                _ => (first, second),
+            };
             if let Some((c, r)) = close_of(first).or_else(|| close_of(second)) {
                 out.close_code = Some(c);
                 out.close_reason = Some(r);
