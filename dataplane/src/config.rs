@@ -30,6 +30,61 @@ pub struct RawConfig {
     /// Services by name.
     #[serde(default)]
     pub services: BTreeMap<String, RawService>,
+    /// Where profiles go; when absent they are only logged.
+    #[serde(default)]
+    pub profiles: Option<RawProfiles>,
+    /// Client regions by name: lists of CIDR blocks (`"10.0.0.0/8"`, `"2001:db8::/32"`).
+    #[serde(default)]
+    pub regions: BTreeMap<String, Vec<String>>,
+}
+
+/// The profile writer as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProfiles {
+    /// PostgreSQL URL; when absent, the `DATABASE_URL` environment variable.
+    #[serde(default)]
+    pub database_url: Option<String>,
+    /// Directory of the spool (rows waiting for PostgreSQL).
+    #[serde(default = "d_spool_dir")]
+    pub spool_dir: String,
+    /// Most bytes the spool may hold (`"1GiB"` style or bytes).
+    #[serde(default = "d_spool_max")]
+    pub spool_max_bytes: String,
+    /// Rows the in-memory queue holds.
+    #[serde(default = "d_queue")]
+    pub queue_capacity: usize,
+    /// Rows per COPY batch.
+    #[serde(default = "d_batch_rows")]
+    pub batch_rows: usize,
+    /// Longest wait before a partial batch is written.
+    #[serde(default = "d_batch_interval")]
+    pub batch_interval: String,
+    /// A database write slower than this sends the rows to the spool.
+    #[serde(default = "d_write_timeout")]
+    pub write_timeout: String,
+    /// Delete profiles older than this (`"30d"`); absent: keep everything.
+    #[serde(default)]
+    pub retention: Option<String>,
+}
+
+fn d_spool_dir() -> String {
+    "spool".into()
+}
+fn d_spool_max() -> String {
+    "1GiB".into()
+}
+fn d_queue() -> usize {
+    65_536
+}
+fn d_batch_rows() -> usize {
+    1000
+}
+fn d_batch_interval() -> String {
+    "1s".into()
+}
+fn d_write_timeout() -> String {
+    "5s".into()
 }
 
 /// Limits as written (durations in seconds or `"30s"` forms).
@@ -116,6 +171,13 @@ pub struct RawService {
     /// Upstream keep-alive pool for plain HTTP.
     #[serde(default)]
     pub pool: RawPool,
+    /// Share of this service's connections that become profile rows (0–1).
+    #[serde(default = "d_sample")]
+    pub profile_sample_rate: f64,
+}
+
+fn d_sample() -> f64 {
+    1.0
 }
 
 /// A route as written: a host (optional) and a path prefix.
@@ -185,6 +247,65 @@ pub struct Config {
     pub limits: Limits,
     /// Services.
     pub services: BTreeMap<String, Service>,
+    /// The profile writer, when configured.
+    pub profiles: Option<crate::profiles::WriterConfig>,
+    /// Client regions.
+    pub regions: Regions,
+}
+
+/// A CIDR table: the first region whose block contains an address names it.
+#[derive(Debug, Clone, Default)]
+pub struct Regions(Vec<(String, std::net::IpAddr, u8)>);
+
+impl Regions {
+    /// The region of an address, or `"unknown"`.
+    pub fn lookup(&self, ip: std::net::IpAddr) -> &str {
+        let ip = match ip {
+            std::net::IpAddr::V6(v6) => v6
+                .to_ipv4_mapped()
+                .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
+            v4 => v4,
+        };
+        self.0
+            .iter()
+            .find(|(_, net, len)| cidr_contains(*net, *len, ip))
+            .map_or("unknown", |(n, _, _)| n.as_str())
+    }
+}
+
+fn cidr_contains(net: std::net::IpAddr, len: u8, ip: std::net::IpAddr) -> bool {
+    use std::net::IpAddr::{V4, V6};
+    match (net, ip) {
+        (V4(n), V4(a)) => {
+            let mask = if len == 0 {
+                0
+            } else {
+                u32::MAX << (32 - u32::from(len))
+            };
+            u32::from(n) & mask == u32::from(a) & mask
+        }
+        (V6(n), V6(a)) => {
+            let mask = if len == 0 {
+                0
+            } else {
+                u128::MAX << (128 - u32::from(len))
+            };
+            u128::from(n) & mask == u128::from(a) & mask
+        }
+        _ => false,
+    }
+}
+
+fn parse_cidr(s: &str) -> Option<(std::net::IpAddr, u8)> {
+    let (a, l) = s.split_once('/').unwrap_or((s, ""));
+    let ip: std::net::IpAddr = a.trim().parse().ok()?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    let len = if l.is_empty() {
+        max
+    } else {
+        l.trim().parse().ok()?
+    };
+    (len <= max).then_some((ip, len))
 }
 
 /// Validated limits.
@@ -219,6 +340,8 @@ pub struct Service {
     pub settings: Settings,
     /// Pool limits.
     pub pool: PoolLimits,
+    /// Share of connections profiled.
+    pub profile_sample_rate: f64,
 }
 
 /// A validated route.
@@ -255,11 +378,18 @@ fn dur(errors: &mut Vec<String>, key: &str, v: &str) -> Duration {
     }
 }
 
-/// Parse `"250ms"`, `"30s"`, `"5m"`, `"1h"` or plain seconds.
+/// Parse `"250ms"`, `"30s"`, `"5m"`, `"1h"`, `"30d"` or plain seconds.
 pub fn parse_duration(v: &str) -> Option<Duration> {
     let t = v.trim();
     if let Some(ms) = t.strip_suffix("ms") {
         return ms.trim().parse().ok().map(Duration::from_millis);
+    }
+    if let Some(d) = t.strip_suffix('d') {
+        return d
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .map(|d| Duration::from_secs(d * 86_400));
     }
     tuning::settings::parse_secs(t)
         .filter(|_| !t.eq_ignore_ascii_case("off"))
@@ -394,6 +524,12 @@ impl RawConfig {
                     &s.pool.max_lifetime,
                 ),
             };
+            if !(0.0..=1.0).contains(&s.profile_sample_rate) {
+                e.push(format!(
+                    "{key}.profile_sample_rate = {} must be between 0 and 1",
+                    s.profile_sample_rate
+                ));
+            }
             if pool.max_per_upstream == 0 {
                 e.push(format!(
                     "{key}.pool.max_per_upstream = 0 must be at least 1"
@@ -407,6 +543,7 @@ impl RawConfig {
                     routes,
                     settings,
                     pool,
+                    profile_sample_rate: s.profile_sample_rate,
                 },
             );
         }
@@ -428,10 +565,59 @@ impl RawConfig {
                 }
             }
         }
+        let mut regions = Vec::new();
+        for (name, blocks) in &self.regions {
+            for b in blocks {
+                match parse_cidr(b) {
+                    Some((ip, len)) => regions.push((name.clone(), ip, len)),
+                    None => e.push(format!(
+                        "regions.{name}: {b:?} is not a CIDR block (e.g. \"10.0.0.0/8\")"
+                    )),
+                }
+            }
+        }
+        let profiles = self.profiles.map(|p| {
+            let url = p
+                .database_url
+                .clone()
+                .or_else(|| std::env::var("DATABASE_URL").ok())
+                .unwrap_or_else(|| {
+                    e.push("profiles.database_url is not set and DATABASE_URL is not in the environment".into());
+                    String::new()
+                });
+            let spool_max_bytes = tuning::settings::parse_bytes_u64(&p.spool_max_bytes).unwrap_or_else(|| {
+                e.push(format!(
+                    "profiles.spool_max_bytes = {:?} is not a size (e.g. \"1GiB\")",
+                    p.spool_max_bytes
+                ));
+                0
+            });
+            if p.queue_capacity == 0 {
+                e.push("profiles.queue_capacity = 0 must be at least 1".into());
+            }
+            if p.batch_rows == 0 {
+                e.push("profiles.batch_rows = 0 must be at least 1".into());
+            }
+            crate::profiles::WriterConfig {
+                database_url: url,
+                spool_dir: p.spool_dir.clone().into(),
+                spool_max_bytes,
+                queue_capacity: p.queue_capacity.max(1),
+                batch_rows: p.batch_rows.max(1),
+                batch_interval: dur(&mut e, "profiles.batch_interval", &p.batch_interval),
+                write_timeout: dur(&mut e, "profiles.write_timeout", &p.write_timeout),
+                retention: p
+                    .retention
+                    .as_deref()
+                    .map(|r| dur(&mut e, "profiles.retention", r)),
+            }
+        });
         if !e.is_empty() {
             return Err(e);
         }
         Ok(Config {
+            profiles,
+            regions: Regions(regions),
             listen,
             admin_listen,
             dataplane_id: self.dataplane_id.unwrap_or_else(default_id),
@@ -521,6 +707,34 @@ routes = [{ path_prefix = "/x/" }]
     fn unknown_key_is_named() {
         let e = Config::from_toml("lisen = \"x\"\n").unwrap_err();
         assert!(e[0].contains("lisen"), "{e:?}");
+    }
+
+    #[test]
+    fn regions_match_cidr_blocks() {
+        let c = Config::from_toml(
+            r#"
+[regions]
+eu = ["10.1.0.0/16", "2001:db8::/32"]
+us = ["10.0.0.0/8"]
+[services.a]
+upstreams = ["127.0.0.1:1"]
+"#,
+        )
+        .unwrap();
+        let r = &c.regions;
+        assert_eq!(r.lookup("10.1.2.3".parse().unwrap()), "eu");
+        assert_eq!(r.lookup("10.2.2.3".parse().unwrap()), "us");
+        assert_eq!(r.lookup("::ffff:10.1.0.9".parse().unwrap()), "eu");
+        assert_eq!(r.lookup("2001:db8::1".parse().unwrap()), "eu");
+        assert_eq!(r.lookup("192.168.0.1".parse().unwrap()), "unknown");
+        let e = Config::from_toml(
+            "[regions]\nx = [\"10.0.0.0/33\"]\n[services.a]\nupstreams = [\"127.0.0.1:1\"]\n",
+        )
+        .unwrap_err();
+        assert!(
+            e[0].contains("regions.x: \"10.0.0.0/33\" is not a CIDR block"),
+            "{e:?}"
+        );
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod forward;
 pub mod frames;
 pub mod headers;
 pub mod pool;
+pub mod profiles;
 pub mod proxy;
 pub mod routing;
 pub mod server;

@@ -56,10 +56,22 @@ async fn main() -> anyhow::Result<()> {
         services = config.services.len(),
         "data plane listening"
     );
+    let (sink, writer): (Arc<dyn dataplane::source::ProfileSink>, _) = match &config.profiles {
+        Some(p) => {
+            let (sink, writer) = dataplane::profiles::start(p.clone())
+                .with_context(|| format!("opening the profile spool {}", p.spool_dir.display()))?;
+            tracing::info!(spool = %p.spool_dir.display(), "profiles go to PostgreSQL");
+            (sink, Some(writer))
+        }
+        None => {
+            tracing::info!("no [profiles] section: profiles are only logged");
+            (Arc::new(dataplane::source::LogSink), None)
+        }
+    };
     let dp = Arc::new(DataPlane::new(
         config,
         Arc::new(dataplane::source::StaticSettings),
-        Arc::new(dataplane::source::LogSink),
+        sink,
     ));
     // SIGHUP: reload routes and services; a bad file is logged and the old config stays.
     {
@@ -79,6 +91,9 @@ async fn main() -> anyhow::Result<()> {
         });
     }
     dp.serve(listener, admin, shutdown_signal()).await;
+    if let Some(w) = writer {
+        w.finish(std::time::Duration::from_secs(10)).await;
+    }
     tracing::info!("data plane stopped");
     Ok(())
 }

@@ -74,6 +74,54 @@ pub struct ConnInfo {
     pub guard: Arc<dyn std::any::Any + Send + Sync>,
 }
 
+/// Resolve (timed as DNS) and connect (timed as connect) to `host:port`, trying each address.
+async fn connect_upstream(
+    upstream: &str,
+    timeout: Duration,
+    timings: &mut Timings,
+) -> Result<TcpStream, (StatusCode, &'static str, String)> {
+    let t = Instant::now();
+    let addrs: Vec<SocketAddr> =
+        match tokio::time::timeout(timeout, tokio::net::lookup_host(upstream)).await {
+            Ok(Ok(a)) => a.collect(),
+            Ok(Err(e)) => {
+                return Err((
+                    StatusCode::BAD_GATEWAY,
+                    "upstream name did not resolve",
+                    e.to_string(),
+                ));
+            }
+            Err(_) => {
+                return Err((
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream name resolution timed out",
+                    "dns timeout".into(),
+                ));
+            }
+        };
+    timings.dns_us = Some(t.elapsed().as_micros() as u64);
+    let t = Instant::now();
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last = String::from("no address");
+    for a in addrs {
+        match tokio::time::timeout_at(deadline, TcpStream::connect(a)).await {
+            Ok(Ok(s)) => {
+                timings.connect_us = Some(t.elapsed().as_micros() as u64);
+                return Ok(s);
+            }
+            Ok(Err(e)) => last = format!("{a}: {e}"),
+            Err(_) => {
+                return Err((
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream connect timed out",
+                    format!("{a}: timeout"),
+                ));
+            }
+        }
+    }
+    Err((StatusCode::BAD_GATEWAY, "upstream connect failed", last))
+}
+
 fn full(status: StatusCode, reason: &str) -> Response<RespBody> {
     let mut r = Response::new(
         Full::new(Bytes::from(format!("{reason}\n")))
@@ -350,7 +398,8 @@ impl Proxy {
             }
         }
         let service = route.service.clone();
-        let limits = self.limits();
+        let routes = self.routes();
+        let limits = routes.config.limits;
         let offered = offered_subprotocols(req.headers());
         let ua = req
             .headers()
@@ -368,7 +417,7 @@ impl Proxy {
             subprotocol: offered.first().cloned(),
             offers_deflate: offers_deflate(req.headers()),
             client_class: ClientClass::from_user_agent(ua),
-            client_region: "unknown".into(),
+            client_region: routes.config.regions.lookup(conn.peer.ip()).to_string(),
             hour_of_week: tuning::context::hour_of_week(started_at.timestamp()),
             client_key: Some(conn.peer.ip().to_string()),
         };
@@ -379,24 +428,15 @@ impl Proxy {
         // Upstream: connect, send the upgrade request, read its answer.
         let upstream = self.pick_upstream(&service).to_string();
         let mut timings = Timings::default();
-        let tc = Instant::now();
-        let tcp = match tokio::time::timeout(limits.connect_timeout, TcpStream::connect(&upstream))
-            .await
-        {
-            Ok(Ok(t)) => t,
-            Ok(Err(e)) => {
+        let tcp = match connect_upstream(&upstream, limits.connect_timeout, &mut timings).await {
+            Ok(t) => t,
+            Err((status, reason, detail)) => {
                 METRICS.upstream_error("connect");
                 METRICS.finish(ctx.protocol.as_str(), "upstream_error");
-                tracing::warn!(side = "upstream", service = %service.name, %upstream, error = %e, "upstream connect failed");
-                return full(StatusCode::BAD_GATEWAY, "upstream connect failed");
-            }
-            Err(_) => {
-                METRICS.upstream_error("connect");
-                METRICS.finish(ctx.protocol.as_str(), "upstream_error");
-                return full(StatusCode::GATEWAY_TIMEOUT, "upstream connect timed out");
+                tracing::warn!(side = "upstream", service = %service.name, %upstream, error = %detail, "upstream connect failed");
+                return full(status, reason);
             }
         };
-        timings.connect_us = Some(tc.elapsed().as_micros() as u64);
         let _ = tcp.set_nodelay(true);
         let mut up_headers = req.headers().clone();
         headers::strip_hop_by_hop(&mut up_headers);
@@ -670,8 +710,19 @@ impl Proxy {
             dead_peer: out.dead_peer,
             idle_timeout_fired: out.idle_timeout_fired,
         };
-        m.profiles_emitted.fetch_add(1, Ordering::Relaxed);
-        self.sink.emit(profile);
+        // Per-service sampling, decided by the connection id so replays agree.
+        let rate = self
+            .routes()
+            .config
+            .services
+            .get(&profile.context.service)
+            .map_or(1.0, |s| s.profile_sample_rate);
+        if rate >= 1.0
+            || tuning::hash::unit(tuning::hash::stable_hash(&[b"sample", id.as_bytes()])) < rate
+        {
+            m.profiles_emitted.fetch_add(1, Ordering::Relaxed);
+            self.sink.emit(profile);
+        }
         drop(conn);
     }
 }

@@ -262,6 +262,35 @@ impl Metrics {
             "Time reads were paused because the other side was not accepting bytes.",
             format!("{:.6}", g(&self.paused_us) as f64 / 1e6),
         );
+        let w = &crate::profiles::WRITER;
+        for (name, kind, help, v) in [
+            (
+                "trimtab_dataplane_profile_queue_depth",
+                "gauge",
+                "Profiles waiting for the writer.",
+                &w.queue_depth,
+            ),
+            (
+                "trimtab_dataplane_profile_spool_bytes",
+                "gauge",
+                "Bytes of profiles waiting in the spool for PostgreSQL.",
+                &w.spool_bytes,
+            ),
+            (
+                "trimtab_dataplane_profile_rows_written_total",
+                "counter",
+                "Profile rows written to PostgreSQL (replays included).",
+                &w.rows_written,
+            ),
+            (
+                "trimtab_dataplane_profile_rows_spooled_total",
+                "counter",
+                "Profile rows written to the spool.",
+                &w.rows_spooled,
+            ),
+        ] {
+            one(&mut s, name, kind, help, g(v).to_string());
+        }
         s
     }
 }

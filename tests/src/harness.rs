@@ -183,3 +183,92 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A TCP relay in front of a server (PostgreSQL, say) that a test can cut and restore, to make
+/// the server unreachable without stopping it.
+#[derive(Debug)]
+pub struct Relay {
+    /// The relay's address: point clients here.
+    pub addr: SocketAddr,
+    up: tokio::sync::watch::Sender<bool>,
+}
+
+impl Relay {
+    /// Relay 127.0.0.1:0 → `target`, up.
+    pub async fn start(target: SocketAddr) -> Relay {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind relay");
+        let addr = l.local_addr().expect("addr");
+        let (up, up_rx) = tokio::sync::watch::channel(true);
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = l.accept().await else {
+                    continue;
+                };
+                if !*up_rx.borrow() {
+                    drop(client);
+                    continue;
+                }
+                let mut cut = up_rx.clone();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = async { cut.wait_for(|v| !*v).await.is_ok() } => {}
+                    }
+                });
+            }
+        });
+        Relay { addr, up }
+    }
+
+    /// Cut every connection and refuse new ones (`false`), or accept again (`true`).
+    pub fn set_up(&self, up: bool) {
+        let _ = self.up.send(up);
+    }
+}
+
+/// The URL of the database a `#[sqlx::test]` pool is connected to, with host, port and user
+/// from `DATABASE_URL` (which `./dev` sets).
+pub async fn database_url_of(pool: &sqlx::PgPool) -> String {
+    let name: String = sqlx::query_scalar("select current_database()")
+        .fetch_one(pool)
+        .await
+        .expect("current_database");
+    let base = std::env::var("DATABASE_URL").expect("DATABASE_URL (./dev sets it)");
+    let (prefix, rest) = base.rsplit_once('/').expect("URL has a path");
+    let query = rest
+        .split_once('?')
+        .map(|(_, q)| format!("?{q}"))
+        .unwrap_or_default();
+    format!("{prefix}/{name}{query}")
+}
+
+/// Point a URL at another host:port (for the relay).
+pub fn url_via(url: &str, addr: SocketAddr) -> String {
+    let (scheme, rest) = url.split_once("://").expect("scheme");
+    let (auth_host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let auth = auth_host
+        .rsplit_once('@')
+        .map(|(a, _)| format!("{a}@"))
+        .unwrap_or_default();
+    format!("{scheme}://{auth}{addr}/{path}")
+}
+
+/// Read one metric's value from a data plane's admin endpoint.
+pub async fn metric(admin: SocketAddr, name: &str) -> Option<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(admin).await.ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .await
+        .ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.ok()?;
+    body.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}

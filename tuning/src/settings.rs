@@ -265,6 +265,11 @@ impl PartialSettings {
 
 /// Parse a human size: `16384`, `"16384"`, `"16KiB"`, `"16k"`, `"1MiB"`.
 pub fn parse_bytes(s: &str) -> Option<u32> {
+    u32::try_from(parse_bytes_u64(s)?).ok()
+}
+
+/// Parse a human size that may exceed 4 GiB: `"1GiB"`, `"512MiB"`, `1048576`.
+pub fn parse_bytes_u64(s: &str) -> Option<u64> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
@@ -273,9 +278,10 @@ pub fn parse_bytes(s: &str) -> Option<u32> {
         "" | "b" => 1,
         "k" | "kb" | "kib" => 1 << 10,
         "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
         _ => return None,
     };
-    u32::try_from(n.checked_mul(mul)?).ok()
+    n.checked_mul(mul)
 }
 
 /// Parse a human duration in whole seconds: `30`, `"30s"`, `"5m"`, `"1h"`, `"off"` (0).

@@ -8,11 +8,13 @@
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -22,6 +24,28 @@ use tuning::{ClosedBy, Hist, PingStats, Settings};
 
 use super::{CloseRequest, ForwardLimits, Outcome};
 use crate::stats::DirStats;
+
+/// One message in this many (the first, the 17th, …) is deflated to measure compressibility.
+pub const SAMPLE_EVERY: u64 = 16;
+/// At most this many bytes of a sampled message are deflated.
+const SAMPLE_MAX: usize = 16 << 10;
+
+/// Deflate (fast level) up to [`SAMPLE_MAX`] bytes: (bytes in, bytes out).
+fn deflated_size(payload: &[u8]) -> (u64, u64) {
+    use std::io::Write as _;
+    let p = &payload[..payload.len().min(SAMPLE_MAX)];
+    let mut e = flate2::write::DeflateEncoder::new(
+        Vec::with_capacity(p.len() / 2 + 64),
+        flate2::Compression::fast(),
+    );
+    if e.write_all(p).is_err() {
+        return (0, 0);
+    }
+    match e.finish() {
+        Ok(out) => (p.len() as u64, out.len() as u64),
+        Err(_) => (0, 0),
+    }
+}
 
 /// Which leg.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -185,7 +209,16 @@ where
                 } as u64;
                 let now = Instant::now();
                 stats.on_read(n as usize);
-                stats.on_message(n, now);
+                stats.on_message(n, now.into_std());
+                if stats.s.messages % SAMPLE_EVERY == 1 {
+                    let payload: &[u8] = match &msg {
+                        Message::Text(t) => t.as_bytes(),
+                        Message::Binary(b) => b,
+                        _ => &[],
+                    };
+                    let (raw, out) = deflated_size(payload);
+                    stats.on_sample(raw, out);
+                }
                 shared.touch();
                 if closed || shared.closing.load(Ordering::Relaxed) {
                     continue;
@@ -265,7 +298,7 @@ where
 
 /// Ping one leg every `interval`; returns when the peer missed enough pongs to be dead.
 async fn pinger(interval: Duration, tx: mpsc::Sender<Message>, pings: &Mutex<Pings>) {
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    let mut tick = tokio::time::interval_at(Instant::now() + interval, interval);
     loop {
         tick.tick().await;
         let payload = {
@@ -301,7 +334,7 @@ async fn idle_expired(shared: &Shared, idle: Duration) {
         if Instant::now() >= deadline {
             return;
         }
-        tokio::time::sleep_until(deadline.into()).await;
+        tokio::time::sleep_until(deadline).await;
     }
 }
 
@@ -315,16 +348,20 @@ async fn maybe<F: std::future::Future<Output = ()>>(f: Option<F>) {
 /// Forward a WebSocket connection message by message. See [`super::zero_copy::run`] for the
 /// meaning of the arguments.
 #[allow(clippy::too_many_arguments)]
-pub async fn run(
-    client: TcpStream,
+pub async fn run<C, U>(
+    client: C,
     client_head: Vec<u8>,
-    upstream: TcpStream,
+    upstream: U,
     upstream_head: Vec<u8>,
     settings: &Settings,
     limits: ForwardLimits,
     mut shutdown: watch::Receiver<bool>,
     drain_delay: Duration,
-) -> Outcome {
+) -> Outcome
+where
+    C: AsyncRead + AsyncWrite + Unpin + Send,
+    U: AsyncRead + AsyncWrite + Unpin + Send,
+{
     let cfg = ws_config(settings, &limits);
     let client_ws =
         WebSocketStream::from_partially_read(client, client_head, Role::Server, Some(cfg)).await;
@@ -344,8 +381,8 @@ pub async fn run(
         first_close: Mutex::new(None),
         closing: AtomicBool::new(false),
     };
-    let mut c2u = DirStats::new(shared.origin);
-    let mut u2c = DirStats::new(shared.origin);
+    let mut c2u = DirStats::new(shared.origin.into_std());
+    let mut u2c = DirStats::new(shared.origin.into_std());
     let c_pings = Mutex::new(Pings::default());
     let u_pings = Mutex::new(Pings::default());
     let idle = Duration::from_secs(u64::from(settings.idle_timeout));
@@ -378,7 +415,7 @@ pub async fn run(
         let mut p_upstream =
             std::pin::pin!(maybe(ping_every.map(|d| pinger(d, u_tx.clone(), &u_pings))));
         let (mut rc_done, mut ru_done, mut wc_done, mut wu_done) = (false, false, false, false);
-        let mut grace: Option<tokio::time::Instant> = None;
+        let mut grace: Option<Instant> = None;
         let mut draining = false;
         loop {
             let grace_sleep = async {
@@ -490,14 +527,14 @@ pub async fn run(
                 }
             }
             if shared.closing.load(Ordering::Relaxed) && grace.is_none() {
-                grace = Some(tokio::time::Instant::now() + limits.close_grace);
+                grace = Some(Instant::now() + limits.close_grace);
             }
             if rc_done && ru_done {
                 break;
             }
         }
     }
-    let end = Instant::now();
+    let end = Instant::now().into_std();
     if let Some((by, code, reason)) = shared.first_close.lock().expect("close lock").take() {
         out.closed_by = Some(by);
         out.close_code = Some(code);
@@ -512,4 +549,159 @@ pub async fn run(
     out.paused = Duration::from_nanos(shared.paused_ns.load(Ordering::Relaxed));
     out.peak_buffered = shared.peak.load(Ordering::Relaxed);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tuning::Mode;
+
+    fn limits() -> ForwardLimits {
+        ForwardLimits {
+            stall_timeout: Duration::from_secs(30),
+            max_message_bytes: 1 << 20,
+            close_grace: Duration::from_secs(2),
+        }
+    }
+
+    fn settings(ping: u32, idle: u32) -> Settings {
+        Settings {
+            ping_interval: ping,
+            idle_timeout: idle,
+            mode: Mode::FrameAware,
+            ..Settings::default()
+        }
+    }
+
+    /// An upstream peer that answers pings (tungstenite does) and reports the close it got.
+    fn upstream_peer(
+        io: tokio::io::DuplexStream,
+    ) -> tokio::task::JoinHandle<Option<(u16, String)>> {
+        tokio::spawn(async move {
+            let mut ws = WebSocketStream::from_raw_socket(io, Role::Server, None).await;
+            let mut close = None;
+            while let Some(Ok(m)) = ws.next().await {
+                if let Message::Close(Some(f)) = m {
+                    close = Some((u16::from(f.code), f.reason.to_string()));
+                }
+            }
+            close
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_stops_answering_pings_is_declared_dead_after_three() {
+        let (client_proxy, client_peer) = tokio::io::duplex(1 << 16);
+        let (up_proxy, up_peer) = tokio::io::duplex(1 << 16);
+        let up = upstream_peer(up_peer);
+        let (_tx, rx) = watch::channel(false);
+        let t0 = Instant::now();
+        // The client never reads: its pings go unanswered.
+        let out = run(
+            client_proxy,
+            vec![],
+            up_proxy,
+            vec![],
+            &settings(15, 900),
+            limits(),
+            rx,
+            Duration::ZERO,
+        )
+        .await;
+        drop(client_peer);
+        assert!(out.dead_peer);
+        assert_eq!(out.error_class, Some("client_dead"));
+        assert_eq!(out.ping_client.missed, 3);
+        assert!(out.ping_upstream.answered >= 3, "{:?}", out.ping_upstream);
+        assert!(out.ping_upstream.rtt_max_us.is_some());
+        // Dead after 3 missed pongs: the first ping at 15 s, declared at 60 s.
+        let took = t0.elapsed();
+        assert!(
+            took >= Duration::from_secs(60) && took < Duration::from_secs(64),
+            "{took:?}"
+        );
+        assert_eq!(
+            up.await.unwrap(),
+            Some((1001, "client not responding".to_string()))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_timeout_closes_both_legs_with_1001() {
+        let (client_proxy, client_peer) = tokio::io::duplex(1 << 16);
+        let (up_proxy, up_peer) = tokio::io::duplex(1 << 16);
+        let up = upstream_peer(up_peer);
+        let client = upstream_peer_client(client_peer);
+        let (_tx, rx) = watch::channel(false);
+        let t0 = Instant::now();
+        let out = run(
+            client_proxy,
+            vec![],
+            up_proxy,
+            vec![],
+            &settings(0, 30),
+            limits(),
+            rx,
+            Duration::ZERO,
+        )
+        .await;
+        assert!(out.idle_timeout_fired);
+        assert_eq!(out.close_code, Some(1001));
+        assert!(t0.elapsed() >= Duration::from_secs(30));
+        assert_eq!(up.await.unwrap(), Some((1001, "idle timeout".to_string())));
+        assert_eq!(
+            client.await.unwrap(),
+            Some((1001, "idle timeout".to_string()))
+        );
+    }
+
+    fn upstream_peer_client(
+        io: tokio::io::DuplexStream,
+    ) -> tokio::task::JoinHandle<Option<(u16, String)>> {
+        tokio::spawn(async move {
+            let mut ws = WebSocketStream::from_raw_socket(io, Role::Client, None).await;
+            let mut close = None;
+            while let Some(Ok(m)) = ws.next().await {
+                if let Message::Close(Some(f)) = m {
+                    close = Some((u16::from(f.code), f.reason.to_string()));
+                }
+            }
+            close
+        })
+    }
+
+    #[tokio::test]
+    async fn an_oversized_message_is_refused_with_1009() {
+        let (client_proxy, client_peer) = tokio::io::duplex(1 << 20);
+        let (up_proxy, up_peer) = tokio::io::duplex(1 << 20);
+        let up = upstream_peer(up_peer);
+        let (_tx, rx) = watch::channel(false);
+        let mut l = limits();
+        l.max_message_bytes = 1000;
+        let client = tokio::spawn(async move {
+            let mut ws = WebSocketStream::from_raw_socket(client_peer, Role::Client, None).await;
+            ws.send(Message::binary(vec![0u8; 5000])).await.unwrap();
+            let mut close = None;
+            while let Some(Ok(m)) = ws.next().await {
+                if let Message::Close(Some(f)) = m {
+                    close = Some(u16::from(f.code));
+                }
+            }
+            close
+        });
+        let out = run(
+            client_proxy,
+            vec![],
+            up_proxy,
+            vec![],
+            &settings(0, 900),
+            l,
+            rx,
+            Duration::ZERO,
+        )
+        .await;
+        assert_eq!(out.error_class, Some("client_message_too_big"));
+        assert_eq!(client.await.unwrap(), Some(1009));
+        assert_eq!(up.await.unwrap().map(|c| c.0), Some(1001));
+    }
 }
