@@ -682,3 +682,40 @@ async fn migrations_create_every_table(pool: sqlx::PgPool) {
         .await;
     assert!(second.is_err(), "two active models were accepted");
 }
+
+/// Autobahn TestSuite (sections 1–10 by default; `TRIMTAB_AUTOBAHN_CASES` widens it, as
+/// `./dev conformance` does) through both modes: every case that passes against the echo
+/// upstream directly passes through trimtab with the same verdicts. Prints the counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn autobahn_cases_pass_through_both_modes_as_they_do_directly() {
+    let Some(py) = std::env::var_os("TRIMTAB_PYTHON") else {
+        panic!("TRIMTAB_PYTHON is not set: run the suite with ./dev test");
+    };
+    let cases = std::env::var("TRIMTAB_AUTOBAHN_CASES")
+        .unwrap_or_else(|_| "1.*,2.*,3.*,4.*,5.*,6.*,7.*,9.*,10.*".into());
+    let echo = spawn_echo().await;
+    let zc = DataPlaneProc::start(&config(echo, "zero_copy", "", ""));
+    let fa = DataPlaneProc::start(&config(echo, "frame_aware", "", ""));
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/conformance/autobahn.py");
+    let out = tokio::process::Command::new(&py)
+        .arg(script)
+        .arg("--direct")
+        .arg(echo.to_string())
+        .arg("--through")
+        .arg(format!("zero_copy={}", zc.proxy))
+        .arg("--through")
+        .arg(format!("frame_aware={}", fa.proxy))
+        .arg("--cases")
+        .arg(&cases)
+        .output()
+        .await
+        .expect("run the Autobahn cases");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("direct"), "{stdout}");
+}

@@ -110,6 +110,8 @@ enum ReadEnd {
     TooBig,
     /// The peer broke the protocol.
     Protocol,
+    /// The peer sent a text message that is not UTF-8.
+    InvalidUtf8,
 }
 
 /// State shared by the futures of one connection (all polled by one task).
@@ -191,7 +193,7 @@ where
                 tracing::debug!(?leg, error = %p, "protocol error");
                 return ReadEnd::Protocol;
             }
-            Some(Err(WsError::Utf8(_))) => return ReadEnd::Protocol,
+            Some(Err(WsError::Utf8(_))) => return ReadEnd::InvalidUtf8,
             Some(Err(_)) => {
                 return if closed {
                     ReadEnd::Closed
@@ -220,7 +222,7 @@ where
                     stats.on_sample(raw, out);
                 }
                 shared.touch();
-                if closed || shared.closing.load(Ordering::Relaxed) {
+                if closed {
                     continue;
                 }
                 let inflight = shared.in_flight.fetch_add(n, Ordering::Relaxed) + n;
@@ -416,6 +418,10 @@ where
             std::pin::pin!(maybe(ping_every.map(|d| pinger(d, u_tx.clone(), &u_pings))));
         let (mut rc_done, mut ru_done, mut wc_done, mut wu_done) = (false, false, false, false);
         let mut grace: Option<Instant> = None;
+        // Close frames the proxy still has to hand to a leg's writer.
+        let mut to_client: Option<Message> = None;
+        let mut to_upstream: Option<Message> = None;
+        let mut deferred_client: Option<Message> = None;
         let mut draining = false;
         loop {
             let grace_sleep = async {
@@ -426,6 +432,9 @@ where
             };
             // What the proxy decides to do: (code to client, reason, code to upstream, reason).
             let mut decide: Option<(u16, &'static str, u16, &'static str)> = None;
+            // A client that broke the protocol is answered only after the upstream has closed,
+            // so that every message the upstream sent before reaches the client first.
+            let mut defer_client = false;
             tokio::select! {
                 e = &mut r_client, if !rc_done => {
                     rc_done = true;
@@ -439,15 +448,25 @@ where
                         ReadEnd::TooBig => {
                             out.error_class.get_or_insert("client_message_too_big");
                             decide = Some((1009, "message too big", 1001, "client sent a message too big"));
+                            defer_client = true;
                         }
                         ReadEnd::Protocol => {
                             out.error_class.get_or_insert("client_protocol");
                             decide = Some((1002, "protocol error", 1001, "client protocol error"));
+                            defer_client = true;
+                        }
+                        ReadEnd::InvalidUtf8 => {
+                            out.error_class.get_or_insert("client_invalid_utf8");
+                            decide = Some((1007, "invalid UTF-8", 1001, "client sent invalid UTF-8"));
+                            defer_client = true;
                         }
                     }
                 }
                 e = &mut r_upstream, if !ru_done => {
                     ru_done = true;
+                    if let Some(m) = deferred_client.take() {
+                        to_client.get_or_insert(m);
+                    }
                     match e {
                         ReadEnd::Closed => {}
                         ReadEnd::Abnormal(why) => {
@@ -462,6 +481,10 @@ where
                         ReadEnd::Protocol => {
                             out.error_class.get_or_insert("upstream_protocol");
                             decide = Some((1011, "upstream protocol error", 1002, "protocol error"));
+                        }
+                        ReadEnd::InvalidUtf8 => {
+                            out.error_class.get_or_insert("upstream_invalid_utf8");
+                            decide = Some((1011, "upstream sent invalid UTF-8", 1007, "invalid UTF-8"));
                         }
                     }
                 }
@@ -512,6 +535,16 @@ where
                         }
                     }
                 }
+                p = c_tx.reserve(), if to_client.is_some() && !wc_done => {
+                    if let (Ok(p), Some(m)) = (p, to_client.take()) {
+                        p.send(m);
+                    }
+                }
+                p = u_tx.reserve(), if to_upstream.is_some() && !wu_done => {
+                    if let (Ok(p), Some(m)) = (p, to_upstream.take()) {
+                        p.send(m);
+                    }
+                }
                 () = grace_sleep => break,
             }
             if let Some(d) = decide
@@ -519,20 +552,38 @@ where
             {
                 proxy_close = Some(d);
                 shared.closing.store(true, Ordering::Relaxed);
-                if d.0 != 0 && !wc_done {
-                    let _ = c_tx.try_send(close_msg(d.0, d.1));
+                if d.0 != 0 {
+                    if defer_client && !ru_done {
+                        deferred_client = Some(close_msg(d.0, d.1));
+                    } else {
+                        to_client = Some(close_msg(d.0, d.1));
+                    }
                 }
-                if d.2 != 0 && !wu_done {
-                    let _ = u_tx.try_send(close_msg(d.2, d.3));
+                if d.2 != 0 {
+                    to_upstream = Some(close_msg(d.2, d.3));
                 }
             }
             if shared.closing.load(Ordering::Relaxed) && grace.is_none() {
                 grace = Some(Instant::now() + limits.close_grace);
             }
-            if rc_done && ru_done {
+            if rc_done && ru_done && to_client.is_none() && to_upstream.is_none() {
                 break;
             }
         }
+        // Let the writers deliver what is queued (close frames above all), then stop them.
+        p_client.set(maybe(None));
+        p_upstream.set(maybe(None));
+        drop(c_tx);
+        drop(u_tx);
+        let flush = async {
+            if !wc_done {
+                let _ = (&mut w_client).await;
+            }
+            if !wu_done {
+                let _ = (&mut w_upstream).await;
+            }
+        };
+        let _ = tokio::time::timeout(limits.close_grace, flush).await;
     }
     let end = Instant::now().into_std();
     if let Some((by, code, reason)) = shared.first_close.lock().expect("close lock").take() {
@@ -617,7 +668,7 @@ mod tests {
         // Dead after 3 missed pongs: the first ping at 15 s, declared at 60 s.
         let took = t0.elapsed();
         assert!(
-            took >= Duration::from_secs(60) && took < Duration::from_secs(64),
+            took >= Duration::from_secs(60) && took < Duration::from_secs(66),
             "{took:?}"
         );
         assert_eq!(

@@ -1,0 +1,63 @@
+"""Autobahn TestSuite cases (run by the `kosoku` package) against an echo server directly and
+through each trimtab listener given, side by side.
+
+    python autobahn.py --direct 127.0.0.1:9001 --through zero_copy=127.0.0.1:8080 \
+        --through frame_aware=127.0.0.1:8081 --cases '1.*,2.*'
+
+Prints the verdict counts of every target and exits non-zero when a case that passes directly
+does not pass, with the same verdicts, through trimtab.
+"""
+
+import argparse
+import asyncio
+import collections
+import sys
+import time
+
+from kosoku import FailureError, run_fuzzingclient
+
+
+async def run(addr, cases, parallel):
+    t = time.monotonic()
+    try:
+        results = await run_fuzzingclient(addr, cases, None, concurrency=parallel)
+    except FailureError as failure:
+        results = failure.results
+    return {r.case_id: r for r in results}, time.monotonic() - t
+
+
+def verdict(r):
+    return (r.behavior.value, r.behavior_close.value)
+
+
+async def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--direct", required=True)
+    p.add_argument("--through", action="append", default=[], metavar="NAME=ADDR")
+    p.add_argument("--cases", required=True, help="comma-separated case ids or globs")
+    p.add_argument("--parallel", type=int, default=8)
+    a = p.parse_args()
+    cases = [c for c in a.cases.split(",") if c]
+    direct, secs = await run(a.direct, cases, a.parallel)
+    passing = {cid for cid, r in direct.items() if r.passed}
+    print(f"{'target':<14} {'cases':>5} {'passed':>6}  seconds  verdicts")
+    counts = collections.Counter(verdict(r) for r in direct.values())
+    print(f"{'direct':<14} {len(direct):>5} {len(passing):>6}  {secs:7.1f}  {dict(counts)}")
+    ok = True
+    for t in a.through:
+        name, addr = t.split("=", 1)
+        got, secs = await run(addr, cases, a.parallel)
+        counts = collections.Counter(verdict(r) for r in got.values())
+        npass = sum(1 for r in got.values() if r.passed)
+        print(f"{name:<14} {len(got):>5} {npass:>6}  {secs:7.1f}  {dict(counts)}")
+        for cid in sorted(passing):
+            r = got.get(cid)
+            if r is None or not r.passed or verdict(r) != verdict(direct[cid]):
+                ok = False
+                v = verdict(r) if r else ("missing", "")
+                print(f"  {name}: case {cid} is {v} through trimtab, {verdict(direct[cid])} directly"
+                      f" (received {r.received if r else None})")
+    sys.exit(0 if ok else 1)
+
+
+asyncio.run(main())
