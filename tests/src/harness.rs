@@ -58,7 +58,10 @@ impl DataPlaneProc {
         let mut child = Command::new(bin_dir().join("dataplane"))
             .arg("--config")
             .arg(&config_path)
-            .env("RUST_LOG", "info,dataplane=debug")
+            .env(
+                "RUST_LOG",
+                std::env::var("TRIMTAB_TEST_LOG").unwrap_or_else(|_| "info,dataplane=debug".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

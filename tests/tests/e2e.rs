@@ -220,7 +220,7 @@ async fn idle_timeout_closes_with_1001_in_zero_copy() {
     idle_timeout_in("zero_copy").await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_timeout_closes_with_1001_in_frame_aware() {
     idle_timeout_in("frame_aware").await;
 }
@@ -255,11 +255,13 @@ async fn idle_timeout_in(mode: &str) {
             t.elapsed() >= Duration::from_secs(29),
             "{mode}: closed too early"
         );
-        let line = eventually(Duration::from_secs(8), || async {
+        // Reading on sends the client's close reply, as real clients do.
+        while ws.next().await.is_some() {}
+        let line = eventually(Duration::from_secs(5), || async {
             dp.closed_connections().into_iter().next()
         })
         .await
-        .expect("profile line");
+        .unwrap_or_else(|| panic!("{mode}: no profile line:\n{}", dp.log_text()));
         assert_eq!(line["closed_by"], "proxy", "{mode}");
         assert_eq!(line["close_code"], 1001, "{mode}");
     }

@@ -248,6 +248,7 @@ where
             // tungstenite answers pings itself; the proxy does not forward them.
             Message::Ping(_) | Message::Frame(_) => {}
             Message::Close(frame) => {
+                tracing::debug!(?leg, ?frame, "close frame received");
                 let (code, reason) = frame.as_ref().map_or((1005, String::new()), |f| {
                     (u16::from(f.code), f.reason.to_string())
                 });

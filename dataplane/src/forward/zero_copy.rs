@@ -192,7 +192,12 @@ async fn pump(
                         }
                         match src.try_read(&mut scratch) {
                             Ok(0) => return,
-                            Ok(n) => dir.stats.on_read(n),
+                            // The peer's close reply ends the handshake: no need to wait on.
+                            Ok(n) => {
+                                if track(dir, &scratch[..n], Instant::now()) {
+                                    return;
+                                }
+                            }
                             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                             Err(_) => return,
                         }
