@@ -479,11 +479,6 @@ impl RawConfig {
             for p in settings.problems() {
                 e.push(format!("{key}.settings.{p}"));
             }
-            if settings.compression && settings.mode == tuning::Mode::FrameAware {
-                e.push(format!(
-                    "{key}.settings.compression = true: permessage-deflate is not implemented in this data plane yet"
-                ));
-            }
             let raw_routes = if s.routes.is_empty() {
                 vec![RawRoute {
                     host: None,

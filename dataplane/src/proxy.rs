@@ -421,9 +421,22 @@ impl Proxy {
             hour_of_week: tuning::context::hour_of_week(started_at.timestamp()),
             client_key: Some(conn.peer.ip().to_string()),
         };
-        let decision = applicable(self.source.decide(&ctx, &service));
-        let settings = decision.settings;
-        let frame_aware = is_ws && settings.mode == Mode::FrameAware;
+        let mut decision = applicable(self.source.decide(&ctx, &service));
+        let frame_aware = is_ws && decision.settings.mode == Mode::FrameAware;
+        // permessage-deflate toward the client, when decided and the client offers it. The
+        // profile records what was applied: compression off when the client offered nothing
+        // acceptable.
+        let deflate = if frame_aware && decision.settings.compression {
+            crate::deflate::negotiate(
+                req.headers()
+                    .get_all(header::SEC_WEBSOCKET_EXTENSIONS)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok()),
+            )
+        } else {
+            None
+        };
+        decision.settings.compression = deflate.is_some();
 
         // Upstream: connect, send the upgrade request, read its answer.
         let upstream = self.pick_upstream(&service).to_string();
@@ -560,6 +573,12 @@ impl Proxy {
                 HeaderValue::from_str(&derive_accept_key(k)).expect("base64"),
             );
         }
+        let deflate = deflate.map(|(params, response)| {
+            if let Ok(v) = HeaderValue::from_str(&response) {
+                client_headers.insert(header::SEC_WEBSOCKET_EXTENSIONS, v);
+            }
+            params
+        });
         timings.upgrade_us = Some(t0.elapsed().as_micros() as u64);
         let up_on = hyper::upgrade::on(&mut resp);
         let client_on = hyper::upgrade::on(&mut req);
@@ -590,6 +609,7 @@ impl Proxy {
                     c.read_buf,
                     u.io.into_inner(),
                     u.read_buf,
+                    deflate,
                     ctx,
                     decision,
                     timings,
@@ -615,6 +635,7 @@ impl Proxy {
         client_head: Bytes,
         upstream: TcpStream,
         upstream_head: Bytes,
+        deflate: Option<crate::deflate::DeflateParams>,
         ctx: ConnectionContext,
         decision: Decision,
         timings: Timings,
@@ -634,7 +655,22 @@ impl Proxy {
         let slot = tuning::hash::unit(tuning::hash::stable_hash(&[id.as_bytes()]));
         let drain_delay = limits.drain_timeout.mul_f64(0.5 * slot);
         let is_ws = ctx.protocol == Protocol::Websocket;
-        let out: Outcome = if is_ws && settings.mode == Mode::FrameAware {
+        let out: Outcome = if let Some(params) = deflate {
+            let client =
+                crate::deflate::DeflateStream::new(client, params, fl.max_message_bytes, 6)
+                    .with_prefix(&client_head);
+            forward::frame_aware::run(
+                client,
+                Vec::new(),
+                upstream,
+                upstream_head.to_vec(),
+                &settings,
+                fl,
+                self.shutdown.clone(),
+                drain_delay,
+            )
+            .await
+        } else if is_ws && settings.mode == Mode::FrameAware {
             forward::frame_aware::run(
                 client,
                 client_head.to_vec(),

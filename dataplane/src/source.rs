@@ -5,7 +5,7 @@
 //! here. [`ProfileSink`] takes a finished connection's profile without blocking; the
 //! PostgreSQL writer plugs in there.
 
-use tuning::{ConnectionContext, Decision, Profile, Reason, Settings};
+use tuning::{ConnectionContext, Decision, Profile, Reason};
 
 use crate::config::Service;
 use crate::telemetry::METRICS;
@@ -26,23 +26,17 @@ impl SettingsSource for StaticSettings {
     }
 }
 
-/// Bring a decision's settings onto the grid and within what this data plane can do
-/// (permessage-deflate is not implemented yet, so compression is turned off), counting every
-/// change.
+/// Bring a decision's settings onto the grid and the constraints, counting every change.
 pub fn applicable(mut d: Decision) -> Decision {
-    let (mut s, clamps) = d.settings.clamp();
-    let mut changed = clamps.len();
-    if s.compression {
-        s.compression = false;
-        changed += 1;
-    }
+    let (s, clamps) = d.settings.clamp();
+    let changed = clamps.len();
     if changed > 0 {
         METRICS
             .settings_clamped
             .fetch_add(changed as u64, std::sync::atomic::Ordering::Relaxed);
         tracing::debug!(?clamps, "settings clamped");
     }
-    d.settings = Settings { ..s };
+    d.settings = s;
     d
 }
 
@@ -70,6 +64,7 @@ pub fn log_profile(p: &Profile) {
         route = %p.context.route,
         protocol = p.context.protocol.as_str(),
         mode = p.decision.settings.mode.as_str(),
+        compression = p.decision.settings.compression,
         reason = p.decision.reason.as_str(),
         duration_ms = p.duration_us / 1000,
         c2u_messages = p.client_to_upstream.messages,

@@ -32,13 +32,16 @@ def verdict(r):
 
 async def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--direct", required=True)
+    p.add_argument("--direct")
     p.add_argument("--through", action="append", default=[], metavar="NAME=ADDR")
+    p.add_argument("--compressed", action="append", default=[], metavar="NAME=ADDR",
+                   help="a listener with permessage-deflate on: every case must pass there "
+                        "(the echo upstream itself has no compression to compare with)")
     p.add_argument("--cases", required=True, help="comma-separated case ids or globs")
     p.add_argument("--parallel", type=int, default=8)
     a = p.parse_args()
     cases = [c for c in a.cases.split(",") if c]
-    direct, secs = await run(a.direct, cases, a.parallel)
+    direct, secs = await run(a.direct, cases, a.parallel) if a.direct else ({}, 0.0)
     passing = {cid for cid, r in direct.items() if r.passed}
     print(f"{'target':<14} {'cases':>5} {'passed':>6}  seconds  verdicts")
     counts = collections.Counter(verdict(r) for r in direct.values())
@@ -57,6 +60,16 @@ async def main():
                 v = verdict(r) if r else ("missing", "")
                 print(f"  {name}: case {cid} is {v} through trimtab, {verdict(direct[cid])} directly"
                       f" (received {r.received if r else None})")
+    for t in a.compressed:
+        name, addr = t.split("=", 1)
+        got, secs = await run(addr, cases, a.parallel)
+        counts = collections.Counter(verdict(r) for r in got.values())
+        npass = sum(1 for r in got.values() if r.passed)
+        print(f"{name:<14} {len(got):>5} {npass:>6}  {secs:7.1f}  {dict(counts)}")
+        for cid, r in sorted(got.items()):
+            if not r.passed:
+                ok = False
+                print(f"  {name}: case {cid} is {verdict(r)} (received {r.received})")
     sys.exit(0 if ok else 1)
 
 

@@ -695,9 +695,14 @@ async fn autobahn_cases_pass_through_both_modes_as_they_do_directly() {
     };
     let cases = std::env::var("TRIMTAB_AUTOBAHN_CASES")
         .unwrap_or_else(|_| "1.*,2.*,3.*,4.*,5.*,6.*,7.*,9.*,10.*".into());
+    // Sections 12-13 (permessage-deflate): a subset here, all of them in ./dev conformance.
+    let compression_cases = std::env::var("TRIMTAB_AUTOBAHN_DEFLATE_CASES").unwrap_or_else(|_| {
+        "12.1.1,12.1.2,12.1.3,12.2.1,12.3.1,12.4.1,12.5.1,13.1.1,13.2.1,13.3.1,13.4.1,13.5.1,13.6.1,13.7.1".into()
+    });
     let echo = spawn_echo().await;
     let zc = DataPlaneProc::start(&config(echo, "zero_copy", "", ""));
     let fa = DataPlaneProc::start(&config(echo, "frame_aware", "", ""));
+    let fz = DataPlaneProc::start(&config(echo, "frame_aware", ", compression = true", ""));
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/conformance/autobahn.py");
     let out = tokio::process::Command::new(&py)
         .arg(script)
@@ -720,4 +725,73 @@ async fn autobahn_cases_pass_through_both_modes_as_they_do_directly() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("direct"), "{stdout}");
+    let out = tokio::process::Command::new(&py)
+        .arg(script)
+        .arg("--compressed")
+        .arg(format!("frame_aware+deflate={}", fz.proxy))
+        .arg("--cases")
+        .arg(&compression_cases)
+        .output()
+        .await
+        .expect("run the Autobahn compression cases");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn compression_toward_the_client_works_with_an_uncompressed_upstream() {
+    let Some(py) = std::env::var_os("TRIMTAB_PYTHON") else {
+        panic!("TRIMTAB_PYTHON is not set: run the suite with ./dev test");
+    };
+    let echo = spawn_echo().await;
+    let dp = DataPlaneProc::start(&config(echo, "frame_aware", ", compression = true", ""));
+    // Python's websockets offers permessage-deflate by default.
+    let script = format!(
+        r#"
+import asyncio, websockets
+async def main():
+    async with websockets.connect("ws://{}/z") as c:
+        ext = c.response.headers.get("Sec-WebSocket-Extensions", "")
+        assert ext.startswith("permessage-deflate"), ext
+        text = "chat message with a lot of repetition " * 2000
+        for i in range(10):
+            await c.send(f"{{i}} {{text}}")
+            assert await c.recv() == f"{{i}} {{text}}"
+        await c.send(b"\x01" * 70000)
+        assert await c.recv() == b"\x01" * 70000
+    async with websockets.connect("ws://{}/plain", compression=None) as c:
+        assert "Sec-WebSocket-Extensions" not in c.response.headers
+        await c.send("no compression offered")
+        assert await c.recv() == "no compression offered"
+    print("ok")
+asyncio.run(main())
+"#,
+        dp.proxy, dp.proxy
+    );
+    let out = tokio::process::Command::new(&py)
+        .arg("-c")
+        .arg(&script)
+        .output()
+        .await
+        .expect("run python");
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "ok",
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The profile records what was applied: compression on for the first, off for the second.
+    let lines = eventually(Duration::from_secs(5), || async {
+        let l = dp.closed_connections();
+        (l.len() >= 2).then_some(l)
+    })
+    .await
+    .expect("two profile lines");
+    assert_eq!(lines[0]["compression"], true, "{lines:?}");
+    assert_eq!(lines[1]["compression"], false, "{lines:?}");
 }
