@@ -648,6 +648,57 @@ async fn maintenance(db: &mut Db, retention: Option<Duration>) {
     }
 }
 
+/// A representative profile (a WebSocket that exchanged a few messages), for benchmarks.
+pub fn sample_profile() -> Profile {
+    use tuning::*;
+    let mut dir = DirectionStats {
+        bytes: 12_000,
+        messages: 40,
+        ..DirectionStats::default()
+    };
+    for _ in 0..40 {
+        dir.msg_sizes.record(300);
+        dir.read_sizes.record(300);
+        dir.gaps_ms.record(250);
+    }
+    Profile {
+        connection_id: uuid::Uuid::new_v4(),
+        dataplane_id: "bench".into(),
+        started_at: chrono::Utc::now(),
+        duration_us: 10_000_000,
+        context: ConnectionContext {
+            service: "chat".into(),
+            route: "/ws".into(),
+            protocol: Protocol::Websocket,
+            subprotocol: Some("chat.v1".into()),
+            offers_deflate: true,
+            client_class: ClientClass::Browser,
+            client_region: "eu".into(),
+            hour_of_week: 42,
+            client_key: Some("10.1.2.3".into()),
+        },
+        decision: Decision::fixed(Settings::default(), Reason::Default),
+        timings: Timings {
+            dns_us: Some(5),
+            connect_us: Some(80),
+            tls_us: None,
+            upgrade_us: Some(400),
+        },
+        client_to_upstream: dir,
+        upstream_to_client: dir,
+        ping_client: PingStats::default(),
+        ping_upstream: PingStats::default(),
+        paused_ms: 0,
+        peak_buffered_bytes: 600,
+        closed_by: ClosedBy::Client,
+        close_code: Some(1000),
+        close_reason: Some("bye".into()),
+        error_class: None,
+        dead_peer: false,
+        idle_timeout_fired: false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,4 +3,5 @@
 //! the same upstreams for `./dev up`.
 
 pub mod harness;
+pub mod load;
 pub mod upstream;

@@ -1,0 +1,242 @@
+//! `trimtab-bench <benchmark>`: benchmarks that print their figures beside a baseline measured in
+//! the same run. `./dev bench <benchmark>` builds in release and runs them.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use trimtab_tests::harness::DataPlaneProc;
+use trimtab_tests::load::{latency, median, within, ws_churn, ws_round_trips};
+use trimtab_tests::upstream::spawn_echo;
+
+#[derive(Debug, Parser)]
+struct Args {
+    #[command(subcommand)]
+    bench: Bench,
+}
+
+#[derive(Debug, Subcommand)]
+enum Bench {
+    /// Profile rows/s into PostgreSQL (COPY writer vs row-by-row INSERT), and data-plane
+    /// connection rate and latency with profiling on vs off vs direct.
+    Profiles {
+        /// Repetitions; medians are printed.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Synthetic profiles per writer run.
+        #[arg(long, default_value_t = 100_000)]
+        rows: usize,
+        /// Short connections per churn run.
+        #[arg(long, default_value_t = 2_000)]
+        conns: usize,
+    },
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    match args.bench {
+        Bench::Profiles { runs, rows, conns } => profiles(runs, rows, conns).await,
+    }
+}
+
+async fn fresh_database() -> anyhow::Result<(String, sqlx::PgPool)> {
+    let base = std::env::var("DATABASE_URL").context("DATABASE_URL (./dev sets it)")?;
+    let admin = sqlx::PgPool::connect(&base).await?;
+    let name = format!("trimtab_bench_{}", std::process::id());
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "drop database if exists {name}"
+    )))
+    .execute(&admin)
+    .await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("create database {name}")))
+        .execute(&admin)
+        .await?;
+    let (prefix, _) = base
+        .rsplit_once('/')
+        .context("DATABASE_URL has no database")?;
+    let url = format!("{prefix}/{name}");
+    let pool = sqlx::PgPool::connect(&url).await?;
+    sqlx::migrate!("../migrations").run(&pool).await?;
+    Ok((url, pool))
+}
+
+async fn profiles(runs: usize, rows: usize, conns: usize) -> anyhow::Result<()> {
+    let (url, pool) = fresh_database().await?;
+    println!("== profile writer: rows/s into PostgreSQL ({rows} rows per run, {runs} runs)");
+    let mut copy_rates = Vec::new();
+    let mut insert_rates = Vec::new();
+    for run in 0..runs {
+        sqlx::query("truncate profiles").execute(&pool).await?;
+        let spool = trimtab_tests::harness::scratch_dir("bench-spool");
+        let cfg = dataplane::profiles::WriterConfig {
+            database_url: url.clone(),
+            spool_dir: spool,
+            spool_max_bytes: 1 << 30,
+            queue_capacity: rows + 1,
+            batch_rows: 1000,
+            batch_interval: Duration::from_millis(100),
+            write_timeout: Duration::from_secs(30),
+            retention: None,
+        };
+        let written0 = dataplane::profiles::WRITER
+            .rows_written
+            .load(Ordering::Relaxed);
+        let (sink, writer) = dataplane::profiles::start(cfg)?;
+        let sample = dataplane::profiles::sample_profile();
+        let t = Instant::now();
+        for _ in 0..rows {
+            let mut p = sample.clone();
+            p.connection_id = uuid_v4();
+            dataplane::source::ProfileSink::emit(&*sink, p);
+        }
+        within(Duration::from_secs(300), async {
+            while dataplane::profiles::WRITER
+                .rows_written
+                .load(Ordering::Relaxed)
+                - written0
+                < rows as u64
+            {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await?;
+        let secs = t.elapsed().as_secs_f64();
+        writer.finish(Duration::from_secs(5)).await;
+        copy_rates.push(rows as f64 / secs);
+        // Baseline in the same run: one INSERT per row, one connection.
+        let n = (rows / 10).max(100);
+        let t = Instant::now();
+        for _ in 0..n {
+            sqlx::query(
+                "insert into profiles (connection_id, dataplane_id, started_at, ended_at, duration_us, service, route,
+                   protocol, offers_deflate, client_class, client_region, hour_of_week, buffer_size, ping_interval_s,
+                   idle_timeout_s, compression, mode, reason, cohort, propensity, c2u_msg_size_hist, c2u_read_size_hist,
+                   c2u_gap_ms_hist, u2c_msg_size_hist, u2c_read_size_hist, u2c_gap_ms_hist, closed_by)
+                 values ($1, 'bench', now(), now(), 1, 's', '/r', 'websocket', false, 'other', 'unknown', 0, 16384, 30,
+                   300, false, 'zero_copy', 'default', 'none', 1, '{}', '{}', '{}', '{}', '{}', '{}', 'client')",
+            )
+            .bind(uuid_v4())
+            .execute(&pool)
+            .await?;
+        }
+        insert_rates.push(n as f64 / t.elapsed().as_secs_f64());
+        eprintln!(
+            "  run {}: COPY writer {:.0} rows/s, INSERT per row {:.0} rows/s",
+            run + 1,
+            copy_rates[run],
+            insert_rates[run]
+        );
+    }
+    let (c, i) = (median(copy_rates), median(insert_rates));
+    println!("{:<34} {:>12} {:>8}", "", "rows/s", "ratio");
+    println!(
+        "{:<34} {:>12.0} {:>8}",
+        "INSERT per row (baseline)", i, "1.00x"
+    );
+    println!(
+        "{:<34} {:>12.0} {:>7.2}x",
+        "trimtab profile writer (COPY)",
+        c,
+        c / i
+    );
+
+    println!();
+    println!(
+        "== data plane with profiling on vs off ({conns} short WebSocket connections per run; 64 B round trips on 10 connections)"
+    );
+    let echo = spawn_echo().await;
+    // The data planes skip the per-connection log line here, so only the profile path differs.
+    // SAFETY: set before any other thread reads the environment of this process.
+    unsafe {
+        std::env::set_var(
+            "TRIMTAB_TEST_LOG",
+            "warn,dataplane=info,dataplane::source=warn",
+        )
+    };
+    let spool = trimtab_tests::harness::scratch_dir("bench-spool-dp");
+    let on = DataPlaneProc::start(&dp_config(echo, Some((&url, &spool))));
+    let off = DataPlaneProc::start(&dp_config(echo, None));
+    let targets: [(&str, SocketAddr); 3] = [
+        ("direct (no proxy)", echo),
+        ("trimtab, profiling off", off.proxy),
+        ("trimtab, profiling on", on.proxy),
+    ];
+    let mut churn: Vec<Vec<f64>> = vec![Vec::new(); 3];
+    let mut p50: Vec<Vec<f64>> = vec![Vec::new(); 3];
+    for run in 0..runs {
+        for (i, (_, addr)) in targets.iter().enumerate() {
+            let rate = within(Duration::from_secs(120), ws_churn(*addr, conns, 16)).await??;
+            let rtt =
+                within(Duration::from_secs(120), ws_round_trips(*addr, 10, 500, 64)).await??;
+            let l = latency(rtt);
+            churn[i].push(rate);
+            p50[i].push(l.p50.as_secs_f64() * 1e6);
+        }
+        eprintln!("  run {} done", run + 1);
+    }
+    // Every connection through the profiling data plane becomes a row (churn + round-trip ones).
+    let expected = (runs * (conns.div_ceil(16) * 16 + 10)) as i64;
+    let t = Instant::now();
+    let mut stored = 0i64;
+    while t.elapsed() < Duration::from_secs(30) {
+        stored =
+            sqlx::query_scalar("select count(*) from profiles where dataplane_id = 'bench-on'")
+                .fetch_one(&pool)
+                .await?;
+        if stored >= expected {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let base_rate = median(churn[0].clone());
+    let base_p50 = median(p50[0].clone());
+    println!(
+        "{:<26} {:>14} {:>8} {:>14} {:>8}",
+        "", "connections/s", "ratio", "RTT p50 (µs)", "ratio"
+    );
+    for (i, (name, _)) in targets.iter().enumerate() {
+        let r = median(churn[i].clone());
+        let l = median(p50[i].clone());
+        println!(
+            "{:<26} {:>14.0} {:>7.2}x {:>14.0} {:>7.2}x",
+            name,
+            r,
+            r / base_rate,
+            l,
+            l / base_p50
+        );
+    }
+    println!("profile rows stored by the profiling data plane: {stored} of {expected} connections");
+    Ok(())
+}
+
+fn dp_config(echo: SocketAddr, profiles: Option<(&str, &std::path::Path)>) -> String {
+    let (id, section) = match profiles {
+        Some((url, spool)) => (
+            "bench-on",
+            format!(
+                "[profiles]\ndatabase_url = \"{url}\"\nspool_dir = \"{}\"\n",
+                spool.display()
+            ),
+        ),
+        None => ("bench-off", String::new()),
+    };
+    format!(
+        r#"
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+dataplane_id = "{id}"
+{section}
+[services.echo]
+upstreams = ["{echo}"]
+routes = [{{ path_prefix = "/" }}]
+"#
+    )
+}
+
+fn uuid_v4() -> uuid::Uuid {
+    uuid::Uuid::new_v4()
+}
