@@ -16,6 +16,7 @@ pub mod profiles;
 pub mod proxy;
 pub mod routing;
 pub mod server;
+pub mod sniff;
 pub mod source;
 pub mod stats;
 pub mod telemetry;

@@ -72,6 +72,8 @@ pub struct ConnInfo {
     pub accepted: Instant,
     /// Held while any part of this connection (including an upgraded tunnel) lives.
     pub guard: Arc<dyn std::any::Any + Send + Sync>,
+    /// Per-request smuggling marks from the framing watcher under hyper.
+    pub marks: crate::sniff::Marks,
 }
 
 /// Resolve (timed as DNS) and connect (timed as connect) to `host:port`, trying each address.
@@ -225,6 +227,10 @@ impl Proxy {
         conn: ConnInfo,
     ) -> Result<Response<RespBody>, Infallible> {
         let t0 = Instant::now();
+        if conn.marks.next_request_is_smuggling() {
+            tracing::info!(side = "client", peer = %conn.peer, "request with Content-Length and Transfer-Encoding refused");
+            return Ok(bad_request(&BadRequest::LengthAndChunked.to_string()));
+        }
         if let Err(e) = headers::check_request(req.headers(), &self.via_token) {
             return Ok(match e {
                 BadRequest::Loop => full(StatusCode::LOOP_DETECTED, &e.to_string()),
@@ -597,7 +603,7 @@ impl Proxy {
                 }
             };
             let (Ok(c), Ok(u)) = (
-                c.downcast::<TokioIo<TcpStream>>(),
+                c.downcast::<TokioIo<crate::sniff::Sniff<TcpStream>>>(),
                 u.downcast::<TokioIo<TcpStream>>(),
             ) else {
                 tracing::error!("upgraded connection is not a TCP stream");
@@ -605,7 +611,7 @@ impl Proxy {
             };
             proxy
                 .tunnel(
-                    c.io.into_inner(),
+                    c.io.into_inner().into_inner(),
                     c.read_buf,
                     u.io.into_inner(),
                     u.read_buf,

@@ -164,10 +164,12 @@ async fn serve_connection(
 ) {
     let limits = proxy.routes().config.limits;
     let mut shutdown = proxy.shutdown.clone();
+    let (stream, marks) = crate::sniff::Sniff::new(stream);
     let info = ConnInfo {
         peer,
         accepted: Instant::now(),
         guard,
+        marks,
     };
     let svc_proxy = proxy.clone();
     let service = service_fn(move |req: Request<Incoming>| {

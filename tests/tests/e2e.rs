@@ -339,6 +339,8 @@ async fn http_smuggling_shapes_are_refused_with_400_and_not_forwarded() {
     let echo = spawn_echo().await;
     let dp = DataPlaneProc::start(&config(echo, "zero_copy", "", ""));
     for raw in [
+        "POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        "POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n",
         "POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
         "POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
     ] {
@@ -349,6 +351,16 @@ async fn http_smuggling_shapes_are_refused_with_400_and_not_forwarded() {
         );
         assert!(!resp.contains("x-echo-method"), "forwarded: {resp}");
     }
+    // Pipelined behind a good request: the good one is answered, the bad one refused.
+    let resp = http_get(
+        dp.proxy,
+        "GET /ok HTTP/1.1\r\nHost: a\r\n\r\nPOST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp:?}");
+    assert!(resp.contains("HTTP/1.1 400"), "{resp:?}");
+    assert_eq!(resp.matches("x-echo-method: GET").count(), 1, "{resp:?}");
+    assert!(!resp.contains("x-echo-method: POST"), "{resp:?}");
     let huge = format!(
         "GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n",
         "a".repeat(64 * 1024)
