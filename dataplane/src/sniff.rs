@@ -224,11 +224,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for Sniff<S> {
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = &r {
-            if !matches!(self.state, State::Done) {
-                let new = buf.filled()[before..].to_vec();
-                self.watch(&new);
-            }
+        if let Poll::Ready(Ok(())) = &r
+            && !matches!(self.state, State::Done)
+        {
+            self.watch(&buf.filled()[before..]);
         }
         r
     }
@@ -273,8 +272,7 @@ mod tests {
         for c in stream.chunks(chunk) {
             s.watch(c);
         }
-        let v = m.0.lock().unwrap().iter().copied().collect();
-        v
+        m.0.lock().unwrap().iter().copied().collect()
     }
 
     #[test]
