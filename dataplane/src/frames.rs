@@ -78,6 +78,35 @@ impl FrameTracker {
         self.at_frame_boundary() && !self.in_message
     }
 
+    /// Payload bytes left in the current data frame, when the next bytes are payload that may
+    /// be forwarded unseen (not a control frame: their payload is small and a close frame's is
+    /// read for its code).
+    pub fn opaque_payload_left(&self) -> Option<u64> {
+        match self.state {
+            State::Payload { remaining } if self.control.is_none() && !self.broken => {
+                Some(remaining)
+            }
+            _ => None,
+        }
+    }
+
+    /// Account for `n` payload bytes forwarded without being seen (splice). `n` must not exceed
+    /// [`Self::opaque_payload_left`].
+    pub fn skip_payload(&mut self, n: u64, on_event: impl FnMut(FrameEvent)) {
+        let mut on_event = on_event;
+        if let State::Payload { remaining } = self.state {
+            let n = n.min(remaining);
+            self.offset += n;
+            if remaining == n {
+                self.end_frame(&mut on_event);
+            } else {
+                self.state = State::Payload {
+                    remaining: remaining - n,
+                };
+            }
+        }
+    }
+
     /// The code and reason of the last close frame seen, if any (1005 "no status" for a close
     /// frame without a code, as RFC 6455 §7.1.5 reports it).
     pub fn close(&self) -> Option<(u16, &[u8])> {
@@ -285,6 +314,22 @@ mod tests {
         let (ev, t) = events(&s, 3);
         assert_eq!(ev, vec![FrameEvent::Close]);
         assert_eq!(t.close(), Some((4001, &b"bye now"[..])));
+    }
+
+    #[test]
+    fn skipped_payload_completes_messages() {
+        let f = frame(true, 2, &vec![3u8; 50_000], None);
+        let mut t = FrameTracker::default();
+        let mut ev = Vec::new();
+        t.feed(&f[..100], |e| ev.push(e));
+        let left = t.opaque_payload_left().unwrap();
+        assert_eq!(left, 50_000 - (100 - 4));
+        t.skip_payload(left - 10, |e| ev.push(e));
+        assert!(ev.is_empty());
+        t.feed(&f[f.len() - 10..], |e| ev.push(e));
+        assert_eq!(ev, vec![FrameEvent::Message(50_000)]);
+        assert!(t.at_message_boundary());
+        assert_eq!(t.opaque_payload_left(), None);
     }
 
     #[test]

@@ -9,7 +9,9 @@
 //! frame boundary with a real close frame (masked toward the upstream), so an idle timeout or a
 //! shutdown ends the connection the way RFC 6455 wants rather than with a reset.
 //!
-//! Not yet done: splice(2) through pooled pipes (the copy loop is what runs today).
+//! On Linux, large payloads (and opaque tunnels) move through splice(2) with pipes from a
+//! shared pool, held only while bytes are in flight and always drained before they go back;
+//! headers and small frames take the copy path, where two syscalls move many frames at once.
 
 use std::io;
 use std::net::Shutdown;
@@ -221,6 +223,53 @@ async fn pump(
         if let Err(e) = ready {
             return End::ReadError(e);
         }
+        #[cfg(target_os = "linux")]
+        if splice::enabled() {
+            // Large payloads (and opaque tunnels) move through a pooled pipe, never through
+            // user space; headers and small frames take the copy path below.
+            let left = match &dir.tracker {
+                Some(t) => t
+                    .opaque_payload_left()
+                    .filter(|l| *l >= splice::MIN_PAYLOAD),
+                None => Some(u64::MAX),
+            };
+            if let Some(left) = left {
+                let want = (buffer_size as u64).min(left) as usize;
+                match splice::forward(
+                    src,
+                    dst,
+                    want,
+                    buffer_size,
+                    limits.stall_timeout,
+                    &mut dir.paused,
+                )
+                .await
+                {
+                    splice::Step::Moved(n) => {
+                        touch();
+                        dir.stats.on_read(n);
+                        if let Some(t) = dir.tracker.as_mut() {
+                            let stats = &mut dir.stats;
+                            let now = Instant::now();
+                            t.skip_payload(n as u64, |e| {
+                                if let FrameEvent::Message(m) = e {
+                                    stats.on_message(m, now);
+                                }
+                            });
+                        }
+                        continue;
+                    }
+                    splice::Step::Empty => continue,
+                    splice::Step::Eof => {
+                        let _ = socket2::SockRef::from(dst).shutdown(Shutdown::Write);
+                        return End::Eof;
+                    }
+                    splice::Step::ReadError(e) => return End::ReadError(e),
+                    splice::Step::WriteError(e) => return write_end(e),
+                    splice::Step::Unsupported => {}
+                }
+            }
+        }
         let mut buf = BUFFERS.get(buffer_size);
         let n = match src.try_read(&mut buf[..buffer_size]) {
             Ok(0) => {
@@ -256,6 +305,180 @@ fn write_end(e: io::Error) -> End {
         End::Stalled
     } else {
         End::WriteError(e)
+    }
+}
+
+/// splice(2) through pooled pipes (Linux).
+#[cfg(target_os = "linux")]
+mod splice {
+    use std::io;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+
+    use tokio::io::Interest;
+    use tokio::net::TcpStream;
+
+    /// Payloads shorter than this take the copy path (two syscalls either way).
+    pub const MIN_PAYLOAD: u64 = 4096;
+
+    static DISABLED: AtomicBool = AtomicBool::new(false);
+
+    /// Whether splice is in use (turned off for the process if the kernel refuses it).
+    pub fn enabled() -> bool {
+        !DISABLED.load(Ordering::Relaxed)
+    }
+
+    /// A pipe: (read end, write end).
+    #[derive(Debug)]
+    struct Pipe(OwnedFd, OwnedFd);
+
+    /// Idle pipes by size class; a pipe is held by a connection only while bytes are in it.
+    static POOL: [Mutex<Vec<Pipe>>; 4] = [
+        Mutex::new(Vec::new()),
+        Mutex::new(Vec::new()),
+        Mutex::new(Vec::new()),
+        Mutex::new(Vec::new()),
+    ];
+    const KEEP: usize = 256;
+
+    fn class(size: usize) -> usize {
+        tuning::settings::BUFFER_SIZES
+            .iter()
+            .position(|s| *s as usize >= size)
+            .unwrap_or(3)
+    }
+
+    fn take(size: usize) -> io::Result<Pipe> {
+        if let Some(p) = POOL[class(size)].lock().expect("pipe pool").pop() {
+            return Ok(p);
+        }
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 writes two descriptors into the array on success.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: both descriptors were just created and are owned by nobody else.
+        let p = unsafe { Pipe(OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let want = tuning::settings::BUFFER_SIZES[class(size)] as libc::c_int;
+        // SAFETY: F_SETPIPE_SZ on a pipe we own; failure leaves the default size (64 KiB).
+        unsafe { libc::fcntl(p.1.as_raw_fd(), libc::F_SETPIPE_SZ, want) };
+        Ok(p)
+    }
+
+    fn give(size: usize, p: Pipe) {
+        let mut pool = POOL[class(size)].lock().expect("pipe pool");
+        if pool.len() < KEEP {
+            pool.push(p);
+        }
+    }
+
+    fn raw_splice(from: i32, to: i32, len: usize) -> io::Result<usize> {
+        // SAFETY: plain splice(2) between descriptors we hold, no offsets.
+        let n = unsafe {
+            libc::splice(
+                from,
+                std::ptr::null_mut(),
+                to,
+                std::ptr::null_mut(),
+                len,
+                libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+            )
+        };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+
+    /// What one splice step did.
+    #[derive(Debug)]
+    pub enum Step {
+        /// Bytes moved from source to destination.
+        Moved(usize),
+        /// The source had nothing after all (readiness cleared).
+        Empty,
+        /// The source finished.
+        Eof,
+        /// Reading the source failed.
+        ReadError(io::Error),
+        /// Writing the destination failed (or stalled: kind `TimedOut`).
+        WriteError(io::Error),
+        /// splice is not available here: use the copy path.
+        Unsupported,
+    }
+
+    /// Move up to `want` bytes from `src` to `dst` through a pooled pipe, draining the pipe
+    /// completely before returning it (a pipe with bytes in it is never pooled).
+    pub async fn forward(
+        src: &TcpStream,
+        dst: &TcpStream,
+        want: usize,
+        size: usize,
+        stall: Duration,
+        paused: &mut Duration,
+    ) -> Step {
+        let pipe = match take(size) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "no pipe for splice: copying instead");
+                return Step::Unsupported;
+            }
+        };
+        let (r, w) = (pipe.0.as_raw_fd(), pipe.1.as_raw_fd());
+        // The pipe is empty, so EAGAIN here can only mean the socket is.
+        let n = match src.try_io(Interest::READABLE, || raw_splice(src.as_raw_fd(), w, want)) {
+            Ok(0) => {
+                give(size, pipe);
+                return Step::Eof;
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                give(size, pipe);
+                return Step::Empty;
+            }
+            Err(e)
+                if e.raw_os_error() == Some(libc::EINVAL)
+                    || e.raw_os_error() == Some(libc::ENOSYS) =>
+            {
+                DISABLED.store(true, Ordering::Relaxed);
+                tracing::warn!(error = %e, "splice unsupported: copy loop from now on");
+                give(size, pipe);
+                return Step::Unsupported;
+            }
+            Err(e) => {
+                give(size, pipe);
+                return Step::ReadError(e);
+            }
+        };
+        let mut left = n;
+        while left > 0 {
+            match dst.try_io(Interest::WRITABLE, || raw_splice(r, dst.as_raw_fd(), left)) {
+                Ok(k) => left -= k,
+                // The pipe holds bytes, so EAGAIN means the socket is full: wait for it.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let t = Instant::now();
+                    let ready = tokio::time::timeout(stall, dst.writable()).await;
+                    *paused += t.elapsed();
+                    match ready {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => return Step::WriteError(e),
+                        Err(_) => {
+                            return Step::WriteError(io::Error::new(
+                                io::ErrorKind::TimedOut,
+                                "stalled",
+                            ));
+                        }
+                    }
+                }
+                // The pipe still holds bytes: it is dropped (closed), not pooled.
+                Err(e) => return Step::WriteError(e),
+            }
+        }
+        give(size, pipe);
+        Step::Moved(n)
     }
 }
 
