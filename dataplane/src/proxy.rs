@@ -265,7 +265,21 @@ impl Proxy {
         host: Option<String>,
     ) -> Response<RespBody> {
         let (mut parts, body) = req.into_parts();
+        // TE is hop-by-hop, but a client that accepts trailers gets them: the proxy forwards
+        // trailer fields, so it asks the upstream for them in its own name.
+        let wants_trailers = parts
+            .headers
+            .get_all(header::TE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
         headers::strip_hop_by_hop(&mut parts.headers);
+        if wants_trailers {
+            parts
+                .headers
+                .insert(header::TE, HeaderValue::from_static("trailers"));
+        }
         headers::add_forwarded(&mut parts.headers, conn.peer.ip(), "http", host.as_deref());
         headers::add_via(&mut parts.headers, &self.via_token);
         if !parts.headers.contains_key(header::HOST)

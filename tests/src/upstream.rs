@@ -186,6 +186,22 @@ async fn http(req: Request<Incoming>) -> Response<Body> {
             r.headers_mut().insert("x-hop", "1".parse().expect("hv"));
             r
         }
+        p if p.ends_with("/trailers") => {
+            // A chunked body followed by a trailer field.
+            let frames = vec![
+                Ok::<_, Infallible>(Frame::data(Bytes::from_static(b"body with trailers"))),
+                Ok(Frame::trailers({
+                    let mut t = http::HeaderMap::new();
+                    t.insert("x-checksum", "abc123".parse().expect("hv"));
+                    t
+                })),
+            ];
+            let mut r =
+                Response::new(StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync());
+            r.headers_mut()
+                .insert(header::TRAILER, "x-checksum".parse().expect("hv"));
+            r
+        }
         p if p.ends_with("/sse") => {
             // Three events, 200 ms apart: a buffering proxy would deliver them together.
             let stream = futures_util::stream::unfold(0u32, |i| async move {

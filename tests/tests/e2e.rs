@@ -310,7 +310,7 @@ async fn http_hop_by_hop_headers_are_stripped_and_forwarding_headers_added() {
         dp.proxy,
         "GET /headers HTTP/1.1\r\nHost: app.example\r\nConnection: close, X-Private\r\n\
          connection: x-other\r\nX-Private: secret\r\nX-OTHER: 2\r\nKeep-Alive: timeout=5\r\n\
-         TE: trailers\r\nX-Forwarded-For: 10.1.1.1\r\nX-Keep: yes\r\n\r\n",
+         TE: deflate\r\nX-Forwarded-For: 10.1.1.1\r\nX-Keep: yes\r\n\r\n",
     )
     .await;
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
@@ -418,6 +418,19 @@ async fn reqwest_metrics(admin: SocketAddr) -> String {
         "GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
     )
     .await
+}
+
+#[tokio::test]
+async fn http_response_trailers_reach_a_client_that_accepts_them() {
+    let echo = spawn_echo().await;
+    let dp = DataPlaneProc::start(&config(echo, "zero_copy", "", ""));
+    let resp = http_get(
+        dp.proxy,
+        "GET /trailers HTTP/1.1\r\nHost: a\r\nTE: trailers\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(resp.contains("body with trailers"), "{resp}");
+    assert!(resp.contains("\r\n0\r\nx-checksum: abc123\r\n"), "{resp}");
 }
 
 #[tokio::test]
@@ -806,4 +819,36 @@ asyncio.run(main())
     .expect("two profile lines");
     assert_eq!(lines[0]["compression"], true, "{lines:?}");
     assert_eq!(lines[1]["compression"], false, "{lines:?}");
+}
+
+#[tokio::test]
+async fn a_stalled_client_is_closed_after_the_stall_limit_and_counted() {
+    for mode in ["zero_copy", "frame_aware"] {
+        let echo = spawn_echo().await;
+        let dp = DataPlaneProc::start(&config(echo, mode, "", "[limits]\nstall_timeout = \"1s\""));
+        let (ws, _) = ws_connect(dp.proxy, "/stall", None).await;
+        let (mut tx, _rx) = ws.split();
+        // Send until the proxy gives up on us; we never read the echoes.
+        let sender = tokio::spawn(async move {
+            let msg = vec![7u8; 64 * 1024];
+            for _ in 0..2048 {
+                if tx.send(Message::binary(msg.clone())).await.is_err() {
+                    return true;
+                }
+            }
+            false
+        });
+        let line = eventually(Duration::from_secs(20), || async {
+            dp.closed_connections().into_iter().next()
+        })
+        .await
+        .unwrap_or_else(|| panic!("{mode}: no profile line\n{}", dp.log_text()));
+        assert_eq!(line["error"], "client_stalled", "{mode}: {line}");
+        assert_eq!(line["closed_by"], "proxy", "{mode}: {line}");
+        let counted =
+            trimtab_tests::harness::metric(dp.admin, "trimtab_dataplane_stalled_closes_total")
+                .await;
+        assert_eq!(counted, Some(1.0), "{mode}");
+        let _ = tokio::time::timeout(Duration::from_secs(10), sender).await;
+    }
 }
