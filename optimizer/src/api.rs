@@ -1,17 +1,23 @@
-//! The HTTP API. `router(state)` builds it; serving it is the caller's business, so tests call
-//! it directly with `oneshot`.
+//! The HTTP API. `router(state)` builds it; serving it is the caller's business, so most tests
+//! call it directly with `oneshot`.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use axum::extract::State;
-use axum::http::StatusCode;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use tuning::{ConnectionContext, Decision, Reason};
+use serde_json::json;
+use tuning::{BucketDecision, ConnectionContext, PartialSettings, Reason};
 
+use crate::auth::{self, Caller, Role, Token};
 use crate::config::Config;
+use crate::state::{self, OverrideRow};
 
 /// What every handler shares.
 #[derive(Debug, Clone)]
@@ -20,51 +26,214 @@ pub struct AppState {
     pub config: Arc<Config>,
     /// The database.
     pub db: sqlx::PgPool,
+    /// The decisions snapshot.
+    pub state: Arc<state::State>,
+    /// Resolved tokens.
+    pub tokens: Arc<Vec<Token>>,
+    /// Counters for `/metrics`.
+    pub metrics: Arc<Metrics>,
 }
+
+/// The optimizer's counters.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Decisions by reason (index of [`REASONS`]).
+    pub decisions: [AtomicU64; 6],
+}
+
+/// Reasons in metric order.
+pub const REASONS: [Reason; 6] = [
+    Reason::KillSwitch,
+    Reason::Override,
+    Reason::Canary,
+    Reason::Model,
+    Reason::Default,
+    Reason::Fallback,
+];
 
 /// API errors, mapped to a status and a short reason; database details never leak.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
+    /// No valid token.
+    #[error("unauthorized")]
+    Unauthorized,
+    /// A valid token without the role.
+    #[error("forbidden")]
+    Forbidden,
+    /// Input that does not validate; the message names the field.
+    #[error("{0}")]
+    Invalid(String),
+    /// Nothing with that id.
+    #[error("not found")]
+    NotFound,
     /// The database failed.
     #[error("database unavailable")]
     Database(#[from] sqlx::Error),
 }
 
-#[derive(Serialize)]
-struct ErrorBody {
-    error: String,
-}
-
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = match &self {
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden => StatusCode::FORBIDDEN,
+            ApiError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::Database(e) => {
                 tracing::error!(error = %e, "database error");
                 StatusCode::SERVICE_UNAVAILABLE
             }
         };
-        (
-            status,
-            Json(ErrorBody {
-                error: self.to_string(),
-            }),
-        )
-            .into_response()
+        let mut r = (status, Json(json!({ "error": self.to_string() }))).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, "Bearer".parse().expect("hv"));
+        }
+        r
     }
 }
+
+/// `Json` whose rejections are our 422 with the serde message (which names the field).
+#[derive(Debug)]
+pub struct Body<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for Body<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(Body(v)),
+            Err(JsonRejection::JsonDataError(e)) => Err(ApiError::Invalid(e.body_text())),
+            Err(e) => Err(ApiError::Invalid(e.body_text())),
+        }
+    }
+}
+
+fn require(s: &AppState, h: &HeaderMap, need: Role) -> Result<Caller, ApiError> {
+    auth::check(&s.tokens, s.config.allow_unauthenticated, h, need).map_err(|d| match d {
+        auth::Denied::Unauthenticated => ApiError::Unauthorized,
+        auth::Denied::Forbidden => ApiError::Forbidden,
+    })
+}
+
+/// Every route, for the router and the OpenAPI document alike.
+pub const ROUTES: &[(&str, &str, &str)] = &[
+    ("get", "/healthz", "Liveness."),
+    ("get", "/readyz", "Readiness: PostgreSQL answers."),
+    ("get", "/metrics", "Prometheus metrics."),
+    ("get", "/openapi.json", "This document."),
+    (
+        "post",
+        "/v1/decisions",
+        "Decide for one ConnectionContext or a list (reader).",
+    ),
+    ("get", "/v1/overrides", "List overrides in force (reader)."),
+    (
+        "put",
+        "/v1/overrides",
+        "Create or replace the override of a scope (admin).",
+    ),
+    (
+        "delete",
+        "/v1/overrides/{id}",
+        "Delete an override (admin).",
+    ),
+    ("get", "/v1/kill-switch", "Kill switch state (reader)."),
+    (
+        "post",
+        "/v1/kill-switch",
+        "Turn the kill switch on (admin).",
+    ),
+    (
+        "delete",
+        "/v1/kill-switch",
+        "Turn the kill switch off (admin).",
+    ),
+    ("get", "/v1/audit", "The audit log, newest first (reader)."),
+];
 
 /// The API's routes.
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi))
         .route("/v1/decisions", post(decisions))
+        .route("/v1/overrides", get(list_overrides))
+        .route("/v1/overrides", put(put_override))
+        .route("/v1/overrides/{id}", delete(delete_override))
+        .route("/v1/kill-switch", get(get_kill_switch))
+        .route("/v1/kill-switch", post(kill_switch_on))
+        .route("/v1/kill-switch", delete(kill_switch_off))
+        .route("/v1/audit", get(audit))
         .with_state(state)
 }
 
 async fn readyz(State(s): State<AppState>) -> Result<&'static str, ApiError> {
     sqlx::query("select 1").execute(&s.db).await?;
     Ok("ready\n")
+}
+
+async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
+    use std::fmt::Write as _;
+    let snap = s.state.get();
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# HELP trimtab_optimizer_decisions_total Decisions served, by reason.\n# TYPE trimtab_optimizer_decisions_total counter"
+    );
+    for (i, r) in REASONS.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "trimtab_optimizer_decisions_total{{reason=\"{}\"}} {}",
+            r.as_str(),
+            s.metrics.decisions[i].load(Ordering::Relaxed)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP trimtab_optimizer_overrides Overrides in force.\n# TYPE trimtab_optimizer_overrides gauge\ntrimtab_optimizer_overrides {}",
+        snap.overrides.len()
+    );
+    let _ = writeln!(
+        out,
+        "# HELP trimtab_optimizer_kill_switch 1 when the kill switch is on.\n# TYPE trimtab_optimizer_kill_switch gauge\ntrimtab_optimizer_kill_switch {}",
+        u8::from(snap.kill_switch)
+    );
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        out,
+    )
+}
+
+async fn openapi() -> Json<serde_json::Value> {
+    let mut paths = serde_json::Map::new();
+    for (method, path, summary) in ROUTES {
+        let entry = paths.entry(path.to_string()).or_insert_with(|| json!({}));
+        let mut op = json!({ "summary": summary, "responses": { "200": { "description": "OK" } } });
+        if path.starts_with("/v1/") {
+            op["security"] = json!([{ "bearer": [] }]);
+            op["responses"]["401"] = json!({ "description": "no valid token" });
+            op["responses"]["403"] = json!({ "description": "token lacks the role" });
+        }
+        if path.contains("{id}") {
+            op["parameters"] = json!([{ "name": "id", "in": "path", "required": true, "schema": { "type": "integer" } }]);
+        }
+        if *method == "put" || *method == "post" {
+            op["responses"]["422"] =
+                json!({ "description": "invalid input; the message names the field" });
+        }
+        entry[*method] = op;
+    }
+    Json(json!({
+        "openapi": "3.1.0",
+        "info": { "title": "trimtab optimizer", "version": env!("CARGO_PKG_VERSION") },
+        "components": { "securitySchemes": { "bearer": { "type": "http", "scheme": "bearer" } } },
+        "paths": paths,
+    }))
 }
 
 /// One context or a batch.
@@ -78,19 +247,591 @@ enum DecisionRequest {
 #[derive(Debug, Serialize)]
 #[serde(untagged)]
 enum DecisionResponse {
-    Batch(Vec<Decision>),
-    One(Decision),
+    Batch(Vec<BucketDecision>),
+    One(Box<BucketDecision>),
 }
 
 async fn decisions(
     State(s): State<AppState>,
-    Json(req): Json<DecisionRequest>,
-) -> Json<DecisionResponse> {
+    headers: HeaderMap,
+    Body(req): Body<DecisionRequest>,
+) -> Result<Json<DecisionResponse>, ApiError> {
+    require(&s, &headers, Role::Reader)?;
+    let snap = s.state.get();
     let decide = |c: &ConnectionContext| {
-        Decision::fixed(s.config.static_settings(&c.service), Reason::Default)
+        let d = state::decide(&s.config, &snap, c);
+        if let Some(i) = REASONS.iter().position(|r| *r == d.decision.reason) {
+            s.metrics.decisions[i].fetch_add(1, Ordering::Relaxed);
+        }
+        d
     };
-    Json(match req {
-        DecisionRequest::One(c) => DecisionResponse::One(decide(&c)),
-        DecisionRequest::Batch(cs) => DecisionResponse::Batch(cs.iter().map(decide).collect()),
-    })
+    Ok(Json(match req {
+        DecisionRequest::One(c) => DecisionResponse::One(Box::new(decide(&c))),
+        DecisionRequest::Batch(cs) => {
+            if cs.len() > 1000 {
+                return Err(ApiError::Invalid(
+                    "a batch holds at most 1000 contexts".into(),
+                ));
+            }
+            DecisionResponse::Batch(cs.iter().map(decide).collect())
+        }
+    }))
+}
+
+async fn audit_entry(
+    db: &sqlx::PgPool,
+    actor: &str,
+    action: &str,
+    target: &str,
+    old: Option<serde_json::Value>,
+    new: Option<serde_json::Value>,
+    comment: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "insert into audit_log (actor, action, target, old_value, new_value, comment) values ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(actor)
+    .bind(action)
+    .bind(target)
+    .bind(old)
+    .bind(new)
+    .bind(comment)
+    .execute(db)
+    .await
+    .map(|_| ())
+}
+
+#[derive(Debug, Deserialize)]
+struct ListQuery {
+    #[serde(default)]
+    service: Option<String>,
+}
+
+async fn list_overrides(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<Vec<OverrideRow>>, ApiError> {
+    require(&s, &headers, Role::Reader)?;
+    let rows: Vec<OverrideRow> = sqlx::query_as(
+        "select id, service, route, client_key, settings, expires_at, comment, created_by, created_at, updated_at
+           from overrides where (expires_at is null or expires_at > now()) and ($1::text is null or service = $1)
+          order by service, id",
+    )
+    .bind(q.service)
+    .fetch_all(&s.db)
+    .await?;
+    Ok(Json(rows))
+}
+
+/// A new override.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OverrideInput {
+    service: String,
+    #[serde(default)]
+    route: Option<String>,
+    #[serde(default)]
+    client_key: Option<String>,
+    settings: PartialSettings,
+    #[serde(default)]
+    expires_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    comment: String,
+}
+
+async fn put_override(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Body(input): Body<OverrideInput>,
+) -> Result<(StatusCode, Json<OverrideRow>), ApiError> {
+    let caller = require(&s, &headers, Role::Admin)?;
+    if input.service.trim().is_empty() {
+        return Err(ApiError::Invalid("service must not be empty".into()));
+    }
+    if input.settings.is_empty() {
+        return Err(ApiError::Invalid(
+            "settings must name at least one field".into(),
+        ));
+    }
+    input
+        .settings
+        .validate()
+        .map_err(|e| ApiError::Invalid(format!("settings.{e}")))?;
+    // The override must also make sense on top of the service's static settings.
+    let combined = s
+        .config
+        .static_settings(&input.service)
+        .with(&input.settings);
+    if let Err(e) = combined.validate() {
+        return Err(ApiError::Invalid(format!("settings.{e}")));
+    }
+    if input.expires_at.is_some_and(|t| t <= Utc::now()) {
+        return Err(ApiError::Invalid("expires_at is in the past".into()));
+    }
+    let mut tx = s.db.begin().await?;
+    let old: Option<OverrideRow> = sqlx::query_as(
+        "select id, service, route, client_key, settings, expires_at, comment, created_by, created_at, updated_at
+           from overrides where service = $1 and coalesce(route, '') = coalesce($2, '') and coalesce(client_key, '') = coalesce($3, '')
+           for update",
+    )
+    .bind(&input.service)
+    .bind(&input.route)
+    .bind(&input.client_key)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let row: OverrideRow = sqlx::query_as(
+        "insert into overrides (service, route, client_key, settings, expires_at, comment, created_by)
+         values ($1, $2, $3, $4, $5, $6, $7)
+         on conflict (service, coalesce(route, ''), coalesce(client_key, ''))
+         do update set settings = excluded.settings, expires_at = excluded.expires_at,
+                       comment = excluded.comment, created_by = excluded.created_by, updated_at = now()
+         returning id, service, route, client_key, settings, expires_at, comment, created_by, created_at, updated_at",
+    )
+    .bind(&input.service)
+    .bind(&input.route)
+    .bind(&input.client_key)
+    .bind(sqlx::types::Json(&input.settings))
+    .bind(input.expires_at)
+    .bind(&input.comment)
+    .bind(&caller.name)
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    audit_entry(
+        &s.db,
+        &caller.name,
+        "override.put",
+        &format!("override/{}", row.id),
+        old.as_ref().map(|o| json!(o)),
+        Some(json!(row)),
+        &input.comment,
+    )
+    .await?;
+    state::notify(&s.db, "overrides").await?;
+    let _ = s.state.reload(&s.db).await;
+    let status = if old.is_some() {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((status, Json(row)))
+}
+
+#[derive(Debug, Deserialize, Default)]
+struct CommentQuery {
+    #[serde(default)]
+    comment: Option<String>,
+}
+
+async fn delete_override(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<i64>,
+    Query(q): Query<CommentQuery>,
+) -> Result<StatusCode, ApiError> {
+    let caller = require(&s, &headers, Role::Admin)?;
+    let old: Option<OverrideRow> = sqlx::query_as(
+        "delete from overrides where id = $1
+         returning id, service, route, client_key, settings, expires_at, comment, created_by, created_at, updated_at",
+    )
+    .bind(id)
+    .fetch_optional(&s.db)
+    .await?;
+    let old = old.ok_or(ApiError::NotFound)?;
+    audit_entry(
+        &s.db,
+        &caller.name,
+        "override.delete",
+        &format!("override/{id}"),
+        Some(json!(old)),
+        None,
+        q.comment.as_deref().unwrap_or(""),
+    )
+    .await?;
+    state::notify(&s.db, "overrides").await?;
+    let _ = s.state.reload(&s.db).await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Serialize, sqlx::FromRow)]
+struct KillSwitch {
+    enabled: bool,
+    comment: String,
+    set_by: Option<String>,
+    set_at: Option<DateTime<Utc>>,
+}
+
+async fn get_kill_switch(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<KillSwitch>, ApiError> {
+    require(&s, &headers, Role::Reader)?;
+    let k: KillSwitch =
+        sqlx::query_as("select enabled, comment, set_by, set_at from kill_switch where id")
+            .fetch_one(&s.db)
+            .await?;
+    Ok(Json(k))
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct KillInput {
+    #[serde(default)]
+    comment: String,
+}
+
+async fn set_kill_switch(
+    s: &AppState,
+    caller: &Caller,
+    enabled: bool,
+    comment: &str,
+) -> Result<Json<KillSwitch>, ApiError> {
+    let old: KillSwitch =
+        sqlx::query_as("select enabled, comment, set_by, set_at from kill_switch where id")
+            .fetch_one(&s.db)
+            .await?;
+    let new: KillSwitch = sqlx::query_as(
+        "update kill_switch set enabled = $1, comment = $2, set_by = $3, set_at = now() where id
+         returning enabled, comment, set_by, set_at",
+    )
+    .bind(enabled)
+    .bind(comment)
+    .bind(&caller.name)
+    .fetch_one(&s.db)
+    .await?;
+    audit_entry(
+        &s.db,
+        &caller.name,
+        if enabled {
+            "kill_switch.on"
+        } else {
+            "kill_switch.off"
+        },
+        "kill_switch",
+        Some(json!(old)),
+        Some(json!(new)),
+        comment,
+    )
+    .await?;
+    state::notify(&s.db, "kill_switch").await?;
+    let _ = s.state.reload(&s.db).await;
+    Ok(Json(new))
+}
+
+async fn kill_switch_on(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Json<KillSwitch>, ApiError> {
+    let caller = require(&s, &headers, Role::Admin)?;
+    let comment = if body.is_empty() {
+        String::new()
+    } else {
+        serde_json::from_slice::<KillInput>(&body)
+            .map_err(|e| ApiError::Invalid(e.to_string()))?
+            .comment
+    };
+    set_kill_switch(&s, &caller, true, &comment).await
+}
+
+async fn kill_switch_off(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<CommentQuery>,
+) -> Result<Json<KillSwitch>, ApiError> {
+    let caller = require(&s, &headers, Role::Admin)?;
+    set_kill_switch(&s, &caller, false, q.comment.as_deref().unwrap_or("")).await
+}
+
+#[derive(Debug, Deserialize)]
+struct AuditQuery {
+    #[serde(default)]
+    limit: Option<i64>,
+}
+
+#[derive(Debug, Serialize, sqlx::FromRow)]
+struct AuditRow {
+    id: i64,
+    at: DateTime<Utc>,
+    actor: String,
+    action: String,
+    target: String,
+    old_value: Option<serde_json::Value>,
+    new_value: Option<serde_json::Value>,
+    comment: String,
+}
+
+async fn audit(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<AuditQuery>,
+) -> Result<Json<Vec<AuditRow>>, ApiError> {
+    require(&s, &headers, Role::Reader)?;
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let rows: Vec<AuditRow> = sqlx::query_as(
+        "select id, at, actor, action, target, old_value, new_value, comment from audit_log order by id desc limit $1",
+    )
+    .bind(limit)
+    .fetch_all(&s.db)
+    .await?;
+    Ok(Json(rows))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body as AxBody;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    const CONFIG: &str = r#"
+[services.chat]
+mode = "frame_aware"
+[[tokens]]
+name = "ops"
+role = "admin"
+token = "admin-token-1"
+[[tokens]]
+name = "dp"
+role = "reader"
+token = "reader-token-1"
+"#;
+
+    async fn app(db: sqlx::PgPool) -> AppState {
+        crate::app_state(Config::from_toml(CONFIG).unwrap(), db)
+            .await
+            .unwrap()
+    }
+
+    async fn call(
+        s: &AppState,
+        method: &str,
+        uri: &str,
+        token: Option<&str>,
+        body: Option<serde_json::Value>,
+    ) -> (StatusCode, serde_json::Value) {
+        let mut b = axum::http::Request::builder().method(method).uri(uri);
+        if let Some(t) = token {
+            b = b.header("authorization", format!("Bearer {t}"));
+        }
+        let req = match body {
+            Some(v) => b
+                .header("content-type", "application/json")
+                .body(AxBody::from(v.to_string()))
+                .unwrap(),
+            None => b.body(AxBody::empty()).unwrap(),
+        };
+        let resp = router(s.clone()).oneshot(req).await.unwrap();
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        let v = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| json!(String::from_utf8_lossy(&bytes)));
+        (status, v)
+    }
+
+    fn ctx(client: Option<&str>) -> serde_json::Value {
+        json!({"service": "chat", "route": "/ws", "protocol": "websocket", "client_class": "browser",
+               "client_region": "eu", "hour_of_week": 5, "client_key": client})
+    }
+
+    const A: Option<&str> = Some("admin-token-1");
+    const R: Option<&str> = Some("reader-token-1");
+
+    #[sqlx::test(migrations = "../migrations")]
+    async fn tokens_and_roles_are_enforced(db: sqlx::PgPool) {
+        let s = app(db).await;
+        let (st, _) = call(&s, "POST", "/v1/decisions", None, Some(ctx(None))).await;
+        assert_eq!(st, StatusCode::UNAUTHORIZED);
+        let (st, _) = call(
+            &s,
+            "POST",
+            "/v1/decisions",
+            Some("wrong-token-x"),
+            Some(ctx(None)),
+        )
+        .await;
+        assert_eq!(st, StatusCode::UNAUTHORIZED);
+        let (st, body) = call(&s, "POST", "/v1/kill-switch", R, None).await;
+        assert_eq!(st, StatusCode::FORBIDDEN);
+        assert_eq!(body, json!({"error": "forbidden"}));
+        let (st, d) = call(&s, "POST", "/v1/decisions", R, Some(ctx(None))).await;
+        assert_eq!(st, StatusCode::OK);
+        assert_eq!(d["decision"]["reason"], "default");
+        assert_eq!(d["decision"]["settings"]["mode"], "frame_aware");
+    }
+
+    #[sqlx::test(migrations = "../migrations")]
+    async fn overrides_apply_validate_expire_and_are_audited(db: sqlx::PgPool) {
+        let s = app(db).await;
+        // invalid input names the field and the value
+        let (st, e) = call(
+            &s,
+            "PUT",
+            "/v1/overrides",
+            A,
+            Some(json!({"service": "chat", "settings": {"buffer_size": 1000}})),
+        )
+        .await;
+        assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY);
+        assert!(
+            e["error"].as_str().unwrap().contains("buffer_size = 1000"),
+            "{e}"
+        );
+        let (st, e) = call(
+            &s,
+            "PUT",
+            "/v1/overrides",
+            A,
+            Some(json!({"service": "chat", "settings": {"bufer_size": 4096}})),
+        )
+        .await;
+        assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY);
+        assert!(e["error"].as_str().unwrap().contains("bufer_size"), "{e}");
+        let (st, e) = call(
+            &s,
+            "PUT",
+            "/v1/overrides",
+            A,
+            Some(json!({"service": "echo", "settings": {"compression": true}})),
+        )
+        .await;
+        assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY, "{e}");
+        assert!(e["error"].as_str().unwrap().contains("compression"), "{e}");
+        // a service override, then a client override on top
+        let (st, o) = call(&s, "PUT", "/v1/overrides", A,
+            Some(json!({"service": "chat", "settings": {"idle_timeout": "15m"}, "comment": "long sessions"}))).await;
+        assert_eq!(st, StatusCode::CREATED, "{o}");
+        let (st, _) = call(&s, "PUT", "/v1/overrides", A,
+            Some(json!({"service": "chat", "client_key": "vip", "settings": {"buffer_size": "64KiB"}}))).await;
+        assert_eq!(st, StatusCode::CREATED);
+        let (_, d) = call(&s, "POST", "/v1/decisions", R, Some(ctx(None))).await;
+        assert_eq!(d["decision"]["reason"], "override");
+        assert_eq!(d["decision"]["settings"]["idle_timeout"], 900);
+        assert_eq!(d["client_overrides"][0]["client_key"], "vip");
+        let (_, d) = call(&s, "POST", "/v1/decisions", R, Some(ctx(Some("vip")))).await;
+        assert_eq!(d["decision"]["settings"]["buffer_size"], 65536);
+        assert_eq!(d["decision"]["settings"]["idle_timeout"], 900);
+        // replacing the same scope answers 200 and keeps one row
+        let (st, o2) = call(
+            &s,
+            "PUT",
+            "/v1/overrides",
+            A,
+            Some(json!({"service": "chat", "settings": {"idle_timeout": "5m"}})),
+        )
+        .await;
+        assert_eq!(st, StatusCode::OK);
+        assert_eq!(o2["id"], o["id"]);
+        let (_, list) = call(&s, "GET", "/v1/overrides", R, None).await;
+        assert_eq!(list.as_array().unwrap().len(), 2);
+        // delete, and the decision is back to default
+        let id = o["id"].as_i64().unwrap();
+        let (st, _) = call(&s, "DELETE", &format!("/v1/overrides/{id}"), A, None).await;
+        assert_eq!(st, StatusCode::NO_CONTENT);
+        let (st, _) = call(&s, "DELETE", &format!("/v1/overrides/{id}"), A, None).await;
+        assert_eq!(st, StatusCode::NOT_FOUND);
+        let (_, d) = call(&s, "POST", "/v1/decisions", R, Some(ctx(None))).await;
+        assert_eq!(d["decision"]["reason"], "default");
+        // an override that expired no longer applies
+        sqlx::query("insert into overrides (service, settings, expires_at, created_by) values ('chat', '{\"idle_timeout\": 30}', now() - interval '1 second', 'ops')")
+            .execute(&s.db).await.unwrap();
+        s.state.reload(&s.db).await.unwrap();
+        let (_, d) = call(&s, "POST", "/v1/decisions", R, Some(ctx(None))).await;
+        assert_eq!(d["decision"]["settings"]["idle_timeout"], 300);
+        // the audit log has every change, with actor and old -> new
+        let (_, log) = call(&s, "GET", "/v1/audit", R, None).await;
+        let log = log.as_array().unwrap();
+        assert_eq!(log.len(), 4, "{log:?}");
+        assert_eq!(log[0]["action"], "override.delete");
+        assert_eq!(log[1]["action"], "override.put");
+        assert_eq!(log[1]["actor"], "ops");
+        assert_eq!(log[1]["old_value"]["settings"]["idle_timeout"], 900);
+        assert_eq!(log[1]["new_value"]["settings"]["idle_timeout"], 300);
+        assert_eq!(log[3]["comment"], "long sessions");
+    }
+
+    #[sqlx::test(migrations = "../migrations")]
+    async fn the_kill_switch_beats_everything(db: sqlx::PgPool) {
+        let s = app(db).await;
+        call(
+            &s,
+            "PUT",
+            "/v1/overrides",
+            A,
+            Some(json!({"service": "chat", "settings": {"idle_timeout": 60}})),
+        )
+        .await;
+        let (st, k) = call(
+            &s,
+            "POST",
+            "/v1/kill-switch",
+            A,
+            Some(json!({"comment": "incident 42"})),
+        )
+        .await;
+        assert_eq!(st, StatusCode::OK, "{k}");
+        assert_eq!(k["enabled"], true);
+        let (_, d) = call(
+            &s,
+            "POST",
+            "/v1/decisions",
+            R,
+            Some(json!([ctx(None), ctx(Some("x"))])),
+        )
+        .await;
+        for one in d.as_array().unwrap() {
+            assert_eq!(one["decision"]["reason"], "kill_switch");
+            assert_eq!(one["decision"]["settings"]["idle_timeout"], 300);
+        }
+        let (_, k) = call(&s, "DELETE", "/v1/kill-switch", A, None).await;
+        assert_eq!(k["enabled"], false);
+        let (_, d) = call(&s, "POST", "/v1/decisions", R, Some(ctx(None))).await;
+        assert_eq!(d["decision"]["reason"], "override");
+        let (_, m) = call(&s, "GET", "/metrics", None, None).await;
+        assert!(
+            m.as_str()
+                .unwrap()
+                .contains("trimtab_optimizer_decisions_total{reason=\"kill_switch\"} 2"),
+            "{m}"
+        );
+    }
+
+    #[sqlx::test(migrations = "../migrations")]
+    async fn a_change_reaches_another_replica_within_a_second(db: sqlx::PgPool) {
+        let a = app(db.clone()).await;
+        let b = app(db).await;
+        let t = std::time::Instant::now();
+        call(&a, "POST", "/v1/kill-switch", A, None).await;
+        loop {
+            let (_, d) = call(&b, "POST", "/v1/decisions", R, Some(ctx(None))).await;
+            if d["decision"]["reason"] == "kill_switch" {
+                break;
+            }
+            assert!(
+                t.elapsed() < std::time::Duration::from_millis(1500),
+                "replica b did not see the change"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    #[sqlx::test(migrations = "../migrations")]
+    async fn openapi_lists_exactly_the_routes_that_answer(db: sqlx::PgPool) {
+        let s = app(db).await;
+        let (_, doc) = call(&s, "GET", "/openapi.json", None, None).await;
+        let paths = doc["paths"].as_object().unwrap();
+        let mut n = 0;
+        for (method, path, _) in ROUTES {
+            assert!(paths[*path][*method].is_object(), "{method} {path} missing");
+            let uri = path.replace("{id}", "999999");
+            let (st, _) = call(&s, &method.to_uppercase(), &uri, A, None).await;
+            assert_ne!(st, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+            n += 1;
+        }
+        let documented: usize = paths.values().map(|p| p.as_object().unwrap().len()).sum();
+        assert_eq!(documented, n);
+        let (st, _) = call(&s, "GET", "/v1/nope", A, None).await;
+        assert_eq!(st, StatusCode::NOT_FOUND);
+    }
 }

@@ -29,6 +29,34 @@ pub struct Config {
     /// Per-service changes to the defaults.
     #[serde(default)]
     pub services: BTreeMap<String, PartialSettings>,
+    /// Bearer tokens and their roles.
+    #[serde(default)]
+    pub tokens: Vec<crate::auth::TokenConfig>,
+    /// Serve without tokens (every caller is an admin). Only for local demos.
+    #[serde(default)]
+    pub allow_unauthenticated: bool,
+    /// Share of model decisions that explore a neighbouring grid value.
+    #[serde(default = "default_exploration")]
+    pub exploration_share: f64,
+    /// How long a data plane may reuse a decision, milliseconds (changes reach every data plane
+    /// within about this long).
+    #[serde(default = "default_ttl_ms")]
+    pub decision_ttl_ms: u64,
+    /// The same, as a duration (derived).
+    #[serde(skip, default = "default_ttl")]
+    pub decision_ttl: std::time::Duration,
+}
+
+fn default_exploration() -> f64 {
+    0.05
+}
+
+fn default_ttl_ms() -> u64 {
+    1000
+}
+
+fn default_ttl() -> std::time::Duration {
+    std::time::Duration::from_millis(default_ttl_ms())
 }
 
 fn default_listen() -> SocketAddr {
@@ -56,6 +84,26 @@ impl Config {
         if c.database_pool == 0 {
             errors.push("database_pool = 0 must be at least 1".into());
         }
+        if !(0.0..=1.0).contains(&c.exploration_share) {
+            errors.push(format!(
+                "exploration_share = {} must be between 0 and 1",
+                c.exploration_share
+            ));
+        }
+        if c.decision_ttl_ms == 0 || c.decision_ttl_ms > 3_600_000 {
+            errors.push(format!(
+                "decision_ttl_ms = {} must be between 1 and 3600000",
+                c.decision_ttl_ms
+            ));
+        }
+        if c.tokens.is_empty() && !c.allow_unauthenticated {
+            errors.push(
+                "tokens: no token is configured; add [[tokens]] or set allow_unauthenticated = true"
+                    .into(),
+            );
+        }
+        let mut c = c;
+        c.decision_ttl = std::time::Duration::from_millis(c.decision_ttl_ms);
         if errors.is_empty() {
             Ok(c)
         } else {
@@ -97,7 +145,10 @@ mod tests {
 
     #[test]
     fn service_settings_layer_on_defaults() {
-        let c = Config::from_toml("[services.bulk]\nbuffer_size = \"256KiB\"\n").unwrap();
+        let c = Config::from_toml(
+            "allow_unauthenticated = true\n[services.bulk]\nbuffer_size = \"256KiB\"\n",
+        )
+        .unwrap();
         assert_eq!(c.static_settings("bulk").buffer_size, 256 << 10);
         assert_eq!(c.static_settings("other"), Settings::default());
     }

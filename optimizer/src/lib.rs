@@ -2,8 +2,10 @@
 //! PostgreSQL (the system of record) and ONNX models run with ONNX Runtime.
 
 pub mod api;
+pub mod auth;
 pub mod config;
 pub mod inference;
+pub mod state;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -26,17 +28,41 @@ pub async fn connect_and_migrate(url: &str, max: u32) -> anyhow::Result<sqlx::Pg
     Ok(pool)
 }
 
+/// Build the shared state: resolve tokens, load the first snapshot, and keep it fresh in the
+/// background (LISTEN/NOTIFY plus a poll every second).
+pub async fn app_state(config: Config, db: sqlx::PgPool) -> anyhow::Result<api::AppState> {
+    let tokens = config
+        .tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| t.resolve(i))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(anyhow::Error::msg)?;
+    if tokens.is_empty() {
+        tracing::warn!("no tokens configured: the API is open to anyone who can reach it");
+    }
+    let state = Arc::new(state::State::default());
+    state.reload(&db).await?;
+    tokio::spawn(
+        state
+            .clone()
+            .keep_fresh(db.clone(), std::time::Duration::from_secs(1)),
+    );
+    Ok(api::AppState {
+        config: Arc::new(config),
+        db,
+        state,
+        tokens: Arc::new(tokens),
+        metrics: Arc::new(api::Metrics::default()),
+    })
+}
+
 /// Serve the API on an already-bound listener until `shutdown` resolves.
 pub async fn run(
     listener: tokio::net::TcpListener,
-    config: Config,
-    db: sqlx::PgPool,
+    state: api::AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let state = api::AppState {
-        config: Arc::new(config),
-        db,
-    };
     axum::serve(listener, api::router(state))
         .with_graceful_shutdown(shutdown)
         .await

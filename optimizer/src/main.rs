@@ -41,7 +41,8 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", config.listen))?;
     tracing::info!(addr = %listener.local_addr()?, "optimizer listening");
-    optimizer::run(listener, config, db, shutdown_signal()).await?;
+    let state = optimizer::app_state(config, db).await?;
+    optimizer::run(listener, state, shutdown_signal()).await?;
     tracing::info!("optimizer stopped");
     Ok(())
 }

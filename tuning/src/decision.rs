@@ -152,3 +152,120 @@ mod tests {
         assert!(!j.contains("shadow"));
     }
 }
+
+/// Exploration parameters a data plane applies per connection (see [`crate::cohort::explore`]).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Exploration {
+    /// Share of connections that try a neighbouring grid value (0–1).
+    pub share: f64,
+    /// Salt of the per-connection draw.
+    pub salt: u64,
+}
+
+/// A per-client override inside a bucket answer: the data plane applies it to connections whose
+/// client key matches.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClientOverride {
+    /// The client key it applies to.
+    pub client_key: String,
+    /// The settings it changes.
+    pub settings: crate::PartialSettings,
+}
+
+/// The optimizer's answer for a context bucket: the decision and everything a data plane needs
+/// to make each connection's own choice locally, exactly as the optimizer would.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BucketDecision {
+    /// The decision for the bucket (for the requesting client, when it had a client key).
+    pub decision: Decision,
+    /// Exploration to apply per connection (model decisions only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exploration: Option<Exploration>,
+    /// Per-client overrides that apply within this bucket.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub client_overrides: Vec<ClientOverride>,
+    /// How long the data plane may reuse this answer, milliseconds.
+    pub ttl_ms: u64,
+}
+
+impl BucketDecision {
+    /// The decision for one connection: a matching client override wins (reason `override`);
+    /// otherwise exploration is drawn from the connection id.
+    pub fn for_connection(&self, client_key: Option<&str>, connection_id: &uuid::Uuid) -> Decision {
+        let mut d = self.decision.clone();
+        if d.reason == Reason::KillSwitch {
+            return d;
+        }
+        if let Some(o) =
+            client_key.and_then(|k| self.client_overrides.iter().find(|o| o.client_key == k))
+        {
+            let (s, _) = d.settings.with(&o.settings).clamp();
+            d.settings = s;
+            d.reason = Reason::Override;
+            d.propensity = 1.0;
+            d.explored = false;
+            return d;
+        }
+        if let (Some(x), Reason::Model | Reason::Canary) = (self.exploration, d.reason) {
+            let e = crate::cohort::explore(
+                d.settings,
+                x.share,
+                crate::cohort::connection_draw(x.salt, connection_id),
+            );
+            d.settings = e.settings;
+            d.propensity = e.propensity;
+            d.explored = e.explored;
+        }
+        d
+    }
+}
+
+#[cfg(test)]
+mod bucket_tests {
+    use super::*;
+    use crate::{PartialSettings, Settings};
+
+    #[test]
+    fn client_override_wins_and_exploration_is_per_connection() {
+        let mut base = Decision::fixed(Settings::default(), Reason::Model);
+        base.model_version = Some("m1".into());
+        let b = BucketDecision {
+            decision: base,
+            exploration: Some(Exploration {
+                share: 0.5,
+                salt: 9,
+            }),
+            client_overrides: vec![ClientOverride {
+                client_key: "vip".into(),
+                settings: PartialSettings {
+                    idle_timeout: Some(900),
+                    ..PartialSettings::default()
+                },
+            }],
+            ttl_ms: 1000,
+        };
+        let vip = b.for_connection(Some("vip"), &uuid::Uuid::new_v4());
+        assert_eq!(
+            (vip.reason, vip.settings.idle_timeout, vip.propensity),
+            (Reason::Override, 900, 1.0)
+        );
+        let mut explored = 0;
+        for _ in 0..400 {
+            let d = b.for_connection(Some("other"), &uuid::Uuid::new_v4());
+            assert_eq!(d.reason, Reason::Model);
+            if d.explored {
+                explored += 1;
+                assert!(d.propensity < 0.5);
+            } else {
+                assert_eq!(d.settings, Settings::default());
+            }
+        }
+        assert!((120..280).contains(&explored), "{explored}");
+        let id = uuid::Uuid::new_v4();
+        assert_eq!(
+            b.for_connection(None, &id),
+            b.for_connection(None, &id),
+            "stable per connection"
+        );
+    }
+}

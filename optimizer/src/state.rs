@@ -1,0 +1,259 @@
+//! What decisions depend on, held in memory as one snapshot and reloaded from PostgreSQL on every
+//! change notification (LISTEN/NOTIFY between replicas) and at least once a second. Nothing
+//! lives only in one replica: the snapshot is a cache of the database.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use tuning::{
+    BucketDecision, ClientOverride, ConnectionContext, Decision, PartialSettings, Reason,
+};
+
+use crate::config::Config;
+
+/// The notification channel every change is announced on.
+pub const CHANNEL: &str = "trimtab_changes";
+
+/// One override row.
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+pub struct OverrideRow {
+    /// Id.
+    pub id: i64,
+    /// Service it applies to.
+    pub service: String,
+    /// Route, when scoped to one.
+    pub route: Option<String>,
+    /// Client key, when scoped to one client.
+    pub client_key: Option<String>,
+    /// The settings it names.
+    #[sqlx(json)]
+    pub settings: PartialSettings,
+    /// When it stops applying.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Why.
+    pub comment: String,
+    /// Who made it.
+    pub created_by: String,
+    /// When.
+    pub created_at: DateTime<Utc>,
+    /// Last change.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// What decisions are made from.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// The kill switch is on.
+    pub kill_switch: bool,
+    /// Overrides in force.
+    pub overrides: Vec<OverrideRow>,
+}
+
+/// The shared, swappable snapshot.
+#[derive(Debug, Default)]
+pub struct State {
+    snap: RwLock<Arc<Snapshot>>,
+}
+
+impl State {
+    /// The current snapshot.
+    pub fn get(&self) -> Arc<Snapshot> {
+        self.snap.read().expect("snapshot").clone()
+    }
+
+    /// Reload from the database.
+    pub async fn reload(&self, db: &sqlx::PgPool) -> Result<(), sqlx::Error> {
+        let kill: bool = sqlx::query_scalar("select enabled from kill_switch where id")
+            .fetch_optional(db)
+            .await?
+            .unwrap_or(false);
+        let overrides: Vec<OverrideRow> = sqlx::query_as(
+            "select id, service, route, client_key, settings, expires_at, comment, created_by, created_at, updated_at
+               from overrides where expires_at is null or expires_at > now() order by id",
+        )
+        .fetch_all(db)
+        .await?;
+        *self.snap.write().expect("snapshot") = Arc::new(Snapshot {
+            kill_switch: kill,
+            overrides,
+        });
+        Ok(())
+    }
+
+    /// Keep the snapshot fresh: reload on every notification, and every `every` regardless.
+    pub async fn keep_fresh(self: Arc<Self>, db: sqlx::PgPool, every: Duration) {
+        let mut listener = None;
+        let mut tick = tokio::time::interval(every);
+        loop {
+            if listener.is_none() {
+                match sqlx::postgres::PgListener::connect_with(&db).await {
+                    Ok(mut l) => match l.listen(CHANNEL).await {
+                        Ok(()) => listener = Some(l),
+                        Err(e) => tracing::warn!(error = %e, "LISTEN failed; polling only"),
+                    },
+                    Err(e) => tracing::warn!(error = %e, "listener connect failed; polling only"),
+                }
+            }
+            let notified = async {
+                match listener.as_mut() {
+                    Some(l) => l.recv().await.map(|_| ()),
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                r = notified => if r.is_err() { listener = None; },
+                _ = tick.tick() => {}
+            }
+            if let Err(e) = self.reload(&db).await {
+                tracing::warn!(error = %e, "reloading decisions state failed");
+            }
+        }
+    }
+}
+
+/// Announce a change to every replica.
+pub async fn notify(db: &sqlx::PgPool, what: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("select pg_notify($1, $2)")
+        .bind(CHANNEL)
+        .bind(what)
+        .execute(db)
+        .await
+        .map(|_| ())
+}
+
+/// The decision for a context, by DESIGN.md's precedence: kill switch > per-client/route
+/// override > per-service override > active model > static default. (Rollouts and models come
+/// with the model registry; until then the last two steps are the static default.)
+pub fn decide(config: &Config, snap: &Snapshot, ctx: &ConnectionContext) -> BucketDecision {
+    let ttl_ms = config.decision_ttl.as_millis() as u64;
+    let defaults = config.static_settings(&ctx.service);
+    if snap.kill_switch {
+        return BucketDecision {
+            decision: Decision::fixed(defaults, Reason::KillSwitch),
+            exploration: None,
+            client_overrides: Vec::new(),
+            ttl_ms,
+        };
+    }
+    let mut decision = Decision::fixed(defaults, Reason::Default);
+    let applies = |o: &&OverrideRow| {
+        o.service == ctx.service && o.route.as_ref().is_none_or(|r| *r == ctx.route)
+    };
+    // Least specific first, so that more specific fields win.
+    let mut scoped: Vec<&OverrideRow> = snap
+        .overrides
+        .iter()
+        .filter(applies)
+        .filter(|o| o.client_key.is_none())
+        .collect();
+    scoped.sort_by_key(|o| o.route.is_some());
+    for o in &scoped {
+        decision.settings = decision.settings.with(&o.settings);
+        decision.reason = Reason::Override;
+    }
+    decision.settings = decision.settings.clamp().0;
+    // Per-client overrides travel with the answer; route-scoped ones first (they win).
+    let mut clients: Vec<&OverrideRow> = snap
+        .overrides
+        .iter()
+        .filter(applies)
+        .filter(|o| o.client_key.is_some())
+        .collect();
+    clients.sort_by_key(|o| o.route.is_none());
+    let client_overrides: Vec<ClientOverride> = clients
+        .iter()
+        .map(|o| ClientOverride {
+            client_key: o.client_key.clone().unwrap_or_default(),
+            // Merge with the scoped overrides' fields so a client override is "on top".
+            settings: o.settings,
+        })
+        .collect();
+    let bucket = BucketDecision {
+        decision,
+        exploration: None,
+        client_overrides,
+        ttl_ms,
+    };
+    // A caller that named its client gets that client's decision directly.
+    let mut b = bucket.clone();
+    if ctx.client_key.is_some() {
+        b.decision = bucket.for_connection(ctx.client_key.as_deref(), &uuid_nil());
+    }
+    b
+}
+
+fn uuid_nil() -> uuid::Uuid {
+    uuid::Uuid::nil()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tuning::{ClientClass, Protocol};
+
+    fn ctx(client: Option<&str>) -> ConnectionContext {
+        ConnectionContext {
+            service: "chat".into(),
+            route: "/ws".into(),
+            protocol: Protocol::Websocket,
+            subprotocol: None,
+            offers_deflate: false,
+            client_class: ClientClass::Browser,
+            client_region: "eu".into(),
+            hour_of_week: 1,
+            client_key: client.map(str::to_owned),
+        }
+    }
+
+    fn ov(id: i64, route: Option<&str>, client: Option<&str>, p: PartialSettings) -> OverrideRow {
+        OverrideRow {
+            id,
+            service: "chat".into(),
+            route: route.map(str::to_owned),
+            client_key: client.map(str::to_owned),
+            settings: p,
+            expires_at: None,
+            comment: String::new(),
+            created_by: "t".into(),
+            created_at: Utc::now(),
+            updated_at: Utc::now(),
+        }
+    }
+
+    #[test]
+    fn precedence_is_kill_switch_then_client_route_service_then_default() {
+        let config = Config::from_toml("allow_unauthenticated = true").unwrap();
+        let idle = |s: u32| PartialSettings {
+            idle_timeout: Some(s),
+            ..PartialSettings::default()
+        };
+        let buf = PartialSettings {
+            buffer_size: Some(65536),
+            ..PartialSettings::default()
+        };
+        let mut snap = Snapshot::default();
+        assert_eq!(
+            decide(&config, &snap, &ctx(None)).decision.reason,
+            Reason::Default
+        );
+        snap.overrides = vec![
+            ov(1, None, None, idle(60)),
+            ov(2, Some("/ws"), None, idle(120)),
+            ov(3, None, None, buf),
+            ov(4, Some("/ws"), Some("vip"), idle(900)),
+            ov(5, Some("/other"), None, idle(30)),
+        ];
+        let d = decide(&config, &snap, &ctx(None)).decision;
+        assert_eq!(d.reason, Reason::Override);
+        assert_eq!(d.settings.idle_timeout, 120, "route beats service");
+        assert_eq!(d.settings.buffer_size, 65536, "fields of both apply");
+        let d = decide(&config, &snap, &ctx(Some("vip"))).decision;
+        assert_eq!(d.settings.idle_timeout, 900, "client beats route");
+        snap.kill_switch = true;
+        let d = decide(&config, &snap, &ctx(Some("vip"))).decision;
+        assert_eq!(d.reason, Reason::KillSwitch);
+        assert_eq!(d.settings, config.static_settings("chat"));
+    }
+}
