@@ -36,6 +36,36 @@ pub struct RawConfig {
     /// Client regions by name: lists of CIDR blocks (`"10.0.0.0/8"`, `"2001:db8::/32"`).
     #[serde(default)]
     pub regions: BTreeMap<String, Vec<String>>,
+    /// The optimizer to take decisions from; when absent, every service's static settings.
+    #[serde(default)]
+    pub optimizer: Option<RawOptimizer>,
+}
+
+/// The optimizer connection as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOptimizer {
+    /// Base URL (`http://host:port`).
+    pub url: String,
+    /// Bearer token with the reader role (prefer `token_env`).
+    #[serde(default)]
+    pub token: Option<String>,
+    /// Environment variable holding the token.
+    #[serde(default)]
+    pub token_env: Option<String>,
+    /// Abandon an optimizer call after this long.
+    #[serde(default = "d_opt_timeout")]
+    pub timeout: String,
+    /// Keep using an expired answer this long while refreshing it.
+    #[serde(default = "d_opt_stale")]
+    pub max_stale: String,
+}
+
+fn d_opt_timeout() -> String {
+    "500ms".into()
+}
+fn d_opt_stale() -> String {
+    "5m".into()
 }
 
 /// The profile writer as written.
@@ -251,6 +281,8 @@ pub struct Config {
     pub profiles: Option<crate::profiles::WriterConfig>,
     /// Client regions.
     pub regions: Regions,
+    /// The optimizer, when configured.
+    pub optimizer: Option<crate::decisions::OptimizerConfig>,
 }
 
 /// A CIDR table: the first region whose block contains an address names it.
@@ -607,10 +639,43 @@ impl RawConfig {
                     .map(|r| dur(&mut e, "profiles.retention", r)),
             }
         });
+        let optimizer = self.optimizer.map(|o| {
+            if !(o.url.starts_with("http://") && o.url.len() > "http://".len()) {
+                e.push(format!(
+                    "optimizer.url = {:?} must be an http:// URL (e.g. \"http://127.0.0.1:8090\")",
+                    o.url
+                ));
+            }
+            let token = match (&o.token, &o.token_env) {
+                (Some(t), None) => Some(t.clone()),
+                (None, Some(var)) => match std::env::var(var) {
+                    Ok(t) => Some(t),
+                    Err(_) => {
+                        e.push(format!(
+                            "optimizer.token_env = {var:?}: the variable is not set"
+                        ));
+                        None
+                    }
+                },
+                (None, None) => None,
+                (Some(_), Some(_)) => {
+                    e.push("optimizer: set one of token and token_env, not both".into());
+                    None
+                }
+            };
+            crate::decisions::OptimizerConfig {
+                url: o.url.clone(),
+                token,
+                timeout: dur(&mut e, "optimizer.timeout", &o.timeout),
+                max_stale: dur(&mut e, "optimizer.max_stale", &o.max_stale),
+                max_entries: 100_000,
+            }
+        });
         if !e.is_empty() {
             return Err(e);
         }
         Ok(Config {
+            optimizer,
             profiles,
             regions: Regions(regions),
             listen,

@@ -7,6 +7,7 @@
 //! ([`stats`], [`frames`]) become a profile for the [`source::ProfileSink`].
 
 pub mod config;
+pub mod decisions;
 pub mod deflate;
 pub mod forward;
 pub mod frames;

@@ -68,11 +68,17 @@ async fn main() -> anyhow::Result<()> {
             (Arc::new(dataplane::source::LogSink), None)
         }
     };
-    let dp = Arc::new(DataPlane::new(
-        config,
-        Arc::new(dataplane::source::StaticSettings),
-        sink,
-    ));
+    let source: Arc<dyn dataplane::source::SettingsSource> = match &config.optimizer {
+        Some(o) => {
+            tracing::info!(url = %o.url, "decisions from the optimizer");
+            Arc::new(dataplane::decisions::OptimizerSource::new(o.clone()))
+        }
+        None => {
+            tracing::info!("no [optimizer] section: every service's static settings");
+            Arc::new(dataplane::source::StaticSettings)
+        }
+    };
+    let dp = Arc::new(DataPlane::new(config, source, sink));
     // SIGHUP: reload routes and services; a bad file is logged and the old config stays.
     {
         let dp = dp.clone();

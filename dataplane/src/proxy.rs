@@ -441,7 +441,8 @@ impl Proxy {
             hour_of_week: tuning::context::hour_of_week(started_at.timestamp()),
             client_key: Some(conn.peer.ip().to_string()),
         };
-        let mut decision = applicable(self.source.decide(&ctx, &service));
+        let connection_id = uuid::Uuid::new_v4();
+        let mut decision = applicable(self.source.decide(&ctx, &service, &connection_id));
         let frame_aware = is_ws && decision.settings.mode == Mode::FrameAware;
         // permessage-deflate toward the client, when decided and the client offers it. The
         // profile records what was applied: compression off when the client offered nothing
@@ -630,6 +631,7 @@ impl Proxy {
                     u.io.into_inner(),
                     u.read_buf,
                     deflate,
+                    connection_id,
                     ctx,
                     decision,
                     timings,
@@ -656,6 +658,7 @@ impl Proxy {
         upstream: TcpStream,
         upstream_head: Bytes,
         deflate: Option<crate::deflate::DeflateParams>,
+        id: uuid::Uuid,
         ctx: ConnectionContext,
         decision: Decision,
         timings: Timings,
@@ -670,7 +673,6 @@ impl Proxy {
             max_message_bytes: limits.max_message_bytes,
             close_grace: limits.drain_timeout.min(Duration::from_secs(5)),
         };
-        let id = uuid::Uuid::new_v4();
         // Spread shutdown closes over most of the drain window.
         let slot = tuning::hash::unit(tuning::hash::stable_hash(&[id.as_bytes()]));
         let drain_delay = limits.drain_timeout.mul_f64(0.5 * slot);

@@ -12,8 +12,14 @@ use crate::telemetry::METRICS;
 
 /// Decides the settings of a new connection. Must not block.
 pub trait SettingsSource: Send + Sync + std::fmt::Debug + 'static {
-    /// The decision for a connection with this context to this service.
-    fn decide(&self, ctx: &ConnectionContext, service: &Service) -> Decision;
+    /// The decision for one connection (`connection_id` seeds its exploration draw) with this
+    /// context to this service.
+    fn decide(
+        &self,
+        ctx: &ConnectionContext,
+        service: &Service,
+        connection_id: &uuid::Uuid,
+    ) -> Decision;
 }
 
 /// The service's static settings, reason `default`.
@@ -21,7 +27,7 @@ pub trait SettingsSource: Send + Sync + std::fmt::Debug + 'static {
 pub struct StaticSettings;
 
 impl SettingsSource for StaticSettings {
-    fn decide(&self, _ctx: &ConnectionContext, service: &Service) -> Decision {
+    fn decide(&self, _ctx: &ConnectionContext, service: &Service, _id: &uuid::Uuid) -> Decision {
         Decision::fixed(service.settings, Reason::Default)
     }
 }

@@ -262,6 +262,39 @@ impl Metrics {
             "Time reads were paused because the other side was not accepting bytes.",
             format!("{:.6}", g(&self.paused_us) as f64 / 1e6),
         );
+        let c = &crate::decisions::CACHE;
+        let _ = writeln!(
+            s,
+            "# HELP trimtab_dataplane_decisions_total Decisions by where they came from in the decision cache.\n# TYPE trimtab_dataplane_decisions_total counter"
+        );
+        for (k, v) in [("hit", &c.hits), ("stale", &c.stale), ("miss", &c.misses)] {
+            let _ = writeln!(
+                s,
+                "trimtab_dataplane_decisions_total{{cache=\"{k}\"}} {}",
+                g(v)
+            );
+        }
+        one(
+            &mut s,
+            "trimtab_dataplane_optimizer_calls_total",
+            "counter",
+            "Calls to the optimizer.",
+            g(&c.calls).to_string(),
+        );
+        one(
+            &mut s,
+            "trimtab_dataplane_optimizer_errors_total",
+            "counter",
+            "Optimizer calls that failed or timed out.",
+            g(&c.errors).to_string(),
+        );
+        one(
+            &mut s,
+            "trimtab_dataplane_optimizer_call_seconds_total",
+            "counter",
+            "Time spent in optimizer calls (off the data path).",
+            format!("{:.6}", g(&c.call_us) as f64 / 1e6),
+        );
         let w = &crate::profiles::WRITER;
         for (name, kind, help, v) in [
             (

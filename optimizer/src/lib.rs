@@ -12,6 +12,22 @@ use std::sync::Arc;
 
 use sqlx::postgres::PgPoolOptions;
 
+/// Start logging: JSON lines when stderr is not a terminal, pretty otherwise; `RUST_LOG`
+/// filters (default `info`).
+pub fn init_logging() {
+    use std::io::IsTerminal as _;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::io::stderr().is_terminal() {
+        b.init();
+    } else {
+        b.json().flatten_event(true).init();
+    }
+}
+
 /// The migrations every service shares (`migrations/` at the workspace root).
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 

@@ -275,3 +275,109 @@ pub async fn metric(admin: SocketAddr, name: &str) -> Option<f64> {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
 }
+
+/// A running optimizer process.
+#[derive(Debug)]
+pub struct OptimizerProc {
+    child: Child,
+    /// Its API address.
+    pub addr: SocketAddr,
+    /// Every log line so far.
+    pub logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl OptimizerProc {
+    /// Start `optimizer` with this config (its `listen` should be `127.0.0.1:0`) against the
+    /// database at `database_url`.
+    pub fn start(config: &str, database_url: &str) -> OptimizerProc {
+        let dir = scratch_dir("optimizer");
+        let path = dir.join("optimizer.toml");
+        std::fs::write(&path, config).expect("write config");
+        let mut child = Command::new(bin_dir().join("optimizer"))
+            .arg("--config")
+            .arg(&path)
+            .env("DATABASE_URL", database_url)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn optimizer (build it first: cargo build --bins)");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().expect("stderr");
+        let l2 = logs.clone();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if !sent
+                    && line.contains("optimizer listening")
+                    && let Some(a) = serde_json::from_str::<serde_json::Value>(&line)
+                        .ok()
+                        .and_then(|v| v["addr"].as_str().and_then(|s| s.parse().ok()))
+                {
+                    let _ = tx.send(a);
+                    sent = true;
+                }
+                l2.lock().expect("logs").push(line);
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(a) => a,
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "optimizer did not start; logs:\n{}",
+                    logs.lock().expect("logs").join("\n")
+                );
+            }
+        };
+        OptimizerProc { child, addr, logs }
+    }
+
+    /// Stop it (SIGKILL).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for OptimizerProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A small HTTP/1.1 JSON call (for API tests against real processes).
+pub async fn http_json(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: t\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.expect("read");
+    let text = String::from_utf8_lossy(&out).to_string();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    (
+        status,
+        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+    )
+}

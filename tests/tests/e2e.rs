@@ -1,6 +1,7 @@
 //! End-to-end tests: the real `dataplane` binary, real upstreams, real clients, real sockets,
 //! and the real PostgreSQL schema. One test binary for the whole workspace's end-to-end suite.
 
+mod decisions;
 mod profiles;
 
 use std::net::SocketAddr;

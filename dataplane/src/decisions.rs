@@ -1,0 +1,217 @@
+//! Decisions from the optimizer, through a cache the data path never waits on.
+//!
+//! The cache is keyed by context bucket ([`tuning::ConnectionContext::bucket_key`]). A fresh
+//! entry (younger than the TTL the optimizer sent) decides at once, per connection, with
+//! `tuning`'s own exploration draw and client overrides ([`BucketDecision::for_connection`]).
+//! A miss decides at once too, with the service's static settings (reason `fallback`), and asks
+//! the optimizer in the background; a stale entry is used (up to `max_stale`) while it is
+//! refreshed. An unreachable or slow optimizer therefore never delays or fails a connection:
+//! it only shows up as `fallback` decisions and in the metrics.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tuning::{BucketDecision, ConnectionContext, Decision, Reason};
+
+use crate::config::Service;
+use crate::source::SettingsSource;
+
+/// Where the optimizer is and how to talk to it.
+#[derive(Debug, Clone)]
+pub struct OptimizerConfig {
+    /// Base URL, e.g. `http://127.0.0.1:8090`.
+    pub url: String,
+    /// Bearer token (reader role).
+    pub token: Option<String>,
+    /// A request slower than this is abandoned (the connection never waited for it anyway).
+    pub timeout: Duration,
+    /// A stale answer is still used this long after its TTL while a refresh is under way.
+    pub max_stale: Duration,
+    /// Most buckets kept.
+    pub max_entries: usize,
+}
+
+/// Cache counters, for metrics.
+#[derive(Debug, Default)]
+pub struct CacheStats {
+    /// Decisions from a fresh entry.
+    pub hits: AtomicU64,
+    /// Decisions from a stale entry (refresh under way).
+    pub stale: AtomicU64,
+    /// Decisions with no entry (fallback).
+    pub misses: AtomicU64,
+    /// Optimizer calls that failed or timed out.
+    pub errors: AtomicU64,
+    /// Optimizer calls, total microseconds (with `calls`, the mean latency).
+    pub call_us: AtomicU64,
+    /// Optimizer calls made.
+    pub calls: AtomicU64,
+}
+
+/// The process's cache counters.
+pub static CACHE: CacheStats = CacheStats {
+    hits: AtomicU64::new(0),
+    stale: AtomicU64::new(0),
+    misses: AtomicU64::new(0),
+    errors: AtomicU64::new(0),
+    call_us: AtomicU64::new(0),
+    calls: AtomicU64::new(0),
+};
+
+#[derive(Debug, Clone)]
+struct Entry {
+    answer: BucketDecision,
+    fetched: Instant,
+}
+
+#[derive(Debug)]
+struct Inner {
+    cfg: OptimizerConfig,
+    client: Client<HttpConnector, Full<Bytes>>,
+    cache: Mutex<HashMap<String, Entry>>,
+    inflight: Mutex<HashSet<String>>,
+}
+
+/// The optimizer-backed settings source.
+#[derive(Debug, Clone)]
+pub struct OptimizerSource {
+    inner: Arc<Inner>,
+}
+
+impl OptimizerSource {
+    /// A source asking the optimizer at `cfg.url`. Must be created inside a tokio runtime.
+    pub fn new(cfg: OptimizerConfig) -> OptimizerSource {
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(cfg.timeout));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build(http);
+        OptimizerSource {
+            inner: Arc::new(Inner {
+                cfg,
+                client,
+                cache: Mutex::new(HashMap::new()),
+                inflight: Mutex::new(HashSet::new()),
+            }),
+        }
+    }
+
+    fn refresh(&self, key: String, ctx: &ConnectionContext) {
+        if !self
+            .inner
+            .inflight
+            .lock()
+            .expect("inflight")
+            .insert(key.clone())
+        {
+            return;
+        }
+        let inner = self.inner.clone();
+        // The bucket's answer does not depend on the client key: client overrides come with it.
+        let mut ctx = ctx.clone();
+        ctx.client_key = None;
+        tokio::spawn(async move {
+            let t = Instant::now();
+            let r = tokio::time::timeout(inner.cfg.timeout, fetch(&inner, &ctx)).await;
+            CACHE.calls.fetch_add(1, Ordering::Relaxed);
+            CACHE
+                .call_us
+                .fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+            match r {
+                Ok(Ok(answer)) => {
+                    let mut c = inner.cache.lock().expect("cache");
+                    if c.len() >= inner.cfg.max_entries {
+                        let now = Instant::now();
+                        c.retain(|_, e| now.duration_since(e.fetched) < ttl(&e.answer));
+                        if c.len() >= inner.cfg.max_entries {
+                            c.clear();
+                        }
+                    }
+                    c.insert(
+                        key.clone(),
+                        Entry {
+                            answer,
+                            fetched: Instant::now(),
+                        },
+                    );
+                }
+                Ok(Err(e)) => {
+                    CACHE.errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(error = %e, "optimizer call failed");
+                }
+                Err(_) => {
+                    CACHE.errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!("optimizer call timed out");
+                }
+            }
+            inner.inflight.lock().expect("inflight").remove(&key);
+        });
+    }
+}
+
+fn ttl(a: &BucketDecision) -> Duration {
+    Duration::from_millis(a.ttl_ms.max(1))
+}
+
+async fn fetch(inner: &Inner, ctx: &ConnectionContext) -> anyhow::Result<BucketDecision> {
+    let body = serde_json::to_vec(ctx)?;
+    let mut req = http::Request::post(format!(
+        "{}/v1/decisions",
+        inner.cfg.url.trim_end_matches('/')
+    ))
+    .header(http::header::CONTENT_TYPE, "application/json");
+    if let Some(t) = &inner.cfg.token {
+        req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
+    }
+    let resp = inner
+        .client
+        .request(req.body(Full::new(Bytes::from(body)))?)
+        .await?;
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await?.to_bytes();
+    if !status.is_success() {
+        anyhow::bail!("optimizer answered {status}");
+    }
+    Ok(serde_json::from_slice(&bytes)?)
+}
+
+impl SettingsSource for OptimizerSource {
+    fn decide(
+        &self,
+        ctx: &ConnectionContext,
+        service: &Service,
+        connection_id: &uuid::Uuid,
+    ) -> Decision {
+        let key = ctx.bucket_key();
+        let entry = self.inner.cache.lock().expect("cache").get(&key).cloned();
+        let now = Instant::now();
+        match entry {
+            Some(e) if now.duration_since(e.fetched) < ttl(&e.answer) => {
+                CACHE.hits.fetch_add(1, Ordering::Relaxed);
+                e.answer
+                    .for_connection(ctx.client_key.as_deref(), connection_id)
+            }
+            Some(e)
+                if now.duration_since(e.fetched) < ttl(&e.answer) + self.inner.cfg.max_stale =>
+            {
+                CACHE.stale.fetch_add(1, Ordering::Relaxed);
+                self.refresh(key, ctx);
+                e.answer
+                    .for_connection(ctx.client_key.as_deref(), connection_id)
+            }
+            _ => {
+                CACHE.misses.fetch_add(1, Ordering::Relaxed);
+                self.refresh(key, ctx);
+                Decision::fixed(service.settings, Reason::Fallback)
+            }
+        }
+    }
+}
