@@ -5,7 +5,8 @@ through each trimtab listener given, side by side.
         --through frame_aware=127.0.0.1:8081 --cases '1.*,2.*'
 
 Prints the verdict counts of every target and exits non-zero when a case that passes directly
-does not pass, with the same verdicts, through trimtab.
+does not pass through trimtab (verdicts that differ but still pass, such as a timing-dependent
+NON-STRICT, are printed).
 """
 
 import argparse
@@ -55,11 +56,14 @@ async def main():
         print(f"{name:<14} {len(got):>5} {npass:>6}  {secs:7.1f}  {dict(counts)}")
         for cid in sorted(passing):
             r = got.get(cid)
-            if r is None or not r.passed or verdict(r) != verdict(direct[cid]):
+            if r is None or not r.passed:
                 ok = False
                 v = verdict(r) if r else ("missing", "")
-                print(f"  {name}: case {cid} is {v} through trimtab, {verdict(direct[cid])} directly"
+                print(f"  {name}: case {cid} FAILS through trimtab: {v}, {verdict(direct[cid])} directly"
                       f" (received {r.received if r else None})")
+            elif verdict(r) != verdict(direct[cid]):
+                # Still a pass (e.g. NON-STRICT: a timing-dependent fail-fast); shown, not fatal.
+                print(f"  {name}: case {cid} passes as {verdict(r)}, directly {verdict(direct[cid])}")
     for t in a.compressed:
         name, addr = t.split("=", 1)
         got, secs = await run(addr, cases, a.parallel)
