@@ -5,6 +5,7 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod inference;
+pub mod models;
 pub mod state;
 
 use std::future::Future;

@@ -9,6 +9,7 @@ pub mod context;
 pub mod decision;
 pub mod features;
 pub mod hash;
+pub mod onnx;
 pub mod profile;
 pub mod settings;
 
