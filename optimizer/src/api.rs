@@ -149,6 +149,22 @@ pub const ROUTES: &[(&str, &str, &str)] = &[
         "Turn the kill switch off (admin).",
     ),
     ("get", "/v1/audit", "The audit log, newest first (reader)."),
+    ("get", "/v1/models", "The model registry (reader)."),
+    (
+        "get",
+        "/v1/models/{version}",
+        "One model's metadata and metrics (reader).",
+    ),
+    (
+        "post",
+        "/v1/models/{version}/activate",
+        "Validate and activate a model: an audited force-promote (admin).",
+    ),
+    (
+        "post",
+        "/v1/models/rollback",
+        "Activate the last-good model again (admin).",
+    ),
 ];
 
 /// The API's routes.
@@ -166,6 +182,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/kill-switch", post(kill_switch_on))
         .route("/v1/kill-switch", delete(kill_switch_off))
         .route("/v1/audit", get(audit))
+        .route("/v1/models", get(list_models))
+        .route("/v1/models/{version}", get(get_model))
+        .route("/v1/models/{version}/activate", post(activate_model))
+        .route("/v1/models/rollback", post(rollback_model))
         .with_state(state)
 }
 
@@ -221,6 +241,9 @@ async fn openapi() -> Json<serde_json::Value> {
         }
         if path.contains("{id}") {
             op["parameters"] = json!([{ "name": "id", "in": "path", "required": true, "schema": { "type": "integer" } }]);
+        }
+        if path.contains("{version}") {
+            op["parameters"] = json!([{ "name": "version", "in": "path", "required": true, "schema": { "type": "string" } }]);
         }
         if *method == "put" || *method == "post" {
             op["responses"]["422"] =
@@ -544,6 +567,160 @@ async fn kill_switch_off(
     set_kill_switch(&s, &caller, false, q.comment.as_deref().unwrap_or("")).await
 }
 
+/// A registry entry (without the ONNX bytes).
+#[derive(Debug, Serialize, sqlx::FromRow)]
+struct ModelRow {
+    version: String,
+    created_at: DateTime<Utc>,
+    status: String,
+    activated_at: Option<DateTime<Utc>>,
+    size_bytes: i32,
+    metadata: serde_json::Value,
+    metrics: serde_json::Value,
+}
+
+const MODEL_COLUMNS: &str =
+    "version, created_at, status, activated_at, length(onnx) as size_bytes, metadata, metrics";
+
+async fn list_models(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    require(&s, &headers, Role::Reader)?;
+    let rows: Vec<ModelRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select {MODEL_COLUMNS} from models order by created_at desc"
+    )))
+    .fetch_all(&s.db)
+    .await?;
+    let last_good: Option<String> =
+        sqlx::query_scalar("select last_good_version from model_state where id")
+            .fetch_optional(&s.db)
+            .await?
+            .flatten();
+    Ok(Json(json!({ "models": rows, "last_good": last_good })))
+}
+
+async fn get_model(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(version): Path<String>,
+) -> Result<Json<ModelRow>, ApiError> {
+    require(&s, &headers, Role::Reader)?;
+    let row: Option<ModelRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select {MODEL_COLUMNS} from models where version = $1"
+    )))
+    .bind(&version)
+    .fetch_optional(&s.db)
+    .await?;
+    row.map(Json).ok_or(ApiError::NotFound)
+}
+
+/// Make `version` the active model (validated first); the previous one becomes last-good.
+async fn activate(
+    s: &AppState,
+    caller: &Caller,
+    version: &str,
+    action: &str,
+    comment: &str,
+) -> Result<Json<ModelRow>, ApiError> {
+    let bytes: Option<Vec<u8>> = sqlx::query_scalar("select onnx from models where version = $1")
+        .bind(version)
+        .fetch_optional(&s.db)
+        .await?;
+    let bytes = bytes.ok_or(ApiError::NotFound)?;
+    let rt = s
+        .state
+        .runtime
+        .ok_or_else(|| ApiError::Invalid("ONNX Runtime is not available on this replica".into()))?;
+    crate::models::LoadedModel::load(rt, version, &bytes)
+        .map_err(|e| ApiError::Invalid(format!("model {version}: {e}")))?;
+    let mut tx = s.db.begin().await?;
+    let previous: Option<String> = sqlx::query_scalar(
+        "update models set status = 'retired' where status = 'active' and version <> $1 returning version",
+    )
+    .bind(version)
+    .fetch_optional(&mut *tx)
+    .await?;
+    sqlx::query("update models set status = 'active', activated_at = now() where version = $1")
+        .bind(version)
+        .execute(&mut *tx)
+        .await?;
+    if action == "model.activate" {
+        if let Some(p) = &previous {
+            sqlx::query(
+                "update model_state set last_good_version = $1, updated_at = now() where id",
+            )
+            .bind(p)
+            .execute(&mut *tx)
+            .await?;
+        }
+    } else {
+        sqlx::query("update model_state set last_good_version = null, updated_at = now() where id")
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    audit_entry(
+        &s.db,
+        &caller.name,
+        action,
+        &format!("model/{version}"),
+        Some(json!({ "active": previous })),
+        Some(json!({ "active": version })),
+        comment,
+    )
+    .await?;
+    state::notify(&s.db, "models").await?;
+    let _ = s.state.reload(&s.db).await;
+    let row: ModelRow = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select {MODEL_COLUMNS} from models where version = $1"
+    )))
+    .bind(version)
+    .fetch_one(&s.db)
+    .await?;
+    Ok(Json(row))
+}
+
+async fn activate_model(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(version): Path<String>,
+    Query(q): Query<CommentQuery>,
+) -> Result<Json<ModelRow>, ApiError> {
+    let caller = require(&s, &headers, Role::Admin)?;
+    activate(
+        &s,
+        &caller,
+        &version,
+        "model.activate",
+        q.comment.as_deref().unwrap_or(""),
+    )
+    .await
+}
+
+async fn rollback_model(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<CommentQuery>,
+) -> Result<Json<ModelRow>, ApiError> {
+    let caller = require(&s, &headers, Role::Admin)?;
+    let last_good: Option<String> =
+        sqlx::query_scalar("select last_good_version from model_state where id")
+            .fetch_optional(&s.db)
+            .await?
+            .flatten();
+    let v = last_good
+        .ok_or_else(|| ApiError::Invalid("there is no last-good model to roll back to".into()))?;
+    activate(
+        &s,
+        &caller,
+        &v,
+        "model.rollback",
+        q.comment.as_deref().unwrap_or(""),
+    )
+    .await
+}
+
 #[derive(Debug, Deserialize)]
 struct AuditQuery {
     #[serde(default)]
@@ -816,6 +993,93 @@ token = "reader-token-1"
         }
     }
 
+    async fn register(db: &sqlx::PgPool, version: &str, onnx: Vec<u8>) {
+        sqlx::query("insert into models (version, onnx, metadata) values ($1, $2, $3)")
+            .bind(version)
+            .bind(onnx)
+            .bind(json!({"schema_hash": tuning::schema_hash()}))
+            .execute(db)
+            .await
+            .unwrap();
+    }
+
+    #[sqlx::test(migrations = "../migrations")]
+    async fn an_activated_model_decides_and_rolls_back_one_step(db: sqlx::PgPool) {
+        let s = app(db.clone()).await;
+        register(&db, "rule-1", crate::models::tests::rule_model()).await;
+        register(
+            &db,
+            "const-2",
+            tuning::onnx::export(&[], &tuning::Settings::default(), "const-2"),
+        )
+        .await;
+        register(&db, "broken", b"not a model".to_vec()).await;
+        // a broken model is refused with the reason, and nothing changes
+        let (st, e) = call(&s, "POST", "/v1/models/broken/activate", A, None).await;
+        assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY, "{e}");
+        assert!(
+            e["error"]
+                .as_str()
+                .unwrap()
+                .starts_with("model broken: model rejected"),
+            "{e}"
+        );
+        let (st, _) = call(&s, "POST", "/v1/models/nope/activate", A, None).await;
+        assert_eq!(st, StatusCode::NOT_FOUND);
+        let (st, _) = call(&s, "POST", "/v1/models/rule-1/activate", R, None).await;
+        assert_eq!(st, StatusCode::FORBIDDEN);
+        // activate: decisions come from the model, with exploration for the data plane
+        let (st, m) = call(&s, "POST", "/v1/models/rule-1/activate", A, None).await;
+        assert_eq!(st, StatusCode::OK, "{m}");
+        assert_eq!(m["status"], "active");
+        let mut c = ctx(None);
+        c["offers_deflate"] = json!(true);
+        let (_, d) = call(&s, "POST", "/v1/decisions", R, Some(c.clone())).await;
+        assert_eq!(d["decision"]["reason"], "model", "{d}");
+        assert_eq!(d["decision"]["model_version"], "rule-1");
+        assert_eq!(d["decision"]["settings"]["compression"], true);
+        assert_eq!(d["decision"]["settings"]["buffer_size"], 65536);
+        assert!((d["decision"]["propensity"].as_f64().unwrap() - 0.95).abs() < 1e-6);
+        assert_eq!(d["exploration"]["share"], 0.05);
+        // an override still beats the model
+        call(
+            &s,
+            "PUT",
+            "/v1/overrides",
+            A,
+            Some(json!({"service": "chat", "settings": {"buffer_size": 4096}})),
+        )
+        .await;
+        let (_, d) = call(&s, "POST", "/v1/decisions", R, Some(c.clone())).await;
+        assert_eq!(d["decision"]["reason"], "override");
+        assert_eq!(d["decision"]["settings"]["buffer_size"], 4096);
+        assert_eq!(
+            d["decision"]["settings"]["compression"], true,
+            "the model's other fields stay"
+        );
+        assert!(d.get("exploration").is_none());
+        // a second activation makes the first the last-good; rollback returns to it once
+        let (_, _) = call(&s, "POST", "/v1/models/const-2/activate", A, None).await;
+        let (_, list) = call(&s, "GET", "/v1/models", R, None).await;
+        assert_eq!(list["last_good"], "rule-1");
+        let (st, m) = call(&s, "POST", "/v1/models/rollback", A, None).await;
+        assert_eq!(st, StatusCode::OK, "{m}");
+        assert_eq!(m["version"], "rule-1");
+        let (st, _) = call(&s, "POST", "/v1/models/rollback", A, None).await;
+        assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY, "one step only");
+        let (_, one) = call(&s, "GET", "/v1/models/const-2", R, None).await;
+        assert_eq!(one["status"], "retired");
+        let (_, log) = call(&s, "GET", "/v1/audit", R, None).await;
+        let actions: Vec<&str> = log
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["action"].as_str().unwrap())
+            .collect();
+        assert_eq!(actions[0], "model.rollback");
+        assert!(actions.contains(&"model.activate"));
+    }
+
     #[sqlx::test(migrations = "../migrations")]
     async fn openapi_lists_exactly_the_routes_that_answer(db: sqlx::PgPool) {
         let s = app(db).await;
@@ -824,7 +1088,7 @@ token = "reader-token-1"
         let mut n = 0;
         for (method, path, _) in ROUTES {
             assert!(paths[*path][*method].is_object(), "{method} {path} missing");
-            let uri = path.replace("{id}", "999999");
+            let uri = path.replace("{id}", "999999").replace("{version}", "none");
             let (st, _) = call(&s, &method.to_uppercase(), &uri, A, None).await;
             assert_ne!(st, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
             n += 1;

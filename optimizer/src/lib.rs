@@ -58,7 +58,14 @@ pub async fn app_state(config: Config, db: sqlx::PgPool) -> anyhow::Result<api::
     if tokens.is_empty() {
         tracing::warn!("no tokens configured: the API is open to anyone who can reach it");
     }
-    let state = Arc::new(state::State::default());
+    let runtime = match inference::Runtime::init(config.onnxruntime_library.as_deref()) {
+        Ok(rt) => Some(rt),
+        Err(e) => {
+            tracing::error!(error = %e, "ONNX Runtime unavailable: models are not served");
+            None
+        }
+    };
+    let state = Arc::new(state::State::with_runtime(runtime));
     state.reload(&db).await?;
     tokio::spawn(
         state

@@ -165,7 +165,7 @@ pub fn probe_contexts() -> Vec<ConnectionContext> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use tuning::onnx::{TargetModel, Tree, TreeNode, export};
 

@@ -49,15 +49,27 @@ pub struct Snapshot {
     pub kill_switch: bool,
     /// Overrides in force.
     pub overrides: Vec<OverrideRow>,
+    /// The active model, loaded and validated.
+    pub model: Option<Arc<crate::models::LoadedModel>>,
 }
 
 /// The shared, swappable snapshot.
 #[derive(Debug, Default)]
 pub struct State {
     snap: RwLock<Arc<Snapshot>>,
+    /// ONNX Runtime, when available (without it, models are not loaded).
+    pub runtime: Option<&'static crate::inference::Runtime>,
 }
 
 impl State {
+    /// An empty state that loads models with `runtime`.
+    pub fn with_runtime(runtime: Option<&'static crate::inference::Runtime>) -> State {
+        State {
+            snap: RwLock::default(),
+            runtime,
+        }
+    }
+
     /// The current snapshot.
     pub fn get(&self) -> Arc<Snapshot> {
         self.snap.read().expect("snapshot").clone()
@@ -75,11 +87,51 @@ impl State {
         )
         .fetch_all(db)
         .await?;
+        let active: Option<String> =
+            sqlx::query_scalar("select version from models where status = 'active'")
+                .fetch_optional(db)
+                .await?;
+        let current = self.get().model.clone();
+        let model = match (active, current) {
+            (None, _) => None,
+            (Some(v), Some(m)) if m.version == v => Some(m),
+            (Some(v), _) => self.load_model(db, &v).await,
+        };
         *self.snap.write().expect("snapshot") = Arc::new(Snapshot {
             kill_switch: kill,
             overrides,
+            model,
         });
         Ok(())
+    }
+
+    async fn load_model(
+        &self,
+        db: &sqlx::PgPool,
+        version: &str,
+    ) -> Option<Arc<crate::models::LoadedModel>> {
+        let rt = self.runtime?;
+        let bytes: Vec<u8> = match sqlx::query_scalar("select onnx from models where version = $1")
+            .bind(version)
+            .fetch_one(db)
+            .await
+        {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(%version, error = %e, "reading the active model failed");
+                return None;
+            }
+        };
+        match crate::models::LoadedModel::load(rt, version, &bytes) {
+            Ok(m) => {
+                tracing::info!(%version, "active model loaded");
+                Some(Arc::new(m))
+            }
+            Err(e) => {
+                tracing::error!(%version, error = %e, "the active model is not usable: static defaults");
+                None
+            }
+        }
     }
 
     /// Keep the snapshot fresh: reload on every notification, and every `every` regardless.
@@ -138,6 +190,29 @@ pub fn decide(config: &Config, snap: &Snapshot, ctx: &ConnectionContext) -> Buck
         };
     }
     let mut decision = Decision::fixed(defaults, Reason::Default);
+    let mut exploration = None;
+    if let Some(m) = &snap.model {
+        match m.settings(ctx, &tuning::ContextAggregates::default(), defaults) {
+            Ok((settings, _clamped)) => {
+                decision = Decision {
+                    settings,
+                    reason: Reason::Model,
+                    model_version: Some(m.version.clone()),
+                    cohort: tuning::Cohort::None,
+                    propensity: (1.0 - config.exploration_share) as f32,
+                    explored: false,
+                    shadow: None,
+                };
+                if config.exploration_share > 0.0 {
+                    exploration = Some(tuning::Exploration {
+                        share: config.exploration_share,
+                        salt: tuning::hash::stable_hash(&[b"explore", m.version.as_bytes()]),
+                    });
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "model inference failed: static default"),
+        }
+    }
     let applies = |o: &&OverrideRow| {
         o.service == ctx.service && o.route.as_ref().is_none_or(|r| *r == ctx.route)
     };
@@ -152,6 +227,8 @@ pub fn decide(config: &Config, snap: &Snapshot, ctx: &ConnectionContext) -> Buck
     for o in &scoped {
         decision.settings = decision.settings.with(&o.settings);
         decision.reason = Reason::Override;
+        decision.propensity = 1.0;
+        exploration = None;
     }
     decision.settings = decision.settings.clamp().0;
     // Per-client overrides travel with the answer; route-scoped ones first (they win).
@@ -172,7 +249,7 @@ pub fn decide(config: &Config, snap: &Snapshot, ctx: &ConnectionContext) -> Buck
         .collect();
     let bucket = BucketDecision {
         decision,
-        exploration: None,
+        exploration,
         client_overrides,
         ttl_ms,
     };
