@@ -179,3 +179,73 @@ async fn an_unreachable_or_silent_optimizer_never_delays_a_connection(pool: sqlx
     .expect("ten profiles");
     assert!(reasons.iter().all(|r| r == "fallback"), "{reasons:?}");
 }
+
+#[sqlx::test(migrations = "../migrations")]
+async fn an_activated_model_decides_connections_with_logged_exploration(pool: sqlx::PgPool) {
+    let url = database_url_of(&pool).await;
+    let opt = OptimizerProc::start(
+        &format!("exploration_share = 0.5\n{}", optimizer_config()),
+        &url,
+    );
+    // A model as the trainer registers one: a candidate row with ONNX bytes. This one sends
+    // every connection of the test to 64 KiB buffers and a 15-minute idle timeout.
+    let mut target = tuning::Settings::default();
+    target.buffer_size = 65536;
+    target.idle_timeout = 900;
+    let onnx = tuning::onnx::export(&[], &target, "e2e-1");
+    sqlx::query("insert into models (version, onnx, metadata) values ('e2e-1', $1, '{}')")
+        .bind(onnx)
+        .execute(&pool)
+        .await
+        .expect("register");
+    let (st, m) = http_json(
+        opt.addr,
+        "POST",
+        "/v1/models/e2e-1/activate",
+        Some(ADMIN),
+        None,
+    )
+    .await;
+    assert_eq!(st, 200, "{m}");
+    let echo = spawn_echo().await;
+    let dp = DataPlaneProc::start(&dp_config(echo, opt.addr, &url));
+    let got = until_profile(&pool, dp.proxy, Duration::from_secs(10), |r, _| {
+        r == "model"
+    })
+    .await;
+    assert!(got.is_some(), "no model decision reached the data plane");
+    for _ in 0..40 {
+        session(dp.proxy).await;
+    }
+    type Row = (String, Option<String>, f32, bool, String);
+    let rows: Vec<Row> = eventually(Duration::from_secs(5), || async {
+        let r: Vec<Row> = sqlx::query_as(
+            "select reason, model_version, propensity, explored,
+                    concat_ws(',', buffer_size, ping_interval_s, idle_timeout_s, compression, mode)
+               from profiles where reason = 'model'",
+        )
+        .fetch_all(&pool)
+        .await
+        .expect("rows");
+        (r.len() >= 40).then_some(r)
+    })
+    .await
+    .expect("forty model decisions");
+    let explored = rows.iter().filter(|r| r.3).count();
+    assert!(
+        explored > 5 && explored < rows.len() - 5,
+        "explored {explored} of {}",
+        rows.len()
+    );
+    let model_choice = "65536,30,900,f,zero_copy";
+    for (_, version, propensity, explored, settings) in &rows {
+        assert_eq!(version.as_deref(), Some("e2e-1"));
+        if *explored {
+            assert!(*propensity < 0.5, "{propensity}");
+            assert_ne!(settings, model_choice, "explored like the model: {rows:?}");
+        } else {
+            assert!((propensity - 0.5).abs() < 1e-6, "{propensity}");
+            assert_eq!(settings, model_choice);
+        }
+    }
+}
