@@ -189,9 +189,11 @@ async fn an_activated_model_decides_connections_with_logged_exploration(pool: sq
     );
     // A model as the trainer registers one: a candidate row with ONNX bytes. This one sends
     // every connection of the test to 64 KiB buffers and a 15-minute idle timeout.
-    let mut target = tuning::Settings::default();
-    target.buffer_size = 65536;
-    target.idle_timeout = 900;
+    let target = tuning::Settings {
+        buffer_size: 65536,
+        idle_timeout: 900,
+        ..tuning::Settings::default()
+    };
     let onnx = tuning::onnx::export(&[], &target, "e2e-1");
     sqlx::query("insert into models (version, onnx, metadata) values ('e2e-1', $1, '{}')")
         .bind(onnx)
