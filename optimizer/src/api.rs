@@ -1081,6 +1081,45 @@ token = "reader-token-1"
     }
 
     #[sqlx::test(migrations = "../migrations")]
+    async fn the_shipped_model_decides_until_the_registry_has_one(db: sqlx::PgPool) {
+        let dir = std::env::temp_dir().join(format!("trimtab-shipped-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("default.onnx");
+        std::fs::write(&path, crate::models::tests::rule_model()).unwrap();
+        let cfg = format!("shipped_model = {:?}\n{CONFIG}", path.display().to_string());
+        let s = crate::app_state(Config::from_toml(&cfg).unwrap(), db.clone())
+            .await
+            .unwrap();
+        let (_, d) = call(&s, "POST", "/v1/decisions", R, Some(ctx(None))).await;
+        assert_eq!(d["decision"]["reason"], "model", "{d}");
+        assert_eq!(d["decision"]["model_version"], "shipped:default");
+        register(
+            &db,
+            "const-2",
+            tuning::onnx::export(&[], &tuning::Settings::default(), "const-2"),
+        )
+        .await;
+        call(&s, "POST", "/v1/models/const-2/activate", A, None).await;
+        let (_, d) = call(&s, "POST", "/v1/decisions", R, Some(ctx(None))).await;
+        assert_eq!(d["decision"]["model_version"], "const-2");
+        // a shipped model that is not a model: static defaults, and the reason says so
+        std::fs::write(&path, b"garbage").unwrap();
+        let s2 = crate::app_state(
+            Config::from_toml(&cfg).unwrap(),
+            sqlx::PgPool::connect_lazy_with(db.connect_options().as_ref().clone()),
+        )
+        .await
+        .unwrap();
+        sqlx::query("update models set status = 'retired'")
+            .execute(&db)
+            .await
+            .unwrap();
+        s2.state.reload(&db).await.unwrap();
+        let (_, d) = call(&s2, "POST", "/v1/decisions", R, Some(ctx(None))).await;
+        assert_eq!(d["decision"]["reason"], "default", "{d}");
+    }
+
+    #[sqlx::test(migrations = "../migrations")]
     async fn openapi_lists_exactly_the_routes_that_answer(db: sqlx::PgPool) {
         let s = app(db).await;
         let (_, doc) = call(&s, "GET", "/openapi.json", None, None).await;

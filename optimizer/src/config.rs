@@ -23,6 +23,10 @@ pub struct Config {
     /// The ONNX Runtime shared library; when absent, `ORT_DYLIB_PATH`.
     #[serde(default)]
     pub onnxruntime_library: Option<PathBuf>,
+    /// The shipped model: used when the registry has no active model (validated like any
+    /// other; absent or unusable: static defaults).
+    #[serde(default)]
+    pub shipped_model: Option<PathBuf>,
     /// Static settings for every service (the `default` decision).
     #[serde(default)]
     pub defaults: Settings,

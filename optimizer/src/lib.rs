@@ -65,7 +65,29 @@ pub async fn app_state(config: Config, db: sqlx::PgPool) -> anyhow::Result<api::
             None
         }
     };
-    let state = Arc::new(state::State::with_runtime(runtime));
+    let mut st = state::State::with_runtime(runtime);
+    if let (Some(path), Some(rt)) = (&config.shipped_model, runtime) {
+        let loaded = std::fs::read(path)
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| {
+                let version = format!(
+                    "shipped:{}",
+                    path.file_stem()
+                        .map_or("model".into(), |s| s.to_string_lossy())
+                );
+                models::LoadedModel::load(rt, &version, &bytes).map_err(|e| e.to_string())
+            });
+        match loaded {
+            Ok(m) => {
+                tracing::info!(path = %path.display(), "shipped model loaded");
+                st.shipped = Some(Arc::new(m));
+            }
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "shipped model unusable: static defaults")
+            }
+        }
+    }
+    let state = Arc::new(st);
     state.reload(&db).await?;
     tokio::spawn(
         state

@@ -59,6 +59,8 @@ pub struct State {
     snap: RwLock<Arc<Snapshot>>,
     /// ONNX Runtime, when available (without it, models are not loaded).
     pub runtime: Option<&'static crate::inference::Runtime>,
+    /// The shipped model, loaded once at start.
+    pub shipped: Option<Arc<crate::models::LoadedModel>>,
 }
 
 impl State {
@@ -67,6 +69,7 @@ impl State {
         State {
             snap: RwLock::default(),
             runtime,
+            shipped: None,
         }
     }
 
@@ -93,7 +96,7 @@ impl State {
                 .await?;
         let current = self.get().model.clone();
         let model = match (active, current) {
-            (None, _) => None,
+            (None, _) => self.shipped.clone(),
             (Some(v), Some(m)) if m.version == v => Some(m),
             (Some(v), _) => self.load_model(db, &v).await,
         };
