@@ -39,6 +39,10 @@ pub struct RawConfig {
     /// The optimizer to take decisions from; when absent, every service's static settings.
     #[serde(default)]
     pub optimizer: Option<RawOptimizer>,
+    /// Request header that names the client (for per-client overrides and rollout cohorts);
+    /// absent or missing on a request: the client's IP address.
+    #[serde(default)]
+    pub client_key_header: Option<String>,
 }
 
 /// The optimizer connection as written.
@@ -283,6 +287,8 @@ pub struct Config {
     pub regions: Regions,
     /// The optimizer, when configured.
     pub optimizer: Option<crate::decisions::OptimizerConfig>,
+    /// See [`RawConfig::client_key_header`].
+    pub client_key_header: Option<http::HeaderName>,
 }
 
 /// A CIDR table: the first region whose block contains an address names it.
@@ -671,10 +677,16 @@ impl RawConfig {
                 max_entries: 100_000,
             }
         });
+        let client_key_header = self.client_key_header.as_deref().and_then(|h| {
+            http::HeaderName::from_bytes(h.as_bytes())
+                .map_err(|_| e.push(format!("client_key_header = {h:?} is not a header name")))
+                .ok()
+        });
         if !e.is_empty() {
             return Err(e);
         }
         Ok(Config {
+            client_key_header,
             optimizer,
             profiles,
             regions: Regions(regions),

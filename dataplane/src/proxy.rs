@@ -439,7 +439,17 @@ impl Proxy {
             client_class: ClientClass::from_user_agent(ua),
             client_region: routes.config.regions.lookup(conn.peer.ip()).to_string(),
             hour_of_week: tuning::context::hour_of_week(started_at.timestamp()),
-            client_key: Some(conn.peer.ip().to_string()),
+            client_key: Some(
+                routes
+                    .config
+                    .client_key_header
+                    .as_ref()
+                    .and_then(|h| req.headers().get(h))
+                    .and_then(|v| v.to_str().ok())
+                    .map(|v| v.trim().chars().take(128).collect::<String>())
+                    .filter(|v| !v.is_empty())
+                    .unwrap_or_else(|| conn.peer.ip().to_string()),
+            ),
         };
         let connection_id = uuid::Uuid::new_v4();
         let mut decision = applicable(self.source.decide(&ctx, &service, &connection_id));

@@ -186,6 +186,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models/{version}", get(get_model))
         .route("/v1/models/{version}/activate", post(activate_model))
         .route("/v1/models/rollback", post(rollback_model))
+        .route("/v1/rollouts", get(list_rollouts))
+        .route("/v1/rollouts", post(start_rollout))
+        .route("/v1/rollouts/{id}", get(get_rollout))
+        .route("/v1/rollouts/{id}/{action}", post(rollout_action))
         .with_state(state)
 }
 
@@ -301,7 +305,7 @@ async fn decisions(
     }))
 }
 
-async fn audit_entry(
+pub(crate) async fn audit_entry(
     db: &sqlx::PgPool,
     actor: &str,
     action: &str,
@@ -615,6 +619,27 @@ async fn get_model(
     row.map(Json).ok_or(ApiError::NotFound)
 }
 
+/// Make a rollout's candidate the active model (the controller's promotion).
+pub(crate) async fn promote_candidate(
+    s: &AppState,
+    r: &crate::rollout::RolloutRow,
+    actor: &str,
+) -> Result<(), ApiError> {
+    let caller = Caller {
+        name: actor.to_string(),
+        role: Role::Admin,
+    };
+    activate(
+        s,
+        &caller,
+        &r.candidate_version,
+        "model.activate",
+        &format!("promoted by rollout {}", r.id),
+    )
+    .await
+    .map(|_| ())
+}
+
 /// Make `version` the active model (validated first); the previous one becomes last-good.
 async fn activate(
     s: &AppState,
@@ -719,6 +744,229 @@ async fn rollback_model(
         q.comment.as_deref().unwrap_or(""),
     )
     .await
+}
+
+/// A new rollout.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RolloutInput {
+    candidate: String,
+    #[serde(default = "default_steps")]
+    steps: Vec<f32>,
+    #[serde(default = "default_step_duration")]
+    step_duration: String,
+    #[serde(default = "default_min_connections")]
+    min_connections: i32,
+    #[serde(default)]
+    shadow_share: f32,
+    #[serde(default)]
+    tolerances: crate::rollout::Tolerances,
+    #[serde(default)]
+    comment: String,
+}
+
+fn default_steps() -> Vec<f32> {
+    vec![5.0, 25.0, 50.0, 100.0]
+}
+fn default_step_duration() -> String {
+    "10m".into()
+}
+fn default_min_connections() -> i32 {
+    200
+}
+
+async fn start_rollout(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Body(input): Body<RolloutInput>,
+) -> Result<(StatusCode, Json<crate::rollout::RolloutRow>), ApiError> {
+    let caller = require(&s, &headers, Role::Admin)?;
+    if input.steps.is_empty()
+        || input.steps.iter().any(|p| !(*p > 0.0 && *p <= 100.0))
+        || input.steps.windows(2).any(|w| w[1] <= w[0])
+        || input.steps.last() != Some(&100.0)
+    {
+        return Err(ApiError::Invalid(format!(
+            "steps = {:?} must rise strictly within (0, 100] and end at 100",
+            input.steps
+        )));
+    }
+    let secs = tuning::settings::parse_secs(&input.step_duration)
+        .filter(|s| *s > 0)
+        .ok_or_else(|| {
+            ApiError::Invalid(format!(
+                "step_duration = {:?} is not a duration (e.g. \"10m\")",
+                input.step_duration
+            ))
+        })?;
+    if input.min_connections < 1 {
+        return Err(ApiError::Invalid(format!(
+            "min_connections = {} must be at least 1",
+            input.min_connections
+        )));
+    }
+    if !(0.0..=1.0).contains(&input.shadow_share) {
+        return Err(ApiError::Invalid(format!(
+            "shadow_share = {} must be between 0 and 1",
+            input.shadow_share
+        )));
+    }
+    let bytes: Option<Vec<u8>> = sqlx::query_scalar("select onnx from models where version = $1")
+        .bind(&input.candidate)
+        .fetch_optional(&s.db)
+        .await?;
+    let bytes = bytes.ok_or_else(|| {
+        ApiError::Invalid(format!(
+            "candidate {:?} is not in the registry",
+            input.candidate
+        ))
+    })?;
+    let rt = s
+        .state
+        .runtime
+        .ok_or_else(|| ApiError::Invalid("ONNX Runtime is not available on this replica".into()))?;
+    crate::models::LoadedModel::load(rt, &input.candidate, &bytes)
+        .map_err(|e| ApiError::Invalid(format!("candidate {}: {e}", input.candidate)))?;
+    let control: Option<String> =
+        sqlx::query_scalar("select version from models where status = 'active'")
+            .fetch_optional(&s.db)
+            .await?;
+    if control.as_deref() == Some(input.candidate.as_str()) {
+        return Err(ApiError::Invalid(format!(
+            "{} is already the active model",
+            input.candidate
+        )));
+    }
+    let mut tx = s.db.begin().await?;
+    // A newer candidate restarts the analysis: the running rollout is superseded.
+    let superseded: Option<i64> = sqlx::query_scalar(
+        "update rollouts set state = 'aborted', state_reason = 'superseded by a newer candidate', updated_at = now()
+          where state in ('shadow', 'canary', 'paused') returning id",
+    )
+    .fetch_optional(&mut *tx)
+    .await?;
+    let salt = tuning::hash::stable_hash(&[
+        input.candidate.as_bytes(),
+        Utc::now().to_rfc3339().as_bytes(),
+    ]) as i64;
+    let state = if input.shadow_share > 0.0 {
+        "shadow"
+    } else {
+        "canary"
+    };
+    let row: crate::rollout::RolloutRow = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "insert into rollouts (candidate_version, control_version, salt, steps, shadow_share, step_duration_s,
+                               min_connections, tolerances, state, created_by)
+         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) returning {}",
+        crate::rollout::COLUMNS
+    )))
+    .bind(&input.candidate)
+    .bind(&control)
+    .bind(salt)
+    .bind(&input.steps)
+    .bind(input.shadow_share)
+    .bind(secs as i32)
+    .bind(input.min_connections)
+    .bind(sqlx::types::Json(input.tolerances))
+    .bind(state)
+    .bind(&caller.name)
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    audit_entry(
+        &s.db,
+        &caller.name,
+        "rollout.start",
+        &format!("rollout/{}", row.id),
+        superseded.map(|id| json!({ "superseded": id })),
+        Some(json!(row)),
+        &input.comment,
+    )
+    .await?;
+    state::notify(&s.db, "rollouts").await?;
+    let _ = s.state.reload(&s.db).await;
+    Ok((StatusCode::CREATED, Json(row)))
+}
+
+async fn list_rollouts(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<Vec<crate::rollout::RolloutRow>>, ApiError> {
+    require(&s, &headers, Role::Reader)?;
+    let rows = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select {} from rollouts order by id desc limit 100",
+        crate::rollout::COLUMNS
+    )))
+    .fetch_all(&s.db)
+    .await?;
+    Ok(Json(rows))
+}
+
+async fn get_rollout(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<i64>,
+) -> Result<Json<crate::rollout::RolloutRow>, ApiError> {
+    require(&s, &headers, Role::Reader)?;
+    let row: Option<crate::rollout::RolloutRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select {} from rollouts where id = $1",
+        crate::rollout::COLUMNS
+    )))
+    .bind(id)
+    .fetch_optional(&s.db)
+    .await?;
+    row.map(Json).ok_or(ApiError::NotFound)
+}
+
+async fn rollout_action(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path((id, action)): Path<(i64, String)>,
+    Query(q): Query<CommentQuery>,
+) -> Result<Json<crate::rollout::RolloutRow>, ApiError> {
+    let caller = require(&s, &headers, Role::Admin)?;
+    let Json(r) = get_rollout(State(s.clone()), headers.clone(), Path(id)).await?;
+    let (from_ok, to): (&[&str], &str) = match action.as_str() {
+        "pause" => (&["shadow", "canary"], "paused"),
+        "resume" => (&["paused"], "canary"),
+        "promote" => (&["shadow", "canary", "paused"], "promoted"),
+        "abort" => (&["shadow", "canary", "paused"], "aborted"),
+        _ => return Err(ApiError::NotFound),
+    };
+    if !from_ok.contains(&r.state.as_str()) {
+        return Err(ApiError::Invalid(format!(
+            "cannot {action} a rollout that is {}",
+            r.state
+        )));
+    }
+    if to == "promoted" {
+        promote_candidate(&s, &r, &caller.name).await?;
+    }
+    let reason = format!("{action} by {}", caller.name);
+    sqlx::query(
+        "update rollouts set state = $2, state_reason = $3, updated_at = now(),
+                step_started_at = case when $2 = 'canary' then now() else step_started_at end
+          where id = $1",
+    )
+    .bind(id)
+    .bind(to)
+    .bind(&reason)
+    .execute(&s.db)
+    .await?;
+    audit_entry(
+        &s.db,
+        &caller.name,
+        &format!("rollout.{action}"),
+        &format!("rollout/{id}"),
+        Some(json!({ "state": r.state })),
+        Some(json!({ "state": to })),
+        q.comment.as_deref().unwrap_or(""),
+    )
+    .await?;
+    state::notify(&s.db, "rollouts").await?;
+    let _ = s.state.reload(&s.db).await;
+    let Json(r) = get_rollout(State(s.clone()), headers, Path(id)).await?;
+    Ok(Json(r))
 }
 
 #[derive(Debug, Deserialize)]
@@ -1117,6 +1365,219 @@ token = "reader-token-1"
         s2.state.reload(&db).await.unwrap();
         let (_, d) = call(&s2, "POST", "/v1/decisions", R, Some(ctx(None))).await;
         assert_eq!(d["decision"]["reason"], "default", "{d}");
+    }
+
+    /// Profiles as the data plane writes them, for the gates.
+    async fn profiles(db: &sqlx::PgPool, cohort: &str, n: usize, idle_fired: bool) {
+        for _ in 0..n {
+            sqlx::query(
+                "insert into profiles (connection_id, dataplane_id, started_at, ended_at, duration_us, service, route,
+                   protocol, offers_deflate, client_class, client_region, hour_of_week, buffer_size, ping_interval_s,
+                   idle_timeout_s, compression, mode, reason, cohort, propensity, c2u_msg_size_hist, c2u_read_size_hist,
+                   c2u_gap_ms_hist, u2c_msg_size_hist, u2c_read_size_hist, u2c_gap_ms_hist, closed_by, idle_timeout_fired,
+                   u2c_first_message_us)
+                 values (gen_random_uuid(), 't', now(), now(), 1000, 'chat', '/ws', 'websocket', false, 'other', 'eu', 0,
+                   16384, 30, 300, false, 'zero_copy', 'default', $1, 1, '{}', '{}', '{}', '{}', '{}', '{}', 'client', $2, 500)",
+            )
+            .bind(cohort)
+            .bind(idle_fired)
+            .execute(db)
+            .await
+            .unwrap();
+        }
+    }
+
+    async fn age_step(db: &sqlx::PgPool) {
+        // 1.5 step durations into the step: due for judging, not yet inconclusive.
+        sqlx::query("update rollouts set step_started_at = now() - interval '1500 milliseconds'")
+            .execute(db)
+            .await
+            .unwrap();
+        sqlx::query("update profiles set started_at = now() - interval '1 second'")
+            .execute(db)
+            .await
+            .unwrap();
+    }
+
+    #[sqlx::test(migrations = "../migrations")]
+    async fn rollouts_split_cohorts_and_are_judged_by_their_gates(db: sqlx::PgPool) {
+        let s = app(db.clone()).await;
+        register(
+            &db,
+            "good",
+            tuning::onnx::export(&[], &tuning::Settings::default(), "good"),
+        )
+        .await;
+        let bad_settings = tuning::Settings {
+            idle_timeout: 30,
+            ..tuning::Settings::default()
+        };
+        register(&db, "bad", tuning::onnx::export(&[], &bad_settings, "bad")).await;
+        // validation names the field
+        let (st, e) = call(
+            &s,
+            "POST",
+            "/v1/rollouts",
+            A,
+            Some(json!({"candidate": "good", "steps": [50, 25, 100]})),
+        )
+        .await;
+        assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY);
+        assert!(
+            e["error"]
+                .as_str()
+                .unwrap()
+                .starts_with("steps = [50.0, 25.0, 100.0]"),
+            "{e}"
+        );
+        let (st, e) = call(
+            &s,
+            "POST",
+            "/v1/rollouts",
+            A,
+            Some(json!({"candidate": "nope"})),
+        )
+        .await;
+        assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY, "{e}");
+        // a bad candidate: the canary closes prematurely, the controller rolls it back
+        let (st, r) = call(&s, "POST", "/v1/rollouts", A,
+            Some(json!({"candidate": "bad", "steps": [50, 100], "step_duration": "1s", "min_connections": 5}))).await;
+        assert_eq!(st, StatusCode::CREATED, "{r}");
+        assert_eq!(r["state"], "canary");
+        let (_, d) = call(&s, "POST", "/v1/decisions", R, Some(ctx(None))).await;
+        assert_eq!(d["rollout"]["percent"], 50.0, "{d}");
+        assert_eq!(d["rollout"]["candidate"]["settings"]["idle_timeout"], 30);
+        assert_eq!(d["rollout"]["candidate"]["model_version"], "bad");
+        profiles(&db, "canary", 3, true).await;
+        profiles(&db, "control", 10, false).await;
+        age_step(&db).await;
+        assert_eq!(
+            crate::rollout::tick(&s).await.unwrap(),
+            None,
+            "too few canary connections: wait"
+        );
+        profiles(&db, "canary", 5, true).await;
+        sqlx::query("update profiles set started_at = now() - interval '1 second'")
+            .execute(&db)
+            .await
+            .unwrap();
+        assert_eq!(
+            crate::rollout::tick(&s).await.unwrap().as_deref(),
+            Some("rolled_back")
+        );
+        let (_, r) = call(&s, "GET", &format!("/v1/rollouts/{}", r["id"]), R, None).await;
+        assert_eq!(r["state"], "rolled_back");
+        assert!(
+            r["state_reason"].as_str().unwrap().contains("replay_cost"),
+            "{r}"
+        );
+        let (_, d) = call(&s, "POST", "/v1/decisions", R, Some(ctx(None))).await;
+        assert!(d.get("rollout").is_none(), "no split after a rollback: {d}");
+        // a good candidate passes every step and is promoted
+        sqlx::query("delete from profiles")
+            .execute(&db)
+            .await
+            .unwrap();
+        let (_, r) = call(&s, "POST", "/v1/rollouts", A,
+            Some(json!({"candidate": "good", "steps": [25, 50, 100], "step_duration": "1s", "min_connections": 5}))).await;
+        for expect in ["step 1", "promoted"] {
+            profiles(&db, "canary", 6, false).await;
+            profiles(&db, "control", 6, false).await;
+            age_step(&db).await;
+            assert_eq!(
+                crate::rollout::tick(&s).await.unwrap().as_deref(),
+                Some(expect)
+            );
+        }
+        let (_, m) = call(&s, "GET", "/v1/models/good", R, None).await;
+        assert_eq!(m["status"], "active");
+        let (_, r) = call(&s, "GET", &format!("/v1/rollouts/{}", r["id"]), R, None).await;
+        assert_eq!(r["state"], "promoted");
+        let (_, log) = call(&s, "GET", "/v1/audit", R, None).await;
+        let actions: Vec<&str> = log
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["action"].as_str().unwrap())
+            .collect();
+        assert!(
+            actions.contains(&"rollout.promoted") && actions.contains(&"rollout.rolled_back"),
+            "{actions:?}"
+        );
+    }
+
+    #[sqlx::test(migrations = "../migrations")]
+    async fn rollouts_pause_resume_abort_and_a_newer_candidate_supersedes(db: sqlx::PgPool) {
+        let s = app(db.clone()).await;
+        register(
+            &db,
+            "c1",
+            tuning::onnx::export(&[], &tuning::Settings::default(), "c1"),
+        )
+        .await;
+        register(
+            &db,
+            "c2",
+            tuning::onnx::export(&[], &tuning::Settings::default(), "c2"),
+        )
+        .await;
+        let (_, r1) = call(
+            &s,
+            "POST",
+            "/v1/rollouts",
+            A,
+            Some(json!({"candidate": "c1", "shadow_share": 0.5})),
+        )
+        .await;
+        assert_eq!(r1["state"], "shadow");
+        let (_, d) = call(&s, "POST", "/v1/decisions", R, Some(ctx(None))).await;
+        assert_eq!(d["rollout"]["percent"], 0.0);
+        assert_eq!(d["rollout"]["shadow_share"], 0.5);
+        let id = r1["id"].as_i64().unwrap();
+        let (st, r) = call(&s, "POST", &format!("/v1/rollouts/{id}/pause"), A, None).await;
+        assert_eq!((st, r["state"].as_str()), (StatusCode::OK, Some("paused")));
+        let (st, _) = call(&s, "POST", &format!("/v1/rollouts/{id}/pause"), A, None).await;
+        assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY);
+        let (_, r) = call(&s, "POST", &format!("/v1/rollouts/{id}/resume"), A, None).await;
+        assert_eq!(r["state"], "canary");
+        let (st, _) = call(&s, "POST", &format!("/v1/rollouts/{id}/resume"), R, None).await;
+        assert_eq!(st, StatusCode::FORBIDDEN);
+        // a newer candidate restarts the analysis
+        let (_, r2) = call(
+            &s,
+            "POST",
+            "/v1/rollouts",
+            A,
+            Some(json!({"candidate": "c2"})),
+        )
+        .await;
+        let (_, old) = call(&s, "GET", &format!("/v1/rollouts/{id}"), R, None).await;
+        assert_eq!(old["state"], "aborted");
+        assert_eq!(old["state_reason"], "superseded by a newer candidate");
+        let id2 = r2["id"].as_i64().unwrap();
+        let (_, r) = call(&s, "POST", &format!("/v1/rollouts/{id2}/abort"), A, None).await;
+        assert_eq!(r["state"], "aborted");
+        let (_, m) = call(&s, "GET", "/v1/models/c2", R, None).await;
+        assert_eq!(m["status"], "candidate", "aborting never activates");
+        let (_, r3) = call(
+            &s,
+            "POST",
+            "/v1/rollouts",
+            A,
+            Some(json!({"candidate": "c2"})),
+        )
+        .await;
+        let (_, r) = call(
+            &s,
+            "POST",
+            &format!("/v1/rollouts/{}/promote", r3["id"]),
+            A,
+            None,
+        )
+        .await;
+        assert_eq!(r["state"], "promoted");
+        let (_, m) = call(&s, "GET", "/v1/models/c2", R, None).await;
+        assert_eq!(m["status"], "active");
     }
 
     #[sqlx::test(migrations = "../migrations")]

@@ -46,6 +46,9 @@ pub struct Config {
     /// within about this long).
     #[serde(default = "default_ttl_ms")]
     pub decision_ttl_ms: u64,
+    /// How often the rollout controller evaluates the running rollout, milliseconds.
+    #[serde(default = "default_rollout_tick")]
+    pub rollout_tick_ms: u64,
     /// The same, as a duration (derived).
     #[serde(skip, default = "default_ttl")]
     pub decision_ttl: std::time::Duration,
@@ -53,6 +56,10 @@ pub struct Config {
 
 fn default_exploration() -> f64 {
     0.05
+}
+
+fn default_rollout_tick() -> u64 {
+    5000
 }
 
 fn default_ttl_ms() -> u64 {

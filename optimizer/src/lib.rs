@@ -6,6 +6,7 @@ pub mod auth;
 pub mod config;
 pub mod inference;
 pub mod models;
+pub mod rollout;
 pub mod state;
 
 use std::future::Future;
@@ -101,6 +102,12 @@ pub async fn app_state(config: Config, db: sqlx::PgPool) -> anyhow::Result<api::
         tokens: Arc::new(tokens),
         metrics: Arc::new(api::Metrics::default()),
     })
+}
+
+/// Start the rollout controller (it runs in whichever replica holds the advisory lock).
+pub fn spawn_controller(state: &api::AppState) {
+    let every = std::time::Duration::from_millis(state.config.rollout_tick_ms.max(50));
+    tokio::spawn(rollout::controller(state.clone(), every));
 }
 
 /// Serve the API on an already-bound listener until `shutdown` resolves.

@@ -38,6 +38,7 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", config.listen))?;
     tracing::info!(addr = %listener.local_addr()?, "optimizer listening");
     let state = optimizer::app_state(config, db).await?;
+    optimizer::spawn_controller(&state);
     optimizer::run(listener, state, shutdown_signal()).await?;
     tracing::info!("optimizer stopped");
     Ok(())

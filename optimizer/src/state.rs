@@ -51,6 +51,8 @@ pub struct Snapshot {
     pub overrides: Vec<OverrideRow>,
     /// The active model, loaded and validated.
     pub model: Option<Arc<crate::models::LoadedModel>>,
+    /// The rollout splitting traffic, with its candidate loaded.
+    pub rollout: Option<(crate::rollout::RolloutRow, Arc<crate::models::LoadedModel>)>,
 }
 
 /// The shared, swappable snapshot.
@@ -100,10 +102,27 @@ impl State {
             (Some(v), Some(m)) if m.version == v => Some(m),
             (Some(v), _) => self.load_model(db, &v).await,
         };
+        let rollout = match crate::rollout::active(db).await? {
+            None => None,
+            Some(r) => {
+                let cached = self
+                    .get()
+                    .rollout
+                    .as_ref()
+                    .filter(|(old, m)| old.id == r.id && m.version == r.candidate_version)
+                    .map(|(_, m)| m.clone());
+                let m = match cached {
+                    Some(m) => Some(m),
+                    None => self.load_model(db, &r.candidate_version).await,
+                };
+                m.map(|m| (r, m))
+            }
+        };
         *self.snap.write().expect("snapshot") = Arc::new(Snapshot {
             kill_switch: kill,
             overrides,
             model,
+            rollout,
         });
         Ok(())
     }
@@ -190,6 +209,7 @@ pub fn decide(config: &Config, snap: &Snapshot, ctx: &ConnectionContext) -> Buck
             exploration: None,
             client_overrides: Vec::new(),
             ttl_ms,
+            rollout: None,
         };
     }
     let mut decision = Decision::fixed(defaults, Reason::Default);
@@ -250,11 +270,51 @@ pub fn decide(config: &Config, snap: &Snapshot, ctx: &ConnectionContext) -> Buck
             settings: o.settings,
         })
         .collect();
+    // A rollout splits what the model (or the default) would decide, never an override.
+    let rollout = match (&snap.rollout, decision.reason) {
+        (Some((r, m)), Reason::Model | Reason::Default) => {
+            match m.settings(ctx, &tuning::ContextAggregates::default(), defaults) {
+                Ok((settings, _)) => Some(tuning::RolloutAnswer {
+                    id: r.id,
+                    salt: r.salt as u64,
+                    service: ctx.service.clone(),
+                    percent: r.percent(),
+                    shadow_share: if r.state == "shadow" {
+                        f64::from(r.shadow_share)
+                    } else {
+                        0.0
+                    },
+                    candidate: Decision {
+                        settings,
+                        reason: Reason::Canary,
+                        model_version: Some(m.version.clone()),
+                        cohort: tuning::Cohort::Canary,
+                        propensity: (1.0 - config.exploration_share) as f32,
+                        explored: false,
+                        shadow: None,
+                    },
+                }),
+                Err(e) => {
+                    tracing::warn!(error = %e, "candidate inference failed: no canary for this bucket");
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
+    if rollout.is_some() && exploration.is_none() && config.exploration_share > 0.0 {
+        // Canary decisions explore like model decisions do.
+        exploration = snap.rollout.as_ref().map(|(r, _)| tuning::Exploration {
+            share: config.exploration_share,
+            salt: r.salt as u64,
+        });
+    }
     let bucket = BucketDecision {
         decision,
         exploration,
         client_overrides,
         ttl_ms,
+        rollout,
     };
     // A caller that named its client gets that client's decision directly.
     let mut b = bucket.clone();

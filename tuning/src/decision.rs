@@ -172,6 +172,23 @@ pub struct ClientOverride {
     pub settings: crate::PartialSettings,
 }
 
+/// A rollout in progress, as a data plane needs it to split connections into cohorts itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RolloutAnswer {
+    /// The rollout's id.
+    pub id: i64,
+    /// Salt of the cohort hash (per rollout).
+    pub salt: u64,
+    /// The service (part of the cohort hash).
+    pub service: String,
+    /// Share of clients in the canary, percent (0 during the shadow phase).
+    pub percent: f64,
+    /// Share of connections whose candidate choice is computed and logged, not applied.
+    pub shadow_share: f64,
+    /// The candidate model's decision for this bucket (reason `canary`, cohort `canary`).
+    pub candidate: Decision,
+}
+
 /// The optimizer's answer for a context bucket: the decision and everything a data plane needs
 /// to make each connection's own choice locally, exactly as the optimizer would.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -186,6 +203,9 @@ pub struct BucketDecision {
     pub client_overrides: Vec<ClientOverride>,
     /// How long the data plane may reuse this answer, milliseconds.
     pub ttl_ms: u64,
+    /// A rollout in progress for this bucket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutAnswer>,
 }
 
 impl BucketDecision {
@@ -205,6 +225,26 @@ impl BucketDecision {
             d.propensity = 1.0;
             d.explored = false;
             return d;
+        }
+        if let (Some(r), Reason::Model | Reason::Default) = (&self.rollout, d.reason) {
+            // Cohorts are sticky per client; a connection without a client key is its own client.
+            let id_key = connection_id.to_string();
+            let key = client_key.unwrap_or(&id_key);
+            if crate::cohort::in_canary(r.salt, &r.service, key, r.percent) {
+                let mut c = r.candidate.clone();
+                c.cohort = Cohort::Canary;
+                c.reason = Reason::Canary;
+                d = c;
+            } else {
+                d.cohort = Cohort::Control;
+                let draw = crate::hash::unit(crate::cohort::connection_draw(
+                    r.salt ^ 0x5348_4144_4f57,
+                    connection_id,
+                ));
+                if draw < r.shadow_share {
+                    d.shadow = Some(r.candidate.settings);
+                }
+            }
         }
         if let (Some(x), Reason::Model | Reason::Canary) = (self.exploration, d.reason) {
             let e = crate::cohort::explore(
@@ -243,6 +283,7 @@ mod bucket_tests {
                 },
             }],
             ttl_ms: 1000,
+            rollout: None,
         };
         let vip = b.for_connection(Some("vip"), &uuid::Uuid::new_v4());
         assert_eq!(
@@ -266,6 +307,67 @@ mod bucket_tests {
             b.for_connection(None, &id),
             b.for_connection(None, &id),
             "stable per connection"
+        );
+    }
+}
+
+#[cfg(test)]
+mod rollout_tests {
+    use super::*;
+    use crate::Settings;
+
+    #[test]
+    fn cohorts_split_by_client_and_shadow_is_logged_not_applied() {
+        let control = Decision::fixed(Settings::default(), Reason::Default);
+        let mut cand = Decision::fixed(
+            Settings {
+                buffer_size: 65536,
+                ..Settings::default()
+            },
+            Reason::Canary,
+        );
+        cand.model_version = Some("cand".into());
+        let mut b = BucketDecision {
+            decision: control,
+            exploration: None,
+            client_overrides: vec![],
+            ttl_ms: 1000,
+            rollout: Some(RolloutAnswer {
+                id: 1,
+                salt: 77,
+                service: "chat".into(),
+                percent: 25.0,
+                shadow_share: 1.0,
+                candidate: cand,
+            }),
+        };
+        let mut canary = 0;
+        for i in 0..2000 {
+            let key = format!("client-{i}");
+            let a = b.for_connection(Some(&key), &uuid::Uuid::new_v4());
+            let again = b.for_connection(Some(&key), &uuid::Uuid::new_v4());
+            assert_eq!(a.cohort, again.cohort, "sticky");
+            match a.cohort {
+                Cohort::Canary => {
+                    canary += 1;
+                    assert_eq!(a.reason, Reason::Canary);
+                    assert_eq!(a.settings.buffer_size, 65536);
+                    assert_eq!(a.model_version.as_deref(), Some("cand"));
+                }
+                Cohort::Control => {
+                    assert_eq!(a.settings, Settings::default());
+                    assert_eq!(a.shadow.map(|s| s.buffer_size), Some(65536));
+                }
+                Cohort::None => panic!("in a rollout every connection has a cohort"),
+            }
+        }
+        assert!((400..600).contains(&canary), "{canary}");
+        // the kill switch and overrides are not split
+        b.decision.reason = Reason::Override;
+        assert_eq!(
+            b.for_connection(Some("client-1"), &uuid::Uuid::new_v4())
+                .cohort,
+            Cohort::None
         );
     }
 }

@@ -14,7 +14,9 @@ pub mod profile;
 pub mod settings;
 
 pub use context::{ClientClass, ConnectionContext, Protocol};
-pub use decision::{BucketDecision, ClientOverride, Cohort, Decision, Exploration, Reason};
+pub use decision::{
+    BucketDecision, ClientOverride, Cohort, Decision, Exploration, Reason, RolloutAnswer,
+};
 pub use features::{ContextAggregates, encode, feature_len, feature_names, schema_hash};
 pub use profile::{ClosedBy, DirectionStats, Hist, PingStats, Profile, Timings};
 pub use settings::{Mode, PartialSettings, Settings, SettingsError, Target};
