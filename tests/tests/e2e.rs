@@ -3,6 +3,7 @@
 
 mod decisions;
 mod profiles;
+mod rollouts;
 
 use std::net::SocketAddr;
 use std::time::Duration;
