@@ -8,9 +8,8 @@
 //! - abnormal close rate: close codes 1006/1011 or an error class;
 //! - dead-peer rate: peers declared dead (false positives show up as a higher rate);
 //! - p99 first-message latency (upstream → client), milliseconds;
-//! - replay cost, per connection: 1 per premature close (our idle timeout fired), 1 per abnormal
-//!   close, plus buffer memory-time in MiB·s (`buffer_size` × seconds). This is the gate's own
-//!   provisional cost until the trainer's documented cost model lands in `tuning`.
+//! - replay cost: the mean of `tuning::cost::replay_cost` of each connection under the settings
+//!   it ran with, in CPU-microsecond equivalents — the same cost model the trainer's labels use.
 //!
 //! Not worse than control beyond the tolerances, with at least `min_connections` in each cohort
 //! → next step (passing the step before 100 % promotes: the candidate becomes the active model,
@@ -37,7 +36,7 @@ pub struct Tolerances {
     /// Increase of p99 first-message latency, milliseconds.
     #[serde(default = "d_latency")]
     pub p99_first_message_ms: f64,
-    /// Increase of the mean replay cost per connection.
+    /// Increase of the mean replay cost per connection (`tuning::cost` units).
     #[serde(default = "d_cost")]
     pub replay_cost: f64,
 }
@@ -49,7 +48,8 @@ fn d_latency() -> f64 {
     50.0
 }
 fn d_cost() -> f64 {
-    0.05
+    // CPU-µs equivalents per connection (a premature close alone costs 200 000)
+    1000.0
 }
 
 impl Default for Tolerances {
@@ -157,27 +157,116 @@ async fn cohort_metrics(
     cohort: &str,
     since: DateTime<Utc>,
 ) -> Result<CohortMetrics, sqlx::Error> {
-    let row: (i64, Option<f64>, Option<f64>, Option<f64>, Option<f64>) = sqlx::query_as(
+    let row: (i64, Option<f64>, Option<f64>, Option<f64>) = sqlx::query_as(
         "select count(*),
                 avg(case when close_code in (1006, 1011) or error_class is not null then 1.0 else 0.0 end)::float8,
                 avg(case when dead_peer then 1.0 else 0.0 end)::float8,
-                (percentile_cont(0.99) within group (order by u2c_first_message_us) / 1000.0)::float8,
-                avg((case when idle_timeout_fired then 1.0 else 0.0 end)
-                    + (case when close_code in (1006, 1011) or error_class is not null then 1.0 else 0.0 end)
-                    + buffer_size / 1048576.0 * duration_us / 1e6)::float8
+                (percentile_cont(0.99) within group (order by u2c_first_message_us) / 1000.0)::float8
            from profiles where cohort = $1 and started_at >= $2",
     )
     .bind(cohort)
     .bind(since)
     .fetch_one(db)
     .await?;
+    let costs = replay_costs(db, cohort, since).await?;
     Ok(CohortMetrics {
         connections: row.0,
         abnormal_close_rate: row.1.unwrap_or(0.0),
         dead_peer_rate: row.2.unwrap_or(0.0),
         p99_first_message_ms: row.3.unwrap_or(0.0),
-        replay_cost: row.4.unwrap_or(0.0),
+        replay_cost: if costs.is_empty() {
+            0.0
+        } else {
+            costs.iter().sum::<f64>() / costs.len() as f64
+        },
     })
+}
+
+/// The replay cost of every connection of a cohort since a time, from its profile.
+async fn replay_costs(
+    db: &sqlx::PgPool,
+    cohort: &str,
+    since: DateTime<Utc>,
+) -> Result<Vec<f64>, sqlx::Error> {
+    use sqlx::Row as _;
+    let rows = sqlx::query(
+        "select duration_us, buffer_size, ping_interval_s, idle_timeout_s, compression, mode,
+                c2u_bytes, c2u_messages, c2u_msg_size_hist, c2u_max_gap_ms,
+                u2c_bytes, u2c_messages, u2c_msg_size_hist, u2c_max_gap_ms, u2c_sampled_in, u2c_sampled_out,
+                close_code, error_class, dead_peer, idle_timeout_fired
+           from profiles where cohort = $1 and started_at >= $2 limit 100000",
+    )
+    .bind(cohort)
+    .bind(since)
+    .fetch_all(db)
+    .await?;
+    let w = tuning::cost::CostWeights::default();
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        let mut p = crate::rollout::blank_profile();
+        p.duration_us = r.get::<i64, _>(0).max(0) as u64;
+        let s = &mut p.decision.settings;
+        s.buffer_size = r.get::<i32, _>(1) as u32;
+        s.ping_interval = r.get::<i32, _>(2) as u32;
+        s.idle_timeout = r.get::<i32, _>(3) as u32;
+        s.compression = r.get(4);
+        s.mode = tuning::Mode::parse(r.get::<&str, _>(5)).unwrap_or(tuning::Mode::ZeroCopy);
+        let c = &mut p.client_to_upstream;
+        c.bytes = r.get::<i64, _>(6) as u64;
+        c.messages = r.get::<i64, _>(7) as u64;
+        c.msg_sizes = tuning::Hist::from_slice(&r.get::<Vec<i64>, _>(8));
+        c.max_gap_ms = r.get::<i64, _>(9) as u64;
+        let u = &mut p.upstream_to_client;
+        u.bytes = r.get::<i64, _>(10) as u64;
+        u.messages = r.get::<i64, _>(11) as u64;
+        u.msg_sizes = tuning::Hist::from_slice(&r.get::<Vec<i64>, _>(12));
+        u.max_gap_ms = r.get::<i64, _>(13) as u64;
+        u.sampled_in = r.get::<i64, _>(14) as u64;
+        u.sampled_out = r.get::<i64, _>(15) as u64;
+        p.close_code = r.get::<Option<i32>, _>(16).map(|c| c as u16);
+        p.error_class = r.get(17);
+        p.dead_peer = r.get(18);
+        p.idle_timeout_fired = r.get(19);
+        let settings = p.decision.settings;
+        out.push(tuning::cost::replay_cost(&p, &settings, &w));
+    }
+    Ok(out)
+}
+
+/// A profile with nothing in it, to fill from a row.
+pub fn blank_profile() -> tuning::Profile {
+    use tuning::*;
+    Profile {
+        connection_id: uuid::Uuid::nil(),
+        dataplane_id: String::new(),
+        started_at: Utc::now(),
+        duration_us: 0,
+        context: ConnectionContext {
+            service: String::new(),
+            route: String::new(),
+            protocol: Protocol::Websocket,
+            subprotocol: None,
+            offers_deflate: false,
+            client_class: ClientClass::Other,
+            client_region: String::new(),
+            hour_of_week: 0,
+            client_key: None,
+        },
+        decision: Decision::fixed(Settings::default(), Reason::Default),
+        timings: Timings::default(),
+        client_to_upstream: DirectionStats::default(),
+        upstream_to_client: DirectionStats::default(),
+        ping_client: PingStats::default(),
+        ping_upstream: PingStats::default(),
+        paused_ms: 0,
+        peak_buffered_bytes: 0,
+        closed_by: ClosedBy::Client,
+        close_code: None,
+        close_reason: None,
+        error_class: None,
+        dead_peer: false,
+        idle_timeout_fired: false,
+    }
 }
 
 /// The verdict of a gate.
@@ -429,7 +518,7 @@ mod tests {
             Verdict::Fail(w) => assert!(w[0].starts_with("abnormal_close_rate"), "{w:?}"),
             v => panic!("{v:?}"),
         }
-        match judge(&t, 10, &m(50, 0.0, 1.2), &m(50, 0.0, 0.2)) {
+        match judge(&t, 10, &m(50, 0.0, 200_000.0), &m(50, 0.0, 0.2)) {
             Verdict::Fail(w) => assert!(w[0].starts_with("replay_cost"), "{w:?}"),
             v => panic!("{v:?}"),
         }

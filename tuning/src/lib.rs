@@ -6,6 +6,7 @@
 
 pub mod cohort;
 pub mod context;
+pub mod cost;
 pub mod decision;
 pub mod features;
 pub mod hash;

@@ -1,0 +1,382 @@
+//! The replay cost model and the hindsight labels it defines.
+//!
+//! Most of what makes a setting right is a property of the traffic, which a profile records
+//! whatever settings were in force: message sizes, gaps, bytes, compressibility, how the
+//! connection ended. Replaying a profile under each grid value of one target (the other settings
+//! as they were) gives that value's cost; the **label** is the cheapest value. Costs are in one
+//! unit, *CPU-microsecond equivalents*, with every weight in [`CostWeights`] (the trainer's
+//! config can change them; the defaults are documented beside each field):
+//!
+//! | target | terms |
+//! |---|---|
+//! | `buffer_size` | read syscalls (`⌈size / buffer⌉` per message) + buffer memory-time (pooled in `zero_copy`: only while a message is in flight; held for the whole connection in `frame_aware`) |
+//! | `ping_interval` | pings sent (two legs) + dead-peer detection delay (3 intervals; "off" = until the idle timeout) for connections whose peer died |
+//! | `idle_timeout` | a premature close (a gap longer than the timeout: the client must reconnect) + memory held by a connection whose peer vanished (until the timeout) |
+//! | `compression` | deflate CPU per byte + deflate context memory-time, against bytes saved on the wire (sampled ratio, server → client) |
+//! | `mode` | per-message parsing and held buffers of `frame_aware`, which compression requires |
+//!
+//! Censoring: when our own idle timeout closed a connection, its real idle gap is unknown beyond
+//! that timeout; every longer timeout is then scored as if the gap had ended right after it
+//! (no premature close) and the timeout used as premature. Labels of such rows lean long, never
+//! short.
+
+use serde::{Deserialize, Serialize};
+
+use crate::profile::{HIST_BUCKETS, Hist, Profile};
+use crate::settings::{
+    BUFFER_SIZES, IDLE_TIMEOUTS, MISSED_PONGS_FOR_DEAD_PEER, Mode, PING_INTERVALS, Settings, Target,
+};
+
+/// Weights of the cost terms, in CPU-microsecond equivalents.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CostWeights {
+    /// One read/copy syscall (default 1.5 µs).
+    pub syscall: f64,
+    /// One KiB of memory held for one second (default 0.5).
+    pub kib_second: f64,
+    /// One proxy-originated ping and its pong on one leg (default 4).
+    pub ping: f64,
+    /// One second a dead peer goes undetected (default 2000: resources and a stale client).
+    pub dead_peer_second: f64,
+    /// One premature close: a reconnect, a handshake, a user-visible hiccup (default 200 000).
+    pub premature_close: f64,
+    /// Deflating one KiB (default 20: zlib at level 6 runs at roughly 50 MB/s per core).
+    pub deflate_kib: f64,
+    /// Sending one KiB to a client (default 100: egress price and the client's time on slow
+    /// links both make a KiB on the wire worth far more than a microsecond of CPU).
+    pub wire_kib: f64,
+    /// Deflate context memory per connection, KiB (default 64).
+    pub deflate_context_kib: f64,
+    /// Parsing one message in `frame_aware` (default 1).
+    pub frame_message: f64,
+}
+
+impl Default for CostWeights {
+    fn default() -> Self {
+        CostWeights {
+            syscall: 1.5,
+            kib_second: 0.5,
+            ping: 4.0,
+            dead_peer_second: 2000.0,
+            premature_close: 200_000.0,
+            deflate_kib: 20.0,
+            wire_kib: 100.0,
+            deflate_context_kib: 64.0,
+            frame_message: 1.0,
+        }
+    }
+}
+
+/// A representative value of histogram bucket `i` (its midpoint; 0 for bucket 0).
+fn bucket_mid(i: usize) -> f64 {
+    if i == 0 {
+        0.0
+    } else {
+        let lo = (1u64 << (i - 1)) as f64;
+        let hi = if i == HIST_BUCKETS - 1 {
+            lo * 2.0
+        } else {
+            (1u64 << i) as f64
+        };
+        (lo + hi) / 2.0
+    }
+}
+
+fn reads_for(h: &Hist, buffer: u32) -> f64 {
+    h.0.iter()
+        .enumerate()
+        .map(|(i, c)| *c as f64 * (bucket_mid(i) / f64::from(buffer)).ceil().max(1.0))
+        .sum()
+}
+
+fn seconds(p: &Profile) -> f64 {
+    p.duration_us as f64 / 1e6
+}
+
+fn abnormal(p: &Profile) -> bool {
+    p.dead_peer
+        || matches!(p.close_code, Some(1006))
+        || p.error_class
+            .as_deref()
+            .is_some_and(|e| e.ends_with("_dead") || e.ends_with("_io") || e.ends_with("_gone"))
+}
+
+/// Sampled compressed/raw ratio of the server → client direction, if sampled.
+pub fn compress_ratio(p: &Profile) -> Option<f64> {
+    let d = &p.upstream_to_client;
+    (d.sampled_in > 0).then(|| d.sampled_out as f64 / d.sampled_in as f64)
+}
+
+/// The replay cost of `p` had it run with `s`.
+pub fn replay_cost(p: &Profile, s: &Settings, w: &CostWeights) -> f64 {
+    let secs = seconds(p);
+    let dirs = [&p.client_to_upstream, &p.upstream_to_client];
+    let messages: f64 = dirs.iter().map(|d| d.messages as f64).sum();
+    let bytes: f64 = dirs.iter().map(|d| d.bytes as f64).sum();
+    // buffer_size: syscalls and memory
+    let reads: f64 = dirs
+        .iter()
+        .map(|d| reads_for(&d.msg_sizes, s.buffer_size))
+        .sum();
+    let kib = f64::from(s.buffer_size) / 1024.0;
+    let held_s = match s.mode {
+        // pooled: a buffer per direction only while a message is in flight (~50 µs each)
+        Mode::ZeroCopy => messages * 50e-6,
+        // tungstenite's read and write buffers on both legs for the whole connection
+        Mode::FrameAware => 4.0 * secs,
+    };
+    let mut cost = reads * w.syscall + kib * held_s * w.kib_second;
+    // ping_interval: pings, and how long a dead peer stays undetected
+    if s.ping_interval > 0 {
+        cost += 2.0 * (secs / f64::from(s.ping_interval)).floor() * w.ping;
+    }
+    if abnormal(p) {
+        let detect = if s.ping_interval > 0 {
+            f64::from(s.ping_interval * MISSED_PONGS_FOR_DEAD_PEER)
+        } else {
+            f64::from(s.idle_timeout)
+        };
+        cost += detect * w.dead_peer_second;
+    }
+    // idle_timeout: premature closes, and memory held by a vanished peer
+    let gap_s = p
+        .client_to_upstream
+        .max_gap_ms
+        .max(p.upstream_to_client.max_gap_ms) as f64
+        / 1e3;
+    let used = p.decision.settings.idle_timeout;
+    let premature = if p.idle_timeout_fired {
+        // censored: the gap was at least `used`
+        s.idle_timeout <= used
+    } else {
+        gap_s > f64::from(s.idle_timeout)
+    };
+    if premature {
+        cost += w.premature_close;
+    }
+    if p.dead_peer {
+        cost += f64::from(s.idle_timeout) * 8.0 * w.kib_second;
+    }
+    // compression: CPU and context memory against wire bytes saved (server -> client)
+    let out_kib = p.upstream_to_client.bytes as f64 / 1024.0;
+    let all_kib = bytes / 1024.0;
+    let wire_kib = if s.compression {
+        let ratio = compress_ratio(p).unwrap_or(1.0).min(1.0);
+        cost += out_kib * w.deflate_kib + w.deflate_context_kib * secs * w.kib_second;
+        all_kib - out_kib + out_kib * ratio
+    } else {
+        all_kib
+    };
+    cost += wire_kib * w.wire_kib;
+    // mode: parsing every message in frame_aware
+    if s.mode == Mode::FrameAware {
+        cost += messages * w.frame_message;
+    }
+    cost
+}
+
+/// The hindsight label of one target: the grid class of least replay cost, the other settings
+/// as they were (compression and mode are judged together: compression needs `frame_aware`).
+pub fn label(p: &Profile, target: Target, w: &CostWeights) -> usize {
+    let base = p.decision.settings;
+    let candidates: Vec<Settings> = match target {
+        Target::BufferSize => BUFFER_SIZES
+            .iter()
+            .map(|b| Settings {
+                buffer_size: *b,
+                ..base
+            })
+            .collect(),
+        Target::PingInterval => PING_INTERVALS
+            .iter()
+            .map(|v| Settings {
+                ping_interval: *v,
+                ..base
+            })
+            .collect(),
+        Target::IdleTimeout => IDLE_TIMEOUTS
+            .iter()
+            .map(|v| Settings {
+                idle_timeout: *v,
+                ..base
+            })
+            .collect(),
+        Target::Compression | Target::Mode => vec![
+            Settings {
+                compression: false,
+                mode: Mode::ZeroCopy,
+                ..base
+            },
+            Settings {
+                compression: false,
+                mode: Mode::FrameAware,
+                ..base
+            },
+            Settings {
+                compression: true,
+                mode: Mode::FrameAware,
+                ..base
+            },
+        ],
+    };
+    let best = candidates
+        .iter()
+        .min_by(|a, b| replay_cost(p, a, w).total_cmp(&replay_cost(p, b, w)))
+        .copied()
+        .unwrap_or(base);
+    target.class_of(&best)
+}
+
+/// The cheapest settings for a profile in hindsight (every target's label): the oracle.
+pub fn oracle(p: &Profile, w: &CostWeights) -> Settings {
+    let mut s = p.decision.settings;
+    for t in Target::ALL {
+        t.set_class(&mut s, label(p, t, w));
+    }
+    s.clamp().0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        ClientClass, ConnectionContext, Decision, DirectionStats, PingStats, Protocol, Reason,
+        Timings,
+    };
+
+    fn profile(secs: u64, f: impl FnOnce(&mut Profile)) -> Profile {
+        let mut p = Profile {
+            connection_id: uuid::Uuid::nil(),
+            dataplane_id: "t".into(),
+            started_at: chrono::Utc::now(),
+            duration_us: secs * 1_000_000,
+            context: ConnectionContext {
+                service: "s".into(),
+                route: "/".into(),
+                protocol: Protocol::Websocket,
+                subprotocol: None,
+                offers_deflate: true,
+                client_class: ClientClass::Browser,
+                client_region: "eu".into(),
+                hour_of_week: 0,
+                client_key: None,
+            },
+            decision: Decision::fixed(Settings::default(), Reason::Default),
+            timings: Timings::default(),
+            client_to_upstream: DirectionStats::default(),
+            upstream_to_client: DirectionStats::default(),
+            ping_client: PingStats::default(),
+            ping_upstream: PingStats::default(),
+            paused_ms: 0,
+            peak_buffered_bytes: 0,
+            closed_by: crate::ClosedBy::Client,
+            close_code: Some(1000),
+            close_reason: None,
+            error_class: None,
+            dead_peer: false,
+            idle_timeout_fired: false,
+        };
+        f(&mut p);
+        p
+    }
+
+    fn traffic(d: &mut DirectionStats, n: u64, size: u64) {
+        d.messages += n;
+        d.bytes += n * size;
+        for _ in 0..n {
+            d.msg_sizes.record(size);
+        }
+    }
+
+    const W: CostWeights = CostWeights {
+        syscall: 1.5,
+        kib_second: 0.5,
+        ping: 4.0,
+        dead_peer_second: 2000.0,
+        premature_close: 200_000.0,
+        deflate_kib: 20.0,
+        wire_kib: 100.0,
+        deflate_context_kib: 64.0,
+        frame_message: 1.0,
+    };
+
+    #[test]
+    fn bulk_transfer_wants_big_buffers() {
+        let p = profile(60, |p| traffic(&mut p.upstream_to_client, 2000, 200_000));
+        assert_eq!(BUFFER_SIZES[label(&p, Target::BufferSize, &W)], 256 << 10);
+    }
+
+    #[test]
+    fn small_chatty_messages_want_small_buffers() {
+        let p = profile(600, |p| {
+            traffic(&mut p.client_to_upstream, 500, 200);
+            traffic(&mut p.upstream_to_client, 500, 300);
+        });
+        assert_eq!(BUFFER_SIZES[label(&p, Target::BufferSize, &W)], 4 << 10);
+    }
+
+    #[test]
+    fn long_idle_gaps_want_a_longer_timeout_than_the_gap() {
+        let p = profile(1800, |p| {
+            traffic(&mut p.client_to_upstream, 10, 100);
+            p.client_to_upstream.max_gap_ms = 200_000; // 200 s
+        });
+        assert_eq!(IDLE_TIMEOUTS[label(&p, Target::IdleTimeout, &W)], 300);
+        let short = profile(100, |p| {
+            traffic(&mut p.client_to_upstream, 100, 100);
+            p.client_to_upstream.max_gap_ms = 5_000;
+            p.dead_peer = true; // a vanished client: shorter is cheaper
+        });
+        assert_eq!(IDLE_TIMEOUTS[label(&short, Target::IdleTimeout, &W)], 30);
+    }
+
+    #[test]
+    fn a_censored_idle_close_labels_longer_than_the_timeout_used() {
+        let p = profile(400, |p| {
+            traffic(&mut p.client_to_upstream, 3, 100);
+            p.idle_timeout_fired = true;
+            p.decision.settings.idle_timeout = 300;
+            p.client_to_upstream.max_gap_ms = 300_000;
+        });
+        assert_eq!(IDLE_TIMEOUTS[label(&p, Target::IdleTimeout, &W)], 900);
+    }
+
+    #[test]
+    fn compressible_traffic_wants_compression_and_frame_aware() {
+        let p = profile(300, |p| {
+            traffic(&mut p.upstream_to_client, 3000, 4000);
+            p.upstream_to_client.sampled_in = 40_000;
+            p.upstream_to_client.sampled_out = 6_000;
+        });
+        let s = oracle(&p, &W);
+        assert!(s.compression);
+        assert_eq!(s.mode, Mode::FrameAware);
+        let incompressible = profile(300, |p| {
+            traffic(&mut p.upstream_to_client, 3000, 4000);
+            p.upstream_to_client.sampled_in = 40_000;
+            p.upstream_to_client.sampled_out = 39_500;
+        });
+        let s = oracle(&incompressible, &W);
+        assert!(!s.compression);
+        assert_eq!(s.mode, Mode::ZeroCopy);
+    }
+
+    #[test]
+    fn pings_pay_only_when_peers_die() {
+        let healthy = profile(3600, |p| traffic(&mut p.client_to_upstream, 100, 100));
+        assert_eq!(PING_INTERVALS[label(&healthy, Target::PingInterval, &W)], 0);
+        let dying = profile(3600, |p| {
+            traffic(&mut p.client_to_upstream, 100, 100);
+            p.dead_peer = true;
+        });
+        assert_eq!(PING_INTERVALS[label(&dying, Target::PingInterval, &W)], 15);
+    }
+
+    #[test]
+    fn oracle_settings_are_valid() {
+        let p = profile(10, |p| traffic(&mut p.client_to_upstream, 5, 50));
+        assert_eq!(oracle(&p, &W).validate(), Ok(()));
+        assert_eq!(CostWeights::default(), W);
+    }
+}
