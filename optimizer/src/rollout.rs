@@ -188,85 +188,21 @@ async fn replay_costs(
     cohort: &str,
     since: DateTime<Utc>,
 ) -> Result<Vec<f64>, sqlx::Error> {
-    use sqlx::Row as _;
-    let rows = sqlx::query(
-        "select duration_us, buffer_size, ping_interval_s, idle_timeout_s, compression, mode,
-                c2u_bytes, c2u_messages, c2u_msg_size_hist, c2u_max_gap_ms,
-                u2c_bytes, u2c_messages, u2c_msg_size_hist, u2c_max_gap_ms, u2c_sampled_in, u2c_sampled_out,
-                close_code, error_class, dead_peer, idle_timeout_fired
-           from profiles where cohort = $1 and started_at >= $2 limit 100000",
-    )
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "select {} from profiles where cohort = $1 and started_at >= $2 limit 100000",
+        tuning::sql::PROFILE_COLUMNS
+    )))
     .bind(cohort)
     .bind(since)
     .fetch_all(db)
     .await?;
     let w = tuning::cost::CostWeights::default();
-    let mut out = Vec::with_capacity(rows.len());
-    for r in rows {
-        let mut p = crate::rollout::blank_profile();
-        p.duration_us = r.get::<i64, _>(0).max(0) as u64;
-        let s = &mut p.decision.settings;
-        s.buffer_size = r.get::<i32, _>(1) as u32;
-        s.ping_interval = r.get::<i32, _>(2) as u32;
-        s.idle_timeout = r.get::<i32, _>(3) as u32;
-        s.compression = r.get(4);
-        s.mode = tuning::Mode::parse(r.get::<&str, _>(5)).unwrap_or(tuning::Mode::ZeroCopy);
-        let c = &mut p.client_to_upstream;
-        c.bytes = r.get::<i64, _>(6) as u64;
-        c.messages = r.get::<i64, _>(7) as u64;
-        c.msg_sizes = tuning::Hist::from_slice(&r.get::<Vec<i64>, _>(8));
-        c.max_gap_ms = r.get::<i64, _>(9) as u64;
-        let u = &mut p.upstream_to_client;
-        u.bytes = r.get::<i64, _>(10) as u64;
-        u.messages = r.get::<i64, _>(11) as u64;
-        u.msg_sizes = tuning::Hist::from_slice(&r.get::<Vec<i64>, _>(12));
-        u.max_gap_ms = r.get::<i64, _>(13) as u64;
-        u.sampled_in = r.get::<i64, _>(14) as u64;
-        u.sampled_out = r.get::<i64, _>(15) as u64;
-        p.close_code = r.get::<Option<i32>, _>(16).map(|c| c as u16);
-        p.error_class = r.get(17);
-        p.dead_peer = r.get(18);
-        p.idle_timeout_fired = r.get(19);
-        let settings = p.decision.settings;
-        out.push(tuning::cost::replay_cost(&p, &settings, &w));
-    }
-    Ok(out)
-}
-
-/// A profile with nothing in it, to fill from a row.
-pub fn blank_profile() -> tuning::Profile {
-    use tuning::*;
-    Profile {
-        connection_id: uuid::Uuid::nil(),
-        dataplane_id: String::new(),
-        started_at: Utc::now(),
-        duration_us: 0,
-        context: ConnectionContext {
-            service: String::new(),
-            route: String::new(),
-            protocol: Protocol::Websocket,
-            subprotocol: None,
-            offers_deflate: false,
-            client_class: ClientClass::Other,
-            client_region: String::new(),
-            hour_of_week: 0,
-            client_key: None,
-        },
-        decision: Decision::fixed(Settings::default(), Reason::Default),
-        timings: Timings::default(),
-        client_to_upstream: DirectionStats::default(),
-        upstream_to_client: DirectionStats::default(),
-        ping_client: PingStats::default(),
-        ping_upstream: PingStats::default(),
-        paused_ms: 0,
-        peak_buffered_bytes: 0,
-        closed_by: ClosedBy::Client,
-        close_code: None,
-        close_reason: None,
-        error_class: None,
-        dead_peer: false,
-        idle_timeout_fired: false,
-    }
+    rows.iter()
+        .map(|r| {
+            let p = tuning::sql::profile_from_row(r)?;
+            Ok(tuning::cost::replay_cost(&p, &p.decision.settings, &w))
+        })
+        .collect()
 }
 
 /// The verdict of a gate.

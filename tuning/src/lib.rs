@@ -13,6 +13,8 @@ pub mod hash;
 pub mod onnx;
 pub mod profile;
 pub mod settings;
+#[cfg(feature = "sql")]
+pub mod sql;
 
 pub use context::{ClientClass, ConnectionContext, Protocol};
 pub use decision::{
