@@ -90,6 +90,7 @@ pub async fn app_state(config: Config, db: sqlx::PgPool) -> anyhow::Result<api::
     }
     let state = Arc::new(st);
     state.reload(&db).await?;
+    state.refresh_aggregates(&db).await?;
     tokio::spawn(
         state
             .clone()

@@ -53,6 +53,8 @@ pub struct Snapshot {
     pub model: Option<Arc<crate::models::LoadedModel>>,
     /// The rollout splitting traffic, with its candidate loaded.
     pub rollout: Option<(crate::rollout::RolloutRow, Arc<crate::models::LoadedModel>)>,
+    /// Aggregates of recent profiles (model features), refreshed every minute.
+    pub aggregates: Arc<tuning::aggregates::Aggregator>,
 }
 
 /// The shared, swappable snapshot.
@@ -118,11 +120,13 @@ impl State {
                 m.map(|m| (r, m))
             }
         };
+        let aggregates = self.get().aggregates.clone();
         *self.snap.write().expect("snapshot") = Arc::new(Snapshot {
             kill_switch: kill,
             overrides,
             model,
             rollout,
+            aggregates,
         });
         Ok(())
     }
@@ -156,11 +160,39 @@ impl State {
         }
     }
 
+    /// Rebuild the aggregates from the profiles of the last 24 hours (at most 200 000 rows),
+    /// with `tuning`'s aggregator, the one the trainer uses.
+    pub async fn refresh_aggregates(&self, db: &sqlx::PgPool) -> Result<usize, sqlx::Error> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "select {} from profiles where started_at > now() - interval '24 hours'
+              order by started_at desc limit 200000",
+            tuning::sql::PROFILE_COLUMNS
+        )))
+        .fetch_all(db)
+        .await?;
+        let mut agg = tuning::aggregates::Aggregator::default();
+        for r in rows.iter().rev() {
+            agg.observe(&tuning::sql::profile_from_row(r)?);
+        }
+        let n = rows.len();
+        let mut snap = (*self.get()).clone();
+        snap.aggregates = Arc::new(agg);
+        *self.snap.write().expect("snapshot") = Arc::new(snap);
+        Ok(n)
+    }
+
     /// Keep the snapshot fresh: reload on every notification, and every `every` regardless.
     pub async fn keep_fresh(self: Arc<Self>, db: sqlx::PgPool, every: Duration) {
         let mut listener = None;
         let mut tick = tokio::time::interval(every);
+        let mut last_aggregates = std::time::Instant::now();
         loop {
+            if last_aggregates.elapsed() >= Duration::from_secs(60) {
+                last_aggregates = std::time::Instant::now();
+                if let Err(e) = self.refresh_aggregates(&db).await {
+                    tracing::warn!(error = %e, "refreshing aggregates failed");
+                }
+            }
             if listener.is_none() {
                 match sqlx::postgres::PgListener::connect_with(&db).await {
                     Ok(mut l) => match l.listen(CHANNEL).await {
@@ -215,7 +247,7 @@ pub fn decide(config: &Config, snap: &Snapshot, ctx: &ConnectionContext) -> Buck
     let mut decision = Decision::fixed(defaults, Reason::Default);
     let mut exploration = None;
     if let Some(m) = &snap.model {
-        match m.settings(ctx, &tuning::ContextAggregates::default(), defaults) {
+        match m.settings(ctx, &snap.aggregates.get(ctx), defaults) {
             Ok((settings, _clamped)) => {
                 decision = Decision {
                     settings,
@@ -273,7 +305,7 @@ pub fn decide(config: &Config, snap: &Snapshot, ctx: &ConnectionContext) -> Buck
     // A rollout splits what the model (or the default) would decide, never an override.
     let rollout = match (&snap.rollout, decision.reason) {
         (Some((r, m)), Reason::Model | Reason::Default) => {
-            match m.settings(ctx, &tuning::ContextAggregates::default(), defaults) {
+            match m.settings(ctx, &snap.aggregates.get(ctx), defaults) {
                 Ok((settings, _)) => Some(tuning::RolloutAnswer {
                     id: r.id,
                     salt: r.salt as u64,

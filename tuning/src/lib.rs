@@ -4,6 +4,7 @@
 //! features, cohorts and exploration draws with this crate's one implementation, so that
 //! training and serving can never disagree. It has no I/O and no heavy dependencies.
 
+pub mod aggregates;
 pub mod cohort;
 pub mod context;
 pub mod cost;

@@ -188,6 +188,43 @@ pub struct Profile {
     pub idle_timeout_fired: bool,
 }
 
+/// A minimal profile for unit tests.
+#[cfg(test)]
+pub(crate) fn test_profile() -> Profile {
+    use crate::{ClientClass, Protocol, Reason, Settings};
+    Profile {
+        connection_id: uuid::Uuid::nil(),
+        dataplane_id: "t".into(),
+        started_at: chrono::Utc::now(),
+        duration_us: 1_000_000,
+        context: ConnectionContext {
+            service: "s".into(),
+            route: "/".into(),
+            protocol: Protocol::Websocket,
+            subprotocol: None,
+            offers_deflate: false,
+            client_class: ClientClass::Browser,
+            client_region: "eu".into(),
+            hour_of_week: 0,
+            client_key: None,
+        },
+        decision: Decision::fixed(Settings::default(), Reason::Default),
+        timings: Timings::default(),
+        client_to_upstream: DirectionStats::default(),
+        upstream_to_client: DirectionStats::default(),
+        ping_client: PingStats::default(),
+        ping_upstream: PingStats::default(),
+        paused_ms: 0,
+        peak_buffered_bytes: 0,
+        closed_by: ClosedBy::Client,
+        close_code: Some(1000),
+        close_reason: None,
+        error_class: None,
+        dead_peer: false,
+        idle_timeout_fired: false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
