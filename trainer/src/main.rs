@@ -20,6 +20,24 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Learn from a window of profiles and register the model as a candidate.
+    Train {
+        /// Window start (RFC 3339); default 7 days before --until.
+        #[arg(long)]
+        since: Option<DateTime<Utc>>,
+        /// Window end (RFC 3339); default now.
+        #[arg(long)]
+        until: Option<DateTime<Utc>>,
+        /// Only this service.
+        #[arg(long)]
+        service: Option<String>,
+        /// Deepest tree.
+        #[arg(long, default_value_t = 8)]
+        max_depth: usize,
+        /// Share of the window (the latest rows) held out for evaluation.
+        #[arg(long, default_value_t = 0.2)]
+        test_share: f64,
+    },
     /// Count the profiles of a window, per service and decision reason.
     Summary {
         /// Window start (RFC 3339); default 24 hours ago.
@@ -41,6 +59,33 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("connecting to PostgreSQL")?;
     match args.command {
+        Command::Train {
+            since,
+            until,
+            service,
+            max_depth,
+            test_share,
+        } => {
+            let until = until.unwrap_or_else(Utc::now);
+            let since = since.unwrap_or(until - chrono::Duration::days(7));
+            let w = trainer::Window {
+                since,
+                until,
+                service,
+            };
+            let params = trainer::learn::TrainParams {
+                max_depth,
+                test_share,
+                ..Default::default()
+            };
+            eprintln!("training on profiles from {since} to {until} …");
+            let t = trainer::train(&db, &w, params).await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&t)?);
+            } else {
+                print_report(&t);
+            }
+        }
         Command::Summary {
             since,
             until,
@@ -60,4 +105,43 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn print_report(t: &trainer::Trained) {
+    let r = &t.report;
+    println!(
+        "registered candidate {} ({} bytes of ONNX); {} rows trained, {} held out",
+        t.version, t.onnx_bytes, r.train_rows, r.test_rows
+    );
+    println!(
+        "\n{:<16} {:>18} {:>10}",
+        "target", "balanced accuracy", "macro F1"
+    );
+    for x in &r.targets {
+        println!(
+            "{:<16} {:>18.3} {:>10.3}",
+            x.target, x.balanced_accuracy, x.macro_f1
+        );
+    }
+    println!(
+        "\n{:<24} {:>16}",
+        "policy (held-out rows)", "mean replay cost"
+    );
+    for c in &r.costs {
+        println!("{:<24} {:>16.1}", c.policy, c.mean_cost);
+    }
+    println!(
+        "share of the best-static-to-oracle gap closed: {:.1} %",
+        r.gap_closed * 100.0
+    );
+    println!(
+        "\n{:<16} {:>6} {:>14} {:>26}",
+        "service", "rows", "saving/conn", "95 % CI (bootstrap)"
+    );
+    for s in &r.services {
+        println!(
+            "{:<16} {:>6} {:>14.1} {:>12.1} .. {:<12.1}",
+            s.service, s.rows, s.saving, s.ci95.0, s.ci95.1
+        );
+    }
 }

@@ -51,8 +51,11 @@ impl Aggregator {
             }
             a.messages += d.messages;
         }
-        a.gaps_ms
-            .record(p.client_to_upstream.max_gap_ms.max(p.upstream_to_client.max_gap_ms));
+        a.gaps_ms.record(
+            p.client_to_upstream
+                .max_gap_ms
+                .max(p.upstream_to_client.max_gap_ms),
+        );
         let secs = p.duration_us as f64 / 1e6;
         a.seconds += secs;
         a.durations_s.record(secs as u64);

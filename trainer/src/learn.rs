@@ -1,0 +1,514 @@
+//! Learning: features and hindsight labels from profiles, a time split, one cost-weighted
+//! decision tree per target (linfa), honest evaluation against the baselines, ONNX export.
+//!
+//! Follows linfa's contract: unchecked params → checked params → `fit` → a model with `predict`.
+
+use linfa::prelude::*;
+use linfa_trees::DecisionTree;
+use ndarray::{Array1, Array2};
+use serde::Serialize;
+use tuning::cost::{CostWeights, label, replay_cost};
+use tuning::onnx::{TargetModel, Tree, TreeNode};
+use tuning::{Profile, Settings, Target};
+
+/// Training parameters (unchecked).
+#[derive(Debug, Clone)]
+pub struct TrainParams {
+    /// Deepest tree.
+    pub max_depth: usize,
+    /// Share of rows (the latest) held out for evaluation.
+    pub test_share: f64,
+    /// Least rows a class needs in the training part (else the target is refused).
+    pub min_class_rows: usize,
+    /// Cost weights of the labels.
+    pub weights: CostWeights,
+    /// Bootstrap resamples for the confidence intervals.
+    pub bootstrap: usize,
+    /// Seed of the bootstrap.
+    pub seed: u64,
+}
+
+impl Default for TrainParams {
+    fn default() -> Self {
+        TrainParams {
+            max_depth: 8,
+            test_share: 0.2,
+            min_class_rows: 1,
+            weights: CostWeights::default(),
+            bootstrap: 200,
+            seed: 7,
+        }
+    }
+}
+
+/// Why parameters or data were refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum LearnError {
+    /// A parameter out of range.
+    #[error("{0}")]
+    Param(String),
+    /// Too few rows to split or to learn from.
+    #[error("{0}")]
+    Data(String),
+}
+
+/// Checked parameters.
+#[derive(Debug, Clone)]
+pub struct CheckedParams(TrainParams);
+
+impl TrainParams {
+    /// Validate.
+    pub fn check(self) -> Result<CheckedParams, LearnError> {
+        if self.max_depth == 0 || self.max_depth > 32 {
+            return Err(LearnError::Param(format!(
+                "max_depth = {} must be between 1 and 32",
+                self.max_depth
+            )));
+        }
+        if !(0.05..=0.5).contains(&self.test_share) {
+            return Err(LearnError::Param(format!(
+                "test_share = {} must be between 0.05 and 0.5",
+                self.test_share
+            )));
+        }
+        Ok(CheckedParams(self))
+    }
+}
+
+/// Rows ready to learn from: features and labels, in time order.
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    /// Feature vectors.
+    pub x: Vec<Vec<f32>>,
+    /// Labels per target (class indices), `labels[target][row]`.
+    pub labels: Vec<Vec<usize>>,
+    /// Row weights per target: how much getting the row wrong costs (regret of the worst value).
+    pub weights: Vec<Vec<f32>>,
+    /// The profiles (for replay costs).
+    pub profiles: Vec<Profile>,
+}
+
+/// Build the dataset from profiles sorted by start time: each row's aggregates come from the
+/// rows before it only.
+pub fn dataset(profiles: Vec<Profile>, w: &CostWeights) -> Dataset {
+    let mut agg = tuning::aggregates::Aggregator::default();
+    let mut x = Vec::with_capacity(profiles.len());
+    let mut labels = vec![Vec::with_capacity(profiles.len()); Target::ALL.len()];
+    let mut weights = vec![Vec::with_capacity(profiles.len()); Target::ALL.len()];
+    for p in &profiles {
+        x.push(tuning::encode(&p.context, &agg.get(&p.context)));
+        agg.observe(p);
+        for (i, t) in Target::ALL.iter().enumerate() {
+            let l = label(p, *t, w);
+            labels[i].push(l);
+            // weight: regret of the worst choice for this target, log-scaled
+            let mut s = p.decision.settings;
+            let mut costs = Vec::new();
+            for c in 0..t.classes() {
+                t.set_class(&mut s, c);
+                if s.validate().is_ok() {
+                    costs.push(replay_cost(p, &s, w));
+                }
+            }
+            let lo = costs.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = costs.iter().copied().fold(0.0, f64::max);
+            weights[i].push((1.0 + (hi - lo).max(0.0)).ln() as f32 + 1.0);
+        }
+    }
+    Dataset {
+        x,
+        labels,
+        weights,
+        profiles,
+    }
+}
+
+/// Fit one cost-weighted tree and convert it to the exported form.
+pub fn fit_tree(
+    x: &[Vec<f32>],
+    y: &[usize],
+    w: &[f32],
+    max_depth: usize,
+) -> Result<(DecisionTree<f32, usize>, Tree), LearnError> {
+    let width = tuning::feature_len();
+    let xs = Array2::from_shape_vec((x.len(), width), x.iter().flatten().copied().collect())
+        .map_err(|e| LearnError::Data(e.to_string()))?;
+    let ds = Dataset2::new(xs, y.iter().copied().collect::<Array1<usize>>())
+        .with_weights(w.iter().copied().collect::<Array1<f32>>());
+    let fitted = DecisionTree::params()
+        .max_depth(Some(max_depth))
+        .min_weight_leaf(1.0)
+        .fit(&ds)
+        .map_err(|e| LearnError::Data(e.to_string()))?;
+    let tree = to_tree(&fitted);
+    Ok((fitted, tree))
+}
+
+fn to_tree(t: &DecisionTree<f32, usize>) -> Tree {
+    fn walk(n: &linfa_trees::TreeNode<f32, usize>, out: &mut Vec<TreeNode>) -> usize {
+        let me = out.len();
+        if let Some(class) = n.prediction() {
+            out.push(TreeNode::Leaf { class });
+            return me;
+        }
+        out.push(TreeNode::Leaf { class: 0 }); // placeholder until the children are in
+        let (feature, threshold, _) = n.split();
+        let kids = n.children();
+        let yes = kids[0].as_ref().map(|k| walk(k, out));
+        let no = kids[1].as_ref().map(|k| walk(k, out));
+        out[me] = match (yes, no) {
+            (Some(yes), Some(no)) => TreeNode::Branch {
+                feature,
+                threshold,
+                yes,
+                no,
+            },
+            (Some(only), None) | (None, Some(only)) => out[only],
+            (None, None) => TreeNode::Leaf { class: 0 },
+        };
+        me
+    }
+    let mut nodes = Vec::new();
+    if let Some(root) = t.iter_nodes().next() {
+        walk(root, &mut nodes);
+    }
+    Tree { nodes }
+}
+
+/// Per-target classification quality on the held-out rows.
+#[derive(Debug, Clone, Serialize)]
+pub struct TargetReport {
+    /// The target.
+    pub target: &'static str,
+    /// Mean recall over the classes present.
+    pub balanced_accuracy: f64,
+    /// Mean F1 over the classes present.
+    pub macro_f1: f64,
+    /// `confusion[true][predicted]`.
+    pub confusion: Vec<Vec<u64>>,
+}
+
+/// Replay cost of a policy on the held-out rows.
+#[derive(Debug, Clone, Serialize)]
+pub struct PolicyCost {
+    /// The policy.
+    pub policy: String,
+    /// Mean replay cost per connection.
+    pub mean_cost: f64,
+}
+
+/// A per-service delta with its bootstrap confidence interval.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServiceDelta {
+    /// Service.
+    pub service: String,
+    /// Held-out connections.
+    pub rows: usize,
+    /// Mean (best static − model) cost per connection: positive = the model is cheaper.
+    pub saving: f64,
+    /// 95 % bootstrap interval of the saving.
+    pub ci95: (f64, f64),
+}
+
+/// What training produced.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Rows used for training and for evaluation.
+    pub train_rows: usize,
+    /// Held-out rows.
+    pub test_rows: usize,
+    /// Per-target quality.
+    pub targets: Vec<TargetReport>,
+    /// Replay costs: the model, the shipped defaults, the best single static config, a
+    /// per-service p95 rule, the hindsight oracle.
+    pub costs: Vec<PolicyCost>,
+    /// Share of the gap between the best static config and the oracle the model closes.
+    pub gap_closed: f64,
+    /// The best single static config.
+    pub best_static: Settings,
+    /// Per-service savings against the best static config.
+    pub services: Vec<ServiceDelta>,
+}
+
+/// A fitted model: trees per target.
+#[derive(Debug, Clone)]
+pub struct Fitted {
+    /// Trees (one per target).
+    pub models: Vec<TargetModel>,
+}
+
+impl Fitted {
+    /// The settings the model picks for a feature row.
+    pub fn predict(&self, x: &[f32], base: Settings) -> Settings {
+        let mut s = base;
+        for m in &self.models {
+            m.target.set_class(&mut s, m.trees[0].predict(x));
+        }
+        s.clamp().0
+    }
+}
+
+fn all_static() -> Vec<Settings> {
+    let mut out = Vec::new();
+    for b in tuning::settings::BUFFER_SIZES {
+        for p in tuning::settings::PING_INTERVALS {
+            for i in tuning::settings::IDLE_TIMEOUTS {
+                for (c, m) in [
+                    (false, tuning::Mode::ZeroCopy),
+                    (false, tuning::Mode::FrameAware),
+                    (true, tuning::Mode::FrameAware),
+                ] {
+                    out.push(Settings {
+                        buffer_size: b,
+                        ping_interval: p,
+                        idle_timeout: i,
+                        compression: c,
+                        mode: m,
+                    });
+                }
+            }
+        }
+    }
+    out
+}
+
+fn mean(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        0.0
+    } else {
+        v.iter().sum::<f64>() / v.len() as f64
+    }
+}
+
+/// Fit on the earlier rows, evaluate on the later ones.
+pub fn fit_and_evaluate(p: &CheckedParams, d: &Dataset) -> Result<(Fitted, Report), LearnError> {
+    let p = &p.0;
+    let n = d.x.len();
+    let test = ((n as f64) * p.test_share).round() as usize;
+    let train = n - test;
+    if train < 10 || test < 5 {
+        return Err(LearnError::Data(format!(
+            "{n} rows are too few: at least 10 for training and 5 for evaluation are needed"
+        )));
+    }
+    let mut models = Vec::new();
+    let mut targets = Vec::new();
+    for (ti, t) in Target::ALL.iter().enumerate() {
+        let y: Array1<usize> = d.labels[ti][..train].iter().copied().collect();
+        let w: Array1<f32> = d.weights[ti][..train].iter().copied().collect();
+        let present: std::collections::BTreeSet<usize> = y.iter().copied().collect();
+        let tree = if present.len() == 1 {
+            Tree::constant(*present.iter().next().expect("one class"))
+        } else {
+            for c in &present {
+                let rows = y.iter().filter(|v| *v == c).count();
+                if rows < p.min_class_rows {
+                    return Err(LearnError::Data(format!(
+                        "{}: class {c} has {rows} training rows, fewer than {}",
+                        t.name(),
+                        p.min_class_rows
+                    )));
+                }
+            }
+            let (_, tree) = fit_tree(
+                &d.x[..train],
+                y.as_slice().unwrap_or(&[]),
+                w.as_slice().unwrap_or(&[]),
+                p.max_depth,
+            )
+            .map_err(|e| LearnError::Data(format!("{}: {e}", t.name())))?;
+            tree
+        };
+        models.push(TargetModel {
+            target: *t,
+            trees: vec![tree],
+        });
+    }
+    let fitted = Fitted { models };
+    // Classification quality per target on the held-out rows.
+    for (ti, t) in Target::ALL.iter().enumerate() {
+        let k = t.classes();
+        let mut confusion = vec![vec![0u64; k]; k];
+        for r in train..n {
+            let truth = d.labels[ti][r];
+            let pred = fitted.models[ti].trees[0].predict(&d.x[r]).min(k - 1);
+            confusion[truth][pred] += 1;
+        }
+        let mut recalls = Vec::new();
+        let mut f1s = Vec::new();
+        for c in 0..k {
+            let tp = confusion[c][c] as f64;
+            let actual: f64 = confusion[c].iter().sum::<u64>() as f64;
+            let predicted: f64 = confusion.iter().map(|row| row[c]).sum::<u64>() as f64;
+            if actual > 0.0 {
+                recalls.push(tp / actual);
+                let precision = if predicted > 0.0 { tp / predicted } else { 0.0 };
+                let recall = tp / actual;
+                f1s.push(if precision + recall > 0.0 {
+                    2.0 * precision * recall / (precision + recall)
+                } else {
+                    0.0
+                });
+            }
+        }
+        targets.push(TargetReport {
+            target: t.name(),
+            balanced_accuracy: mean(&recalls),
+            macro_f1: mean(&f1s),
+            confusion,
+        });
+    }
+    // Replay costs of the policies.
+    let w = &p.weights;
+    let rows = &d.profiles[train..];
+    let xs_test = &d.x[train..];
+    let model_costs: Vec<f64> = rows
+        .iter()
+        .zip(xs_test)
+        .map(|(pr, x)| replay_cost(pr, &fitted.predict(x, pr.decision.settings), w))
+        .collect();
+    let defaults: Vec<f64> = rows
+        .iter()
+        .map(|pr| replay_cost(pr, &Settings::default(), w))
+        .collect();
+    let oracle: Vec<f64> = rows
+        .iter()
+        .map(|pr| replay_cost(pr, &tuning::cost::oracle(pr, w), w))
+        .collect();
+    // The best single static config is chosen on the training rows (no peeking).
+    let best_static = all_static()
+        .into_iter()
+        .min_by(|a, b| {
+            let ca: f64 = d.profiles[..train]
+                .iter()
+                .map(|pr| replay_cost(pr, a, w))
+                .sum();
+            let cb: f64 = d.profiles[..train]
+                .iter()
+                .map(|pr| replay_cost(pr, b, w))
+                .sum();
+            ca.total_cmp(&cb)
+        })
+        .unwrap_or_default();
+    let statics: Vec<f64> = rows
+        .iter()
+        .map(|pr| replay_cost(pr, &best_static, w))
+        .collect();
+    // Per-service p95 rule: buffer sized to the service's p95 message size, idle timeout above
+    // its p95 gap, learned on the training rows.
+    let mut rule: std::collections::HashMap<String, Settings> = std::collections::HashMap::new();
+    {
+        let mut sizes: std::collections::HashMap<&str, tuning::Hist> = Default::default();
+        let mut gaps: std::collections::HashMap<&str, tuning::Hist> = Default::default();
+        for pr in &d.profiles[..train] {
+            let s = sizes.entry(pr.context.service.as_str()).or_default();
+            let g = gaps.entry(pr.context.service.as_str()).or_default();
+            for dir in [&pr.client_to_upstream, &pr.upstream_to_client] {
+                for (i, c) in dir.msg_sizes.0.iter().enumerate() {
+                    s.0[i] += c;
+                }
+            }
+            g.record(
+                pr.client_to_upstream
+                    .max_gap_ms
+                    .max(pr.upstream_to_client.max_gap_ms),
+            );
+        }
+        for (svc, h) in &sizes {
+            let p95 = h.quantile_upper(0.95).unwrap_or(0);
+            let gap95 = gaps[svc].quantile_upper(0.95).unwrap_or(0) / 1000;
+            let s = Settings {
+                buffer_size: *tuning::settings::BUFFER_SIZES
+                    .iter()
+                    .find(|b| u64::from(**b) >= p95)
+                    .unwrap_or(&(256 << 10)),
+                idle_timeout: *tuning::settings::IDLE_TIMEOUTS
+                    .iter()
+                    .find(|t| u64::from(**t) > gap95)
+                    .unwrap_or(&900),
+                ..Settings::default()
+            };
+            rule.insert(svc.to_string(), s);
+        }
+    }
+    let rules: Vec<f64> = rows
+        .iter()
+        .map(|pr| {
+            let s = rule.get(&pr.context.service).copied().unwrap_or_default();
+            replay_cost(pr, &s, w)
+        })
+        .collect();
+    let (m, st, or) = (mean(&model_costs), mean(&statics), mean(&oracle));
+    let gap_closed = if st - or > 1e-9 {
+        (st - m) / (st - or)
+    } else {
+        1.0
+    };
+    // Per-service savings against the best static config, with bootstrap intervals.
+    let mut services = Vec::new();
+    let mut names: Vec<&str> = rows.iter().map(|r| r.context.service.as_str()).collect();
+    names.sort_unstable();
+    names.dedup();
+    let mut rng = p.seed.max(1);
+    for svc in names {
+        let deltas: Vec<f64> = rows
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.context.service == svc)
+            .map(|(i, _)| statics[i] - model_costs[i])
+            .collect();
+        let mut means = Vec::with_capacity(p.bootstrap);
+        for _ in 0..p.bootstrap {
+            let mut s = 0.0;
+            for _ in 0..deltas.len() {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                s += deltas[(rng % deltas.len() as u64) as usize];
+            }
+            means.push(s / deltas.len() as f64);
+        }
+        means.sort_by(|a, b| a.total_cmp(b));
+        let at = |q: f64| means[((means.len() - 1) as f64 * q).round() as usize];
+        services.push(ServiceDelta {
+            service: svc.to_string(),
+            rows: deltas.len(),
+            saving: mean(&deltas),
+            ci95: (at(0.025), at(0.975)),
+        });
+    }
+    let report = Report {
+        train_rows: train,
+        test_rows: test,
+        targets,
+        costs: vec![
+            PolicyCost {
+                policy: "model".into(),
+                mean_cost: m,
+            },
+            PolicyCost {
+                policy: "shipped defaults".into(),
+                mean_cost: mean(&defaults),
+            },
+            PolicyCost {
+                policy: "best static config".into(),
+                mean_cost: st,
+            },
+            PolicyCost {
+                policy: "per-service p95 rule".into(),
+                mean_cost: mean(&rules),
+            },
+            PolicyCost {
+                policy: "hindsight oracle".into(),
+                mean_cost: or,
+            },
+        ],
+        gap_closed,
+        best_static,
+        services,
+    };
+    Ok((fitted, report))
+}
+
+/// linfa's dataset type, named here once.
+type Dataset2 = linfa::DatasetBase<Array2<f32>, Array1<usize>>;
