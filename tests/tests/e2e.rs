@@ -2,6 +2,7 @@
 //! and the real PostgreSQL schema. One test binary for the whole workspace's end-to-end suite.
 
 mod decisions;
+mod learning;
 mod profiles;
 mod rollouts;
 

@@ -20,6 +20,13 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Insert a synthetic profile table whose right policy is known (three services), for
+    /// trying the trainer without traffic.
+    Synthetic {
+        /// Rows to insert.
+        #[arg(long, default_value_t = 3000)]
+        rows: usize,
+    },
     /// Learn from a window of profiles and register the model as a candidate.
     Train {
         /// Window start (RFC 3339); default 7 days before --until.
@@ -59,6 +66,10 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("connecting to PostgreSQL")?;
     match args.command {
+        Command::Synthetic { rows } => {
+            trainer::synthetic::insert(&db, rows).await?;
+            println!("inserted {rows} synthetic profiles (services bulk, chat, iot)");
+        }
         Command::Train {
             since,
             until,

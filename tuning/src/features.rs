@@ -9,7 +9,9 @@ use crate::context::{ClientClass, ConnectionContext, Protocol};
 use crate::hash::{stable_hash, unit};
 
 /// Version tag mixed into the schema hash; bump it when the meaning of a feature changes.
-pub const SCHEMA_VERSION: &str = "trimtab-features-v1";
+/// (The number of earlier profiles is deliberately not a feature: it grows without bound, so
+/// its value at serving time is never one the trees saw in training.)
+pub const SCHEMA_VERSION: &str = "trimtab-features-v2";
 /// Number of one-hot buckets the service name is hashed into.
 pub const SERVICE_BUCKETS: usize = 16;
 /// Value of an aggregate that is unknown (no earlier profiles).
@@ -57,7 +59,6 @@ pub fn feature_names() -> Vec<String> {
     v.extend(["route_hash", "region_hash"].map(String::from));
     v.extend(
         [
-            "agg_n_log2",
             "agg_msg_size_p50_log2",
             "agg_msg_size_p95_log2",
             "agg_msg_rate_log2",
@@ -125,11 +126,6 @@ pub fn encode(ctx: &ConnectionContext, agg: &ContextAggregates) -> Vec<f32> {
     v.extend((0..SERVICE_BUCKETS).map(|i| f32::from(u8::from(i == bucket))));
     v.push(unit(stable_hash(&[ctx.service.as_bytes(), ctx.route.as_bytes()])) as f32);
     v.push(unit(stable_hash(&[ctx.client_region.as_bytes()])) as f32);
-    v.push(if agg.n == 0 {
-        MISSING
-    } else {
-        log2p(Some(agg.n as f64))
-    });
     v.push(log2p(agg.msg_size_p50));
     v.push(log2p(agg.msg_size_p95));
     v.push(log2p(agg.msg_rate));
