@@ -9,7 +9,9 @@
 /// Insert `n` rows, one second apart, ending now.
 pub async fn insert(db: &sqlx::PgPool, n: usize) -> Result<(), sqlx::Error> {
     let mut tx = db.begin().await?;
-    sqlx::query("select setseed(0.42)").execute(&mut *tx).await?;
+    sqlx::query("select setseed(0.42)")
+        .execute(&mut *tx)
+        .await?;
     sqlx::query(
         "with g as (
            select i, i % 3 as kind, floor(random() * 100)::bigint as jitter

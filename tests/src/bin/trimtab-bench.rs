@@ -19,6 +19,12 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Bench {
+    /// Training time and peak memory on synthetic profile tables (load-only time beside it).
+    Train {
+        /// Table sizes.
+        #[arg(long, value_delimiter = ',', default_values_t = [100_000usize, 1_000_000])]
+        rows: Vec<usize>,
+    },
     /// Profile rows/s into PostgreSQL (COPY writer vs row-by-row INSERT), and data-plane
     /// connection rate and latency with profiling on vs off vs direct.
     Profiles {
@@ -39,6 +45,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     match args.bench {
         Bench::Profiles { runs, rows, conns } => profiles(runs, rows, conns).await,
+        Bench::Train { rows } => train(rows).await,
     }
 }
 
@@ -210,6 +217,59 @@ async fn profiles(runs: usize, rows: usize, conns: usize) -> anyhow::Result<()> 
         );
     }
     println!("profile rows stored by the profiling data plane: {stored} of {expected} connections");
+    Ok(())
+}
+
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+async fn train(sizes: Vec<usize>) -> anyhow::Result<()> {
+    println!("== trainer: load only vs load + label + fit + evaluate + export (release build)");
+    println!(
+        "{:>10} {:>12} {:>16} {:>8} {:>16}",
+        "rows", "load (s)", "train total (s)", "ratio", "peak RSS (MiB)"
+    );
+    for n in sizes {
+        let (_url, pool) = fresh_database().await?;
+        trainer::synthetic::insert(&pool, n).await?;
+        let w = trainer::Window {
+            since: chrono::Utc::now() - chrono::Duration::days(3650),
+            until: chrono::Utc::now() + chrono::Duration::seconds(1),
+            service: None,
+        };
+        let t = Instant::now();
+        let rows = trainer::load(&pool, &w).await?.len();
+        let load = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let trained = trainer::train(&pool, &w, trainer::learn::TrainParams::default()).await?;
+        let total = t.elapsed().as_secs_f64();
+        println!(
+            "{:>10} {:>12.2} {:>16.2} {:>7.1}x {:>16.0}",
+            rows,
+            load,
+            total,
+            total / load,
+            peak_rss_mib()
+        );
+        let acc: Vec<String> = trained
+            .report
+            .targets
+            .iter()
+            .map(|t| format!("{} {:.3}", t.target, t.balanced_accuracy))
+            .collect();
+        eprintln!("  balanced accuracy: {}", acc.join(", "));
+        pool.close().await;
+    }
     Ok(())
 }
 
