@@ -112,7 +112,10 @@ pub fn dataset(profiles: Vec<Profile>, w: &CostWeights) -> Dataset {
             }
             let lo = costs.iter().copied().fold(f64::INFINITY, f64::min);
             let hi = costs.iter().copied().fold(0.0, f64::max);
-            weights[i].push((1.0 + (hi - lo).max(0.0)).ln() as f32 + 1.0);
+            // Whole numbers from 1 to 16: linfa accumulates weights in f32, and sums of whole
+            // numbers stay exact (below 2^24) where fractions drift and can reach a negative
+            // class frequency on large tables.
+            weights[i].push((1.0 + (hi - lo).max(0.0)).ln().round().clamp(0.0, 15.0) as f32 + 1.0);
         }
     }
     Dataset {
@@ -135,10 +138,12 @@ pub fn fit_tree(
         .map_err(|e| LearnError::Data(e.to_string()))?;
     let ds = Dataset2::new(xs, y.iter().copied().collect::<Array1<usize>>())
         .with_weights(w.iter().copied().collect::<Array1<f32>>());
-    let fitted = DecisionTree::params()
+    let params = DecisionTree::params()
         .max_depth(Some(max_depth))
-        .min_weight_leaf(1.0)
-        .fit(&ds)
+        .min_weight_leaf(1.0);
+    // linfa asserts on degenerate splits; a training failure must not take the process down.
+    let fitted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| params.fit(&ds)))
+        .map_err(|_| LearnError::Data("the tree learner failed on this data".into()))?
         .map_err(|e| LearnError::Data(e.to_string()))?;
     let tree = to_tree(&fitted);
     Ok((fitted, tree))
