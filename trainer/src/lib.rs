@@ -4,6 +4,7 @@
 //! the window against the baselines, exports ONNX (`tuning::onnx`) and registers a candidate.
 //! Nothing goes live from here: a rollout or an audited activation does that.
 
+pub mod export;
 pub mod learn;
 pub mod synthetic;
 

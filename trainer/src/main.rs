@@ -27,6 +27,24 @@ enum Command {
         #[arg(long, default_value_t = 3000)]
         rows: usize,
     },
+    /// Write a window of profiles with their features and labels as Parquet or CSV.
+    Export {
+        /// Window start (RFC 3339); default 7 days before --until.
+        #[arg(long)]
+        since: Option<DateTime<Utc>>,
+        /// Window end (RFC 3339); default now.
+        #[arg(long)]
+        until: Option<DateTime<Utc>>,
+        /// Only this service.
+        #[arg(long)]
+        service: Option<String>,
+        /// parquet or csv.
+        #[arg(long, value_parser = ["parquet", "csv"], default_value = "parquet")]
+        format: String,
+        /// Output file.
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
     /// Learn from a window of profiles and register the model as a candidate.
     Train {
         /// Window start (RFC 3339); default 7 days before --until.
@@ -66,6 +84,36 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("connecting to PostgreSQL")?;
     match args.command {
+        Command::Export {
+            since,
+            until,
+            service,
+            format,
+            out,
+        } => {
+            let until = until.unwrap_or_else(Utc::now);
+            let since = since.unwrap_or(until - chrono::Duration::days(7));
+            let w = trainer::Window {
+                since,
+                until,
+                service,
+            };
+            let weights = tuning::cost::CostWeights::default();
+            let d = trainer::learn::dataset(trainer::load(&db, &w).await?, &weights);
+            let mut df = trainer::export::frame(&d, &weights)?;
+            let f = if format == "csv" {
+                trainer::export::Format::Csv
+            } else {
+                trainer::export::Format::Parquet
+            };
+            trainer::export::write(&mut df, &out, f)?;
+            println!(
+                "wrote {} rows × {} columns to {}",
+                df.height(),
+                df.width(),
+                out.display()
+            );
+        }
         Command::Synthetic { rows } => {
             trainer::synthetic::insert(&db, rows).await?;
             println!("inserted {rows} synthetic profiles (services bulk, chat, iot)");
