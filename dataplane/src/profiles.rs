@@ -661,12 +661,8 @@ pub fn sample_profile() -> Profile {
         dir.read_sizes.record(300);
         dir.gaps_ms.record(250);
     }
-    Profile {
-        connection_id: uuid::Uuid::new_v4(),
-        dataplane_id: "bench".into(),
-        started_at: chrono::Utc::now(),
-        duration_us: 10_000_000,
-        context: ConnectionContext {
+    let mut p = Profile::new(
+        ConnectionContext {
             service: "chat".into(),
             route: "/ws".into(),
             protocol: Protocol::Websocket,
@@ -677,26 +673,22 @@ pub fn sample_profile() -> Profile {
             hour_of_week: 42,
             client_key: Some("10.1.2.3".into()),
         },
-        decision: Decision::fixed(Settings::default(), Reason::Default),
-        timings: Timings {
-            dns_us: Some(5),
-            connect_us: Some(80),
-            tls_us: None,
-            upgrade_us: Some(400),
-        },
-        client_to_upstream: dir,
-        upstream_to_client: dir,
-        ping_client: PingStats::default(),
-        ping_upstream: PingStats::default(),
-        paused_ms: 0,
-        peak_buffered_bytes: 600,
-        closed_by: ClosedBy::Client,
-        close_code: Some(1000),
-        close_reason: Some("bye".into()),
-        error_class: None,
-        dead_peer: false,
-        idle_timeout_fired: false,
-    }
+        Decision::fixed(Settings::default(), Reason::Default),
+    );
+    p.connection_id = uuid::Uuid::new_v4();
+    p.dataplane_id = "bench".into();
+    p.duration_us = 10_000_000;
+    p.timings = Timings {
+        dns_us: Some(5),
+        connect_us: Some(80),
+        tls_us: None,
+        upgrade_us: Some(400),
+    };
+    p.client_to_upstream = dir;
+    p.upstream_to_client = dir;
+    p.peak_buffered_bytes = 600;
+    p.close_reason = Some("bye".into());
+    p
 }
 
 #[cfg(test)]
@@ -735,37 +727,9 @@ mod tests {
     }
 
     pub(crate) fn sample() -> Profile {
-        use tuning::*;
-        Profile {
-            connection_id: uuid::Uuid::new_v4(),
-            dataplane_id: "dp".into(),
-            started_at: chrono::Utc::now(),
-            duration_us: 5,
-            context: ConnectionContext {
-                service: "s".into(),
-                route: "/r".into(),
-                protocol: Protocol::Websocket,
-                subprotocol: None,
-                offers_deflate: false,
-                client_class: ClientClass::Other,
-                client_region: "unknown".into(),
-                hour_of_week: 3,
-                client_key: Some("k,\"x\"".into()),
-            },
-            decision: Decision::fixed(Settings::default(), Reason::Default),
-            timings: Timings::default(),
-            client_to_upstream: DirectionStats::default(),
-            upstream_to_client: DirectionStats::default(),
-            ping_client: PingStats::default(),
-            ping_upstream: PingStats::default(),
-            paused_ms: 0,
-            peak_buffered_bytes: 0,
-            closed_by: ClosedBy::Client,
-            close_code: Some(1000),
-            close_reason: Some("bye, now".into()),
-            error_class: None,
-            dead_peer: false,
-            idle_timeout_fired: false,
-        }
+        let mut p = super::sample_profile();
+        p.context.client_key = Some("k,\"x\"".into());
+        p.close_reason = Some("bye, now".into());
+        p
     }
 }

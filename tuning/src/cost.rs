@@ -240,43 +240,12 @@ pub fn oracle(p: &Profile, w: &CostWeights) -> Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        ClientClass, ConnectionContext, Decision, DirectionStats, PingStats, Protocol, Reason,
-        Timings,
-    };
+    use crate::DirectionStats;
 
     fn profile(secs: u64, f: impl FnOnce(&mut Profile)) -> Profile {
-        let mut p = Profile {
-            connection_id: uuid::Uuid::nil(),
-            dataplane_id: "t".into(),
-            started_at: chrono::Utc::now(),
-            duration_us: secs * 1_000_000,
-            context: ConnectionContext {
-                service: "s".into(),
-                route: "/".into(),
-                protocol: Protocol::Websocket,
-                subprotocol: None,
-                offers_deflate: true,
-                client_class: ClientClass::Browser,
-                client_region: "eu".into(),
-                hour_of_week: 0,
-                client_key: None,
-            },
-            decision: Decision::fixed(Settings::default(), Reason::Default),
-            timings: Timings::default(),
-            client_to_upstream: DirectionStats::default(),
-            upstream_to_client: DirectionStats::default(),
-            ping_client: PingStats::default(),
-            ping_upstream: PingStats::default(),
-            paused_ms: 0,
-            peak_buffered_bytes: 0,
-            closed_by: crate::ClosedBy::Client,
-            close_code: Some(1000),
-            close_reason: None,
-            error_class: None,
-            dead_peer: false,
-            idle_timeout_fired: false,
-        };
+        let mut p = crate::profile::test_profile();
+        p.context.offers_deflate = true;
+        p.duration_us = secs * 1_000_000;
         f(&mut p);
         p
     }

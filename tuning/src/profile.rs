@@ -188,16 +188,40 @@ pub struct Profile {
     pub idle_timeout_fired: bool,
 }
 
-/// A minimal profile for unit tests.
+impl Profile {
+    /// A profile of a connection that carried nothing yet (started now, closed by the client
+    /// with 1000); fill in the rest.
+    pub fn new(context: ConnectionContext, decision: Decision) -> Profile {
+        Profile {
+            connection_id: uuid::Uuid::nil(),
+            dataplane_id: String::new(),
+            started_at: chrono::Utc::now(),
+            duration_us: 0,
+            context,
+            decision,
+            timings: Timings::default(),
+            client_to_upstream: DirectionStats::default(),
+            upstream_to_client: DirectionStats::default(),
+            ping_client: PingStats::default(),
+            ping_upstream: PingStats::default(),
+            paused_ms: 0,
+            peak_buffered_bytes: 0,
+            closed_by: ClosedBy::Client,
+            close_code: Some(1000),
+            close_reason: None,
+            error_class: None,
+            dead_peer: false,
+            idle_timeout_fired: false,
+        }
+    }
+}
+
+/// A minimal profile for unit tests: a browser WebSocket to service `s`, one second long.
 #[cfg(test)]
 pub(crate) fn test_profile() -> Profile {
     use crate::{ClientClass, Protocol, Reason, Settings};
-    Profile {
-        connection_id: uuid::Uuid::nil(),
-        dataplane_id: "t".into(),
-        started_at: chrono::Utc::now(),
-        duration_us: 1_000_000,
-        context: ConnectionContext {
+    let mut p = Profile::new(
+        ConnectionContext {
             service: "s".into(),
             route: "/".into(),
             protocol: Protocol::Websocket,
@@ -208,21 +232,10 @@ pub(crate) fn test_profile() -> Profile {
             hour_of_week: 0,
             client_key: None,
         },
-        decision: Decision::fixed(Settings::default(), Reason::Default),
-        timings: Timings::default(),
-        client_to_upstream: DirectionStats::default(),
-        upstream_to_client: DirectionStats::default(),
-        ping_client: PingStats::default(),
-        ping_upstream: PingStats::default(),
-        paused_ms: 0,
-        peak_buffered_bytes: 0,
-        closed_by: ClosedBy::Client,
-        close_code: Some(1000),
-        close_reason: None,
-        error_class: None,
-        dead_peer: false,
-        idle_timeout_fired: false,
-    }
+        Decision::fixed(Settings::default(), Reason::Default),
+    );
+    p.duration_us = 1_000_000;
+    p
 }
 
 #[cfg(test)]
