@@ -855,3 +855,38 @@ async fn a_stalled_client_is_closed_after_the_stall_limit_and_counted() {
         let _ = tokio::time::timeout(Duration::from_secs(10), sender).await;
     }
 }
+
+#[tokio::test]
+async fn a_client_that_never_finishes_its_request_head_is_cut_off_at_the_handshake_timeout() {
+    let echo = spawn_echo().await;
+    let dp = DataPlaneProc::start(&config(
+        echo,
+        "zero_copy",
+        "",
+        "[limits]\nhandshake_timeout = \"1s\"",
+    ));
+    let mut s = TcpStream::connect(dp.proxy).await.expect("connect");
+    s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n")
+        .await
+        .expect("partial head");
+    let t = std::time::Instant::now();
+    let mut buf = [0u8; 1024];
+    let mut got = Vec::new();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => panic!("still open after 5 s"),
+        }
+    }
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+        "closed after {took:?}"
+    );
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 408"),
+        "{text}"
+    );
+}
