@@ -65,6 +65,9 @@ pub struct State {
     pub runtime: Option<&'static crate::inference::Runtime>,
     /// The shipped model, loaded once at start.
     pub shipped: Option<Arc<crate::models::LoadedModel>>,
+    /// Reloads run one at a time, so a reload that began before a change can never overwrite
+    /// the snapshot of one that began after it.
+    reloading: tokio::sync::Mutex<()>,
 }
 
 impl State {
@@ -74,6 +77,7 @@ impl State {
             snap: RwLock::default(),
             runtime,
             shipped: None,
+            reloading: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -84,6 +88,7 @@ impl State {
 
     /// Reload from the database.
     pub async fn reload(&self, db: &sqlx::PgPool) -> Result<(), sqlx::Error> {
+        let _one_at_a_time = self.reloading.lock().await;
         let kill: bool = sqlx::query_scalar("select enabled from kill_switch where id")
             .fetch_optional(db)
             .await?
@@ -175,6 +180,7 @@ impl State {
             agg.observe(&tuning::sql::profile_from_row(r)?);
         }
         let n = rows.len();
+        let _one_at_a_time = self.reloading.lock().await;
         let mut snap = (*self.get()).clone();
         snap.aggregates = Arc::new(agg);
         *self.snap.write().expect("snapshot") = Arc::new(snap);

@@ -13,6 +13,8 @@ pub mod features;
 pub mod hash;
 pub mod onnx;
 pub mod profile;
+#[cfg(feature = "onnxruntime")]
+pub mod runtime;
 pub mod settings;
 #[cfg(feature = "sql")]
 pub mod sql;
