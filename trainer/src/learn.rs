@@ -297,7 +297,6 @@ pub fn fit_and_evaluate(p: &CheckedParams, d: &Dataset) -> Result<(Fitted, Repor
         )));
     }
     let mut models = Vec::new();
-    let mut targets = Vec::new();
     for (ti, t) in Target::ALL.iter().enumerate() {
         let y: Array1<usize> = d.labels[ti][..train].iter().copied().collect();
         let w: Array1<f32> = d.weights[ti][..train].iter().copied().collect();
@@ -330,13 +329,27 @@ pub fn fit_and_evaluate(p: &CheckedParams, d: &Dataset) -> Result<(Fitted, Repor
         });
     }
     let fitted = Fitted { models };
-    // Classification quality per target on the held-out rows.
+    let predicted: Vec<Settings> = (train..n)
+        .map(|r| fitted.predict(&d.x[r], d.profiles[r].decision.settings))
+        .collect();
+    let report = evaluate(p, d, train, &predicted);
+    Ok((fitted, report))
+}
+
+/// Evaluate settings `predicted` for the rows from `train` on (in order) against the labels and
+/// the baselines; the best static config and the per-service p95 rule are fitted on the rows
+/// before `train`.
+pub fn evaluate(p: &TrainParams, d: &Dataset, train: usize, predicted: &[Settings]) -> Report {
+    let n = d.x.len();
+    let test = n - train;
+    // Classification quality per target on the evaluated rows.
+    let mut targets = Vec::new();
     for (ti, t) in Target::ALL.iter().enumerate() {
         let k = t.classes();
         let mut confusion = vec![vec![0u64; k]; k];
         for r in train..n {
             let truth = d.labels[ti][r];
-            let pred = fitted.models[ti].trees[0].predict(&d.x[r]).min(k - 1);
+            let pred = t.class_of(&predicted[r - train]).min(k - 1);
             confusion[truth][pred] += 1;
         }
         let mut recalls = Vec::new();
@@ -366,11 +379,10 @@ pub fn fit_and_evaluate(p: &CheckedParams, d: &Dataset) -> Result<(Fitted, Repor
     // Replay costs of the policies.
     let w = &p.weights;
     let rows = &d.profiles[train..];
-    let xs_test = &d.x[train..];
     let model_costs: Vec<f64> = rows
         .iter()
-        .zip(xs_test)
-        .map(|(pr, x)| replay_cost(pr, &fitted.predict(x, pr.decision.settings), w))
+        .zip(predicted)
+        .map(|(pr, s)| replay_cost(pr, s, w))
         .collect();
     let defaults: Vec<f64> = rows
         .iter()
@@ -480,7 +492,7 @@ pub fn fit_and_evaluate(p: &CheckedParams, d: &Dataset) -> Result<(Fitted, Repor
             ci95: (at(0.025), at(0.975)),
         });
     }
-    let report = Report {
+    Report {
         train_rows: train,
         test_rows: test,
         targets,
@@ -509,8 +521,7 @@ pub fn fit_and_evaluate(p: &CheckedParams, d: &Dataset) -> Result<(Fitted, Repor
         gap_closed,
         best_static,
         services,
-    };
-    Ok((fitted, report))
+    }
 }
 
 /// linfa's dataset type, named here once.

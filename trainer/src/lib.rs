@@ -40,6 +40,12 @@ pub enum TrainerError {
     /// The database failed.
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
+    /// No model with that version in the registry.
+    #[error("no model {0:?} in the registry")]
+    UnknownModel(String),
+    /// The model could not be loaded or run.
+    #[error("{0}")]
+    Model(String),
     /// Learning refused the data or the parameters.
     #[error("{0}")]
     Learn(#[from] learn::LearnError),
@@ -95,6 +101,51 @@ pub async fn load(db: &sqlx::PgPool, w: &Window) -> Result<Vec<tuning::Profile>,
     rows.iter()
         .map(|r| tuning::sql::profile_from_row(r).map_err(TrainerError::from))
         .collect()
+}
+
+/// Evaluate a registered model (any model with the contract: trained here or exported from a
+/// notebook) on a window: the same report as training's, on the later part of the window, with
+/// the baselines fitted on the earlier part.
+pub async fn evaluate_model(
+    db: &sqlx::PgPool,
+    version: &str,
+    w: &Window,
+    params: learn::TrainParams,
+) -> Result<learn::Report, TrainerError> {
+    params.clone().check()?;
+    let bytes: Option<Vec<u8>> = sqlx::query_scalar("select onnx from models where version = $1")
+        .bind(version)
+        .fetch_optional(db)
+        .await?;
+    let bytes = bytes.ok_or_else(|| TrainerError::UnknownModel(version.to_string()))?;
+    let rt =
+        tuning::runtime::Runtime::init(None).map_err(|e| TrainerError::Model(e.to_string()))?;
+    let model = tuning::runtime::LoadedModel::load(rt, version, &bytes)
+        .map_err(|e| TrainerError::Model(e.to_string()))?;
+    let data = learn::dataset(load(db, w).await?, &params.weights);
+    let n = data.x.len();
+    let train = n - ((n as f64) * params.test_share).round() as usize;
+    if train < 10 || n - train < 5 {
+        return Err(learn::LearnError::Data(format!(
+            "{n} rows are too few: at least 10 before and 5 in the evaluated part are needed"
+        ))
+        .into());
+    }
+    let mut predicted = Vec::with_capacity(n - train);
+    for chunk in (train..n).collect::<Vec<_>>().chunks(1024) {
+        let rows: Vec<Vec<f32>> = chunk.iter().map(|r| data.x[*r].clone()).collect();
+        let labels = model
+            .labels(&rows)
+            .map_err(|e| TrainerError::Model(e.to_string()))?;
+        for (k, r) in chunk.iter().enumerate() {
+            let mut s = data.profiles[*r].decision.settings;
+            for (ti, t) in tuning::Target::ALL.iter().enumerate() {
+                t.set_class(&mut s, labels[ti][k].max(0) as usize);
+            }
+            predicted.push(s.clamp().0);
+        }
+    }
+    Ok(learn::evaluate(&params, &data, train, &predicted))
 }
 
 /// A trained and registered candidate.
@@ -281,6 +332,29 @@ mod tests {
                 assert_eq!(tree.predict(x), theirs[r], "{} row {r}", t.name());
             }
         }
+    }
+
+    #[sqlx::test(migrations = "../migrations")]
+    async fn a_registered_model_is_evaluated_through_onnx_runtime_like_at_training(
+        db: sqlx::PgPool,
+    ) {
+        synthetic::insert(&db, 600).await.unwrap();
+        let t = train(&db, &window(), learn::TrainParams::default())
+            .await
+            .unwrap();
+        let r = evaluate_model(&db, &t.version, &window(), learn::TrainParams::default())
+            .await
+            .unwrap();
+        // ONNX Runtime's predictions give the same figures as the fitted trees did.
+        for (a, b) in r.targets.iter().zip(&t.report.targets) {
+            assert_eq!(a.confusion, b.confusion, "{}", a.target);
+        }
+        let cost = |r: &learn::Report| r.costs[0].mean_cost;
+        assert!((cost(&r) - cost(&t.report)).abs() < 1e-6);
+        let e = evaluate_model(&db, "nope", &window(), learn::TrainParams::default())
+            .await
+            .unwrap_err();
+        assert_eq!(e.to_string(), "no model \"nope\" in the registry");
     }
 
     #[sqlx::test(migrations = "../migrations")]

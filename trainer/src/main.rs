@@ -27,6 +27,21 @@ enum Command {
         #[arg(long, default_value_t = 3000)]
         rows: usize,
     },
+    /// Evaluate a registered model on a window (through ONNX Runtime).
+    Evaluate {
+        /// The model's registry version.
+        #[arg(long)]
+        model: String,
+        /// Window start (RFC 3339); default 7 days before --until.
+        #[arg(long)]
+        since: Option<DateTime<Utc>>,
+        /// Window end (RFC 3339); default now.
+        #[arg(long)]
+        until: Option<DateTime<Utc>>,
+        /// Only this service.
+        #[arg(long)]
+        service: Option<String>,
+    },
     /// Write a window of profiles with their features and labels as Parquet or CSV.
     Export {
         /// Window start (RFC 3339); default 7 days before --until.
@@ -84,6 +99,33 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("connecting to PostgreSQL")?;
     match args.command {
+        Command::Evaluate {
+            model,
+            since,
+            until,
+            service,
+        } => {
+            let until = until.unwrap_or_else(Utc::now);
+            let since = since.unwrap_or(until - chrono::Duration::days(7));
+            let w = trainer::Window {
+                since,
+                until,
+                service,
+            };
+            let report =
+                trainer::evaluate_model(&db, &model, &w, trainer::learn::TrainParams::default())
+                    .await?;
+            let t = trainer::Trained {
+                version: model,
+                report,
+                onnx_bytes: 0,
+            };
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&t)?);
+            } else {
+                print_report(&t);
+            }
+        }
         Command::Export {
             since,
             until,
