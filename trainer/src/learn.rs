@@ -33,7 +33,7 @@ impl Default for TrainParams {
         TrainParams {
             max_depth: 8,
             test_share: 0.2,
-            min_class_rows: 1,
+            min_class_rows: 3,
             weights: CostWeights::default(),
             bootstrap: 200,
             seed: 7,
@@ -526,3 +526,46 @@ pub fn evaluate(p: &TrainParams, d: &Dataset, train: usize, predicted: &[Setting
 
 /// linfa's dataset type, named here once.
 type Dataset2 = linfa::DatasetBase<Array2<f32>, Array1<usize>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_class_with_too_few_training_rows_is_refused_by_name() {
+        let ctx = tuning::ConnectionContext {
+            service: "s".into(),
+            route: "/".into(),
+            protocol: tuning::Protocol::Websocket,
+            subprotocol: None,
+            offers_deflate: false,
+            client_class: tuning::ClientClass::Other,
+            client_region: "eu".into(),
+            hour_of_week: 0,
+            client_key: None,
+        };
+        let n = 40;
+        let p = Profile::new(
+            ctx,
+            tuning::Decision::fixed(Settings::default(), tuning::Reason::Default),
+        );
+        let mut labels = vec![vec![0usize; n]; Target::ALL.len()];
+        labels[0][3] = 2; // one training row of buffer_size class 2 (64 KiB)
+        labels[0][4] = 1;
+        labels[0][5] = 1;
+        labels[0][6] = 1;
+        let d = Dataset {
+            x: (0..n)
+                .map(|i| vec![i as f32; tuning::feature_len()])
+                .collect(),
+            labels,
+            weights: vec![vec![1.0; n]; Target::ALL.len()],
+            profiles: vec![p; n],
+        };
+        let e = fit_and_evaluate(&TrainParams::default().check().unwrap(), &d).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "buffer_size: class 2 has 1 training rows, fewer than 3"
+        );
+    }
+}

@@ -165,10 +165,27 @@ pub async fn train(
     w: &Window,
     params: learn::TrainParams,
 ) -> Result<Trained, TrainerError> {
+    train_with_progress(db, w, params, &|_| {}).await
+}
+
+/// [`train`], telling `progress` which step it is on (for a progress display).
+pub async fn train_with_progress(
+    db: &sqlx::PgPool,
+    w: &Window,
+    params: learn::TrainParams,
+    progress: &(dyn Fn(&str) + Sync),
+) -> Result<Trained, TrainerError> {
     let checked = params.clone().check()?;
+    progress("loading profiles");
     let profiles = load(db, w).await?;
+    progress(&format!(
+        "features and labels for {} profiles",
+        profiles.len()
+    ));
     let data = learn::dataset(profiles, &params.weights);
+    progress("fitting and evaluating");
     let (fitted, report) = learn::fit_and_evaluate(&checked, &data)?;
+    progress("exporting and registering");
     let version = format!("t{}", Utc::now().format("%Y%m%dT%H%M%S%3f"));
     let onnx = tuning::onnx::export(&fitted.models, &tuning::Settings::default(), &version);
     let metadata = serde_json::json!({

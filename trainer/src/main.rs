@@ -179,8 +179,18 @@ async fn main() -> anyhow::Result<()> {
                 test_share,
                 ..Default::default()
             };
-            eprintln!("training on profiles from {since} to {until} …");
-            let t = trainer::train(&db, &w, params).await?;
+            let bar = indicatif::ProgressBar::new_spinner();
+            if args.json {
+                bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+            }
+            bar.enable_steady_tick(std::time::Duration::from_millis(120));
+            bar.set_message(format!("training on profiles from {since} to {until}"));
+            let t = trainer::train_with_progress(&db, &w, params, &|step| {
+                bar.set_message(step.to_string())
+            })
+            .await;
+            bar.finish_and_clear();
+            let t = t?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&t)?);
             } else {
