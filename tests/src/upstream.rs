@@ -76,6 +76,9 @@ async fn handle(mut req: Request<Incoming>) -> Result<Response<Body>, Infallible
                 .flat_map(|v| v.split(',').map(|s| s.trim().to_string()))
                 .collect();
             let greet = req.uri().path().ends_with("/greet");
+            // `?push=RATE&size=BYTES`: the server pushes RATE messages a second (a market feed,
+            // a dashboard) while still echoing what the client sends.
+            let push = push_params(req.uri().query());
             if req.uri().path().ends_with("/refuse") {
                 return Ok(text(StatusCode::FORBIDDEN, "refused by upstream"));
             }
@@ -95,7 +98,10 @@ async fn handle(mut req: Request<Incoming>) -> Result<Response<Body>, Infallible
                     None,
                 )
                 .await;
-                echo_ws(ws).await;
+                match push {
+                    Some((rate, size)) => push_ws(ws, rate, size).await,
+                    None => echo_ws(ws).await,
+                }
             });
             let mut r = text(StatusCode::SWITCHING_PROTOCOLS, Bytes::new());
             let h = r.headers_mut();
@@ -134,6 +140,56 @@ async fn handle(mut req: Request<Incoming>) -> Result<Response<Body>, Infallible
         }
         Some(_) => Ok(text(StatusCode::BAD_REQUEST, "unknown upgrade")),
         None => Ok(http(req).await),
+    }
+}
+
+fn push_params(q: Option<&str>) -> Option<(u32, usize)> {
+    let mut rate = None;
+    let mut size = 64;
+    for kv in q?.split('&') {
+        match kv.split_once('=') {
+            Some(("push", v)) => rate = v.parse().ok(),
+            Some(("size", v)) => size = v.parse().unwrap_or(64),
+            _ => {}
+        }
+    }
+    rate.filter(|r| *r > 0 && *r <= 1000)
+        .map(|r| (r, size.clamp(1, 1 << 20)))
+}
+
+/// Push `rate` JSON-like messages of about `size` bytes a second, and echo the client.
+async fn push_ws(ws: WebSocketStream<TcpStream>, rate: u32, size: usize) {
+    let (mut tx, mut rx) = ws.split();
+    let mut tick = tokio::time::interval(Duration::from_secs(1) / rate);
+    let mut seq = 0u64;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                seq += 1;
+                let mut m = format!("{{\"seq\":{seq},\"symbol\":\"TRMT\",\"bid\":101.25,\"ask\":101.5,\"pad\":\"");
+                while m.len() + 2 < size {
+                    m.push_str("abcabc");
+                }
+                m.push_str("\"}");
+                if tx.send(Message::text(m)).await.is_err() {
+                    return;
+                }
+            }
+            m = rx.next() => match m {
+                Some(Ok(Message::Text(t))) => {
+                    if tx.send(Message::Text(t)).await.is_err() { return; }
+                }
+                Some(Ok(Message::Binary(b))) => {
+                    if tx.send(Message::Binary(b)).await.is_err() { return; }
+                }
+                Some(Ok(Message::Close(_))) => {
+                    let _ = tx.close().await;
+                    return;
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => return,
+            }
+        }
     }
 }
 

@@ -890,3 +890,72 @@ async fn a_client_that_never_finishes_its_request_head_is_cut_off_at_the_handsha
         "{text}"
     );
 }
+
+/// The workload generator drives every archetype through a real data plane; each becomes
+/// profiles of its own service, and their traffic differs the way the archetypes say.
+#[sqlx::test(migrations = "../migrations")]
+async fn the_workload_generator_drives_every_archetype_into_profiles(pool: sqlx::PgPool) {
+    use trimtab_tests::workload::{Archetype, Workload, run};
+    let url = trimtab_tests::harness::database_url_of(&pool).await;
+    let echo = spawn_echo().await;
+    let mut services = String::new();
+    for a in Archetype::ALL {
+        let name = a.route().trim_start_matches('/');
+        services.push_str(&format!(
+            "[services.{name}]\nupstreams = [\"{echo}\"]\nroutes = [{{ path_prefix = \"{}\" }}]\n",
+            a.route()
+        ));
+    }
+    let dp = DataPlaneProc::start(&format!(
+        "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nclient_key_header = \"x-client-id\"\n\
+         [profiles]\ndatabase_url = \"{url}\"\nspool_dir = \"{}\"\nbatch_interval = \"100ms\"\n{services}",
+        trimtab_tests::harness::scratch_dir("spool").display()
+    ));
+    let stats = run(Workload {
+        proxy: dp.proxy,
+        concurrency: 6,
+        total: 36,
+        duration: Duration::from_secs(20),
+        session: Duration::from_secs(2),
+        mix: Archetype::ALL.to_vec(),
+        seed: 7,
+    })
+    .await;
+    let done = stats.connections.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(done >= 30, "{stats:?}");
+    type Row = (String, i64, i64, i64);
+    let rows: Vec<Row> = eventually(Duration::from_secs(10), || async {
+        let r: Vec<Row> = sqlx::query_as(
+            "select service, count(*), max(c2u_bytes + u2c_bytes), max(u2c_messages) from profiles group by service order by service",
+        )
+        .fetch_all(&pool)
+        .await
+        .expect("rows");
+        (r.len() == 6).then_some(r)
+    })
+    .await
+    .expect("profiles of all six archetypes");
+    let by = |s: &str| rows.iter().find(|r| r.0 == s).expect(s).clone();
+    assert!(by("bulk").2 > 1 << 20, "bulk moves megabytes: {rows:?}");
+    assert!(
+        by("feed").3 > by("chat").3,
+        "the feed pushes more messages than chat: {rows:?}"
+    );
+    let classes: Vec<(String, String)> =
+        sqlx::query_as("select distinct service, client_class from profiles order by service")
+            .fetch_all(&pool)
+            .await
+            .expect("classes");
+    assert!(
+        classes.contains(&("iot".into(), "device".into())),
+        "{classes:?}"
+    );
+    assert!(
+        classes.contains(&("chat".into(), "browser".into())),
+        "{classes:?}"
+    );
+    assert!(
+        classes.contains(&("terminal".into(), "server".into())),
+        "{classes:?}"
+    );
+}

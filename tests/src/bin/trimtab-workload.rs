@@ -1,0 +1,59 @@
+//! `trimtab-workload --proxy ADDR`: drive the workload archetypes through a data plane.
+
+use std::time::Duration;
+
+use clap::Parser;
+use trimtab_tests::workload::{Archetype, Workload, run};
+
+/// Real traffic through a running data plane, bounded in connections and time.
+#[derive(Debug, Parser)]
+struct Args {
+    /// The data plane's proxy address.
+    #[arg(long, default_value = "127.0.0.1:18080")]
+    proxy: std::net::SocketAddr,
+    /// Connections open at once.
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// Connections in all.
+    #[arg(long, default_value_t = 100_000)]
+    total: usize,
+    /// Longest run, seconds.
+    #[arg(long, default_value_t = 3600)]
+    duration_s: u64,
+    /// Life of one connection, seconds.
+    #[arg(long, default_value_t = 15)]
+    session_s: u64,
+    /// Archetypes (chat, feed, bulk, iot, dashboard, terminal); default all.
+    #[arg(long, value_delimiter = ',')]
+    mix: Vec<String>,
+    /// Seed.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    let mix = if a.mix.is_empty() {
+        Archetype::ALL.to_vec()
+    } else {
+        a.mix
+            .iter()
+            .map(|m| {
+                Archetype::parse(m).ok_or_else(|| anyhow::anyhow!("--mix: unknown archetype {m:?}"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?
+    };
+    let stats = run(Workload {
+        proxy: a.proxy,
+        concurrency: a.concurrency,
+        total: a.total,
+        duration: Duration::from_secs(a.duration_s),
+        session: Duration::from_secs(a.session_s),
+        mix,
+        seed: a.seed,
+    })
+    .await;
+    eprintln!("workload done: {stats:?}");
+    Ok(())
+}

@@ -1,0 +1,254 @@
+//! The workload generator: real WebSocket and tunnel traffic through a running data plane, in
+//! archetypes whose best settings differ, each with its own decision-time signature (service,
+//! route, user agent). Every run is bounded in connections and time and stays on the address it
+//! is given (loopback in the demo and the tests).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+/// A kind of traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Archetype {
+    /// Small compressible JSON both ways with long idle gaps (browsers).
+    Chat,
+    /// The server pushes many small messages a second (server-side consumers).
+    Feed,
+    /// Large binary messages (server-side tools).
+    Bulk,
+    /// Tiny messages every few seconds; some clients vanish without closing (devices).
+    Iot,
+    /// Medium compressible JSON at a steady rate (browsers).
+    Dashboard,
+    /// A generic-upgrade tunnel with bursts of keystrokes (kubectl-style).
+    Terminal,
+}
+
+impl Archetype {
+    /// Every archetype.
+    pub const ALL: [Archetype; 6] = [
+        Archetype::Chat,
+        Archetype::Feed,
+        Archetype::Bulk,
+        Archetype::Iot,
+        Archetype::Dashboard,
+        Archetype::Terminal,
+    ];
+
+    /// Its path prefix (the demo config routes each to its own service).
+    pub fn route(self) -> &'static str {
+        match self {
+            Archetype::Chat => "/chat",
+            Archetype::Feed => "/feed",
+            Archetype::Bulk => "/bulk",
+            Archetype::Iot => "/iot",
+            Archetype::Dashboard => "/dashboard",
+            Archetype::Terminal => "/terminal",
+        }
+    }
+
+    /// Its user agent (the client class in profiles).
+    pub fn user_agent(self) -> &'static str {
+        match self {
+            Archetype::Chat | Archetype::Dashboard => {
+                "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 Chrome/120.0"
+            }
+            Archetype::Feed => "python-websockets/12.0",
+            Archetype::Bulk => "go-http-client/1.1",
+            Archetype::Iot => "esp32-telemetry/1.2",
+            Archetype::Terminal => "kubectl/v1.30",
+        }
+    }
+
+    /// Parse a name.
+    pub fn parse(s: &str) -> Option<Archetype> {
+        Archetype::ALL
+            .into_iter()
+            .find(|a| a.route().trim_start_matches('/') == s)
+    }
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Workload {
+    /// The data plane's proxy address.
+    pub proxy: SocketAddr,
+    /// Connections open at once.
+    pub concurrency: usize,
+    /// Connections in all (the run stops at this many or at `duration`).
+    pub total: usize,
+    /// Longest the run may take.
+    pub duration: Duration,
+    /// How long one connection lives (scaled per archetype).
+    pub session: Duration,
+    /// The archetypes, picked round robin with the seed.
+    pub mix: Vec<Archetype>,
+    /// Seed of every random choice.
+    pub seed: u64,
+}
+
+/// Counters of a run.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Connections completed.
+    pub connections: AtomicU64,
+    /// Connections that failed.
+    pub failures: AtomicU64,
+    /// Messages sent by clients.
+    pub sent: AtomicU64,
+    /// Messages received by clients.
+    pub received: AtomicU64,
+}
+
+fn rng(seed: &mut u64) -> u64 {
+    *seed ^= *seed << 13;
+    *seed ^= *seed >> 7;
+    *seed ^= *seed << 17;
+    *seed
+}
+
+/// Run the workload; returns the counters when every connection has ended.
+pub async fn run(w: Workload) -> Arc<Stats> {
+    let stats = Arc::new(Stats::default());
+    let deadline = Instant::now() + w.duration;
+    let next = Arc::new(AtomicU64::new(0));
+    let mut workers = Vec::new();
+    for worker in 0..w.concurrency.max(1) {
+        let w = w.clone();
+        let stats = stats.clone();
+        let next = next.clone();
+        workers.push(tokio::spawn(async move {
+            let mut seed = (w.seed ^ (worker as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)).max(1);
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                if i >= w.total || Instant::now() >= deadline || w.mix.is_empty() {
+                    return;
+                }
+                let a = w.mix[(rng(&mut seed) as usize) % w.mix.len()];
+                let client = format!(
+                    "{}-{}",
+                    a.route().trim_start_matches('/'),
+                    rng(&mut seed) % 64
+                );
+                let left = deadline.saturating_duration_since(Instant::now());
+                let r = tokio::time::timeout(
+                    left + Duration::from_secs(2),
+                    session(&w, a, &client, &mut seed, &stats),
+                )
+                .await;
+                match r {
+                    Ok(Ok(())) => stats.connections.fetch_add(1, Ordering::Relaxed),
+                    _ => stats.failures.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+    for t in workers {
+        let _ = t.await;
+    }
+    stats
+}
+
+async fn session(
+    w: &Workload,
+    a: Archetype,
+    client: &str,
+    seed: &mut u64,
+    stats: &Stats,
+) -> anyhow::Result<()> {
+    if a == Archetype::Terminal {
+        return terminal(w, client, seed, stats).await;
+    }
+    let query = match a {
+        Archetype::Feed => "?push=50&size=120",
+        Archetype::Dashboard => "?push=2&size=3000",
+        _ => "",
+    };
+    let mut req = format!("ws://{}{}/stream{query}", w.proxy, a.route()).into_client_request()?;
+    let h = req.headers_mut();
+    h.insert("user-agent", a.user_agent().parse()?);
+    h.insert("x-client-id", client.parse()?);
+    let tcp = TcpStream::connect(w.proxy).await?;
+    let (mut ws, _) = tokio_tungstenite::client_async(req, tcp).await?;
+    let life = w.session.mul_f64(match a {
+        Archetype::Bulk => 0.5,
+        Archetype::Iot => 2.0,
+        _ => 1.0,
+    });
+    let end = Instant::now() + life;
+    let (msg, gap): (Vec<u8>, Duration) = match a {
+        Archetype::Chat => (
+            br#"{"type":"message","room":"general","text":"hello everyone, how is it going?"}"#
+                .to_vec(),
+            Duration::from_millis(800 + rng(seed) % 1500),
+        ),
+        Archetype::Bulk => (vec![0xab; 256 << 10], Duration::from_millis(50)),
+        Archetype::Iot => (br#"{"t":21.5,"h":40}"#.to_vec(), Duration::from_secs(3)),
+        _ => (br#"{"ack":1}"#.to_vec(), Duration::from_millis(1000)),
+    };
+    while Instant::now() < end {
+        if a == Archetype::Bulk {
+            ws.send(Message::binary(msg.clone())).await?;
+        } else {
+            ws.send(Message::text(String::from_utf8_lossy(&msg).to_string()))
+                .await?;
+        }
+        stats.sent.fetch_add(1, Ordering::Relaxed);
+        // read what arrives until the next send
+        let until = Instant::now() + gap;
+        while let Ok(m) = tokio::time::timeout_at(until.into(), ws.next()).await {
+            match m {
+                Some(Ok(Message::Close(_))) | None => return Ok(()),
+                Some(Ok(_)) => {
+                    stats.received.fetch_add(1, Ordering::Relaxed);
+                }
+                Some(Err(e)) => return Err(e.into()),
+            }
+        }
+    }
+    if a == Archetype::Iot && rng(seed) % 5 == 0 {
+        // a device that vanishes without a close frame
+        drop(ws);
+        return Ok(());
+    }
+    ws.close(None).await?;
+    while let Ok(Some(Ok(_))) = tokio::time::timeout(Duration::from_secs(2), ws.next()).await {}
+    Ok(())
+}
+
+async fn terminal(w: &Workload, client: &str, seed: &mut u64, stats: &Stats) -> anyhow::Result<()> {
+    let mut s = TcpStream::connect(w.proxy).await?;
+    let head = format!(
+        "GET /terminal/exec HTTP/1.1\r\nHost: demo\r\nConnection: Upgrade\r\nUpgrade: x-echo\r\nUser-Agent: {}\r\nX-Client-Id: {client}\r\n\r\n",
+        Archetype::Terminal.user_agent()
+    );
+    s.write_all(head.as_bytes()).await?;
+    let mut buf = vec![0u8; 4096];
+    let mut got = Vec::new();
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = s.read(&mut buf).await?;
+        anyhow::ensure!(n > 0, "closed during the upgrade");
+        got.extend_from_slice(&buf[..n]);
+    }
+    anyhow::ensure!(got.starts_with(b"HTTP/1.1 101"), "no 101");
+    let end = Instant::now() + w.session;
+    while Instant::now() < end {
+        // a burst of keystrokes, then a pause
+        for _ in 0..(3 + rng(seed) % 10) {
+            s.write_all(b"k").await?;
+            stats.sent.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(200), s.read(&mut buf)).await;
+        tokio::time::sleep(Duration::from_millis(500 + rng(seed) % 1000)).await;
+    }
+    s.shutdown().await?;
+    Ok(())
+}
