@@ -213,7 +213,7 @@ async fn session(
             }
         }
     }
-    if a == Archetype::Iot && rng(seed) % 5 == 0 {
+    if a == Archetype::Iot && rng(seed).is_multiple_of(5) {
         // a device that vanishes without a close frame
         drop(ws);
         return Ok(());
