@@ -125,7 +125,8 @@ pub async fn run(w: Workload) -> Arc<Stats> {
         let stats = stats.clone();
         let next = next.clone();
         workers.push(tokio::spawn(async move {
-            let mut seed = (w.seed ^ (worker as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)).max(1);
+            let mut seed =
+                (w.seed ^ (worker as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)).max(1);
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed) as usize;
                 if i >= w.total || Instant::now() >= deadline || w.mix.is_empty() {
