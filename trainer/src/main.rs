@@ -18,6 +18,31 @@ struct Args {
     command: Command,
 }
 
+/// The window of profiles a command works on.
+#[derive(Debug, clap::Args)]
+struct WindowArgs {
+    /// Window start (RFC 3339); default 7 days before --until (24 hours for `summary`).
+    #[arg(long)]
+    since: Option<DateTime<Utc>>,
+    /// Window end (RFC 3339); default now.
+    #[arg(long)]
+    until: Option<DateTime<Utc>>,
+    /// Only this service.
+    #[arg(long)]
+    service: Option<String>,
+}
+
+impl WindowArgs {
+    fn window(self, default_span: chrono::Duration) -> trainer::Window {
+        let until = self.until.unwrap_or_else(Utc::now);
+        trainer::Window {
+            since: self.since.unwrap_or(until - default_span),
+            until,
+            service: self.service,
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Insert a synthetic profile table whose right policy is known (three services), for
@@ -32,27 +57,13 @@ enum Command {
         /// The model's registry version.
         #[arg(long)]
         model: String,
-        /// Window start (RFC 3339); default 7 days before --until.
-        #[arg(long)]
-        since: Option<DateTime<Utc>>,
-        /// Window end (RFC 3339); default now.
-        #[arg(long)]
-        until: Option<DateTime<Utc>>,
-        /// Only this service.
-        #[arg(long)]
-        service: Option<String>,
+        #[command(flatten)]
+        window: WindowArgs,
     },
     /// Write a window of profiles with their features and labels as Parquet or CSV.
     Export {
-        /// Window start (RFC 3339); default 7 days before --until.
-        #[arg(long)]
-        since: Option<DateTime<Utc>>,
-        /// Window end (RFC 3339); default now.
-        #[arg(long)]
-        until: Option<DateTime<Utc>>,
-        /// Only this service.
-        #[arg(long)]
-        service: Option<String>,
+        #[command(flatten)]
+        window: WindowArgs,
         /// parquet or csv.
         #[arg(long, value_parser = ["parquet", "csv"], default_value = "parquet")]
         format: String,
@@ -62,15 +73,8 @@ enum Command {
     },
     /// Learn from a window of profiles and register the model as a candidate.
     Train {
-        /// Window start (RFC 3339); default 7 days before --until.
-        #[arg(long)]
-        since: Option<DateTime<Utc>>,
-        /// Window end (RFC 3339); default now.
-        #[arg(long)]
-        until: Option<DateTime<Utc>>,
-        /// Only this service.
-        #[arg(long)]
-        service: Option<String>,
+        #[command(flatten)]
+        window: WindowArgs,
         /// Deepest tree.
         #[arg(long, default_value_t = 8)]
         max_depth: usize,
@@ -80,17 +84,12 @@ enum Command {
     },
     /// Count the profiles of a window, per service and decision reason.
     Summary {
-        /// Window start (RFC 3339); default 24 hours ago.
-        #[arg(long)]
-        since: Option<DateTime<Utc>>,
-        /// Window end (RFC 3339); default now.
-        #[arg(long)]
-        until: Option<DateTime<Utc>>,
-        /// Only this service.
-        #[arg(long)]
-        service: Option<String>,
+        #[command(flatten)]
+        window: WindowArgs,
     },
 }
+
+const WEEK: chrono::Duration = chrono::Duration::days(7);
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
@@ -99,19 +98,12 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("connecting to PostgreSQL")?;
     match args.command {
-        Command::Evaluate {
-            model,
-            since,
-            until,
-            service,
-        } => {
-            let until = until.unwrap_or_else(Utc::now);
-            let since = since.unwrap_or(until - chrono::Duration::days(7));
-            let w = trainer::Window {
-                since,
-                until,
-                service,
-            };
+        Command::Synthetic { rows } => {
+            trainer::synthetic::insert(&db, rows).await?;
+            println!("inserted {rows} synthetic profiles (services bulk, chat, iot)");
+        }
+        Command::Evaluate { model, window } => {
+            let w = window.window(WEEK);
             let report =
                 trainer::evaluate_model(&db, &model, &w, trainer::learn::TrainParams::default())
                     .await?;
@@ -127,19 +119,11 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Command::Export {
-            since,
-            until,
-            service,
+            window,
             format,
             out,
         } => {
-            let until = until.unwrap_or_else(Utc::now);
-            let since = since.unwrap_or(until - chrono::Duration::days(7));
-            let w = trainer::Window {
-                since,
-                until,
-                service,
-            };
+            let w = window.window(WEEK);
             let weights = tuning::cost::CostWeights::default();
             let d = trainer::learn::dataset(trainer::load(&db, &w).await?, &weights);
             let mut df = trainer::export::frame(&d, &weights)?;
@@ -156,24 +140,12 @@ async fn main() -> anyhow::Result<()> {
                 out.display()
             );
         }
-        Command::Synthetic { rows } => {
-            trainer::synthetic::insert(&db, rows).await?;
-            println!("inserted {rows} synthetic profiles (services bulk, chat, iot)");
-        }
         Command::Train {
-            since,
-            until,
-            service,
+            window,
             max_depth,
             test_share,
         } => {
-            let until = until.unwrap_or_else(Utc::now);
-            let since = since.unwrap_or(until - chrono::Duration::days(7));
-            let w = trainer::Window {
-                since,
-                until,
-                service,
-            };
+            let w = window.window(WEEK);
             let params = trainer::learn::TrainParams {
                 max_depth,
                 test_share,
@@ -184,7 +156,10 @@ async fn main() -> anyhow::Result<()> {
                 bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
             }
             bar.enable_steady_tick(std::time::Duration::from_millis(120));
-            bar.set_message(format!("training on profiles from {since} to {until}"));
+            bar.set_message(format!(
+                "training on profiles from {} to {}",
+                w.since, w.until
+            ));
             let t = trainer::train_with_progress(&db, &w, params, &|step| {
                 bar.set_message(step.to_string())
             })
@@ -197,14 +172,9 @@ async fn main() -> anyhow::Result<()> {
                 print_report(&t);
             }
         }
-        Command::Summary {
-            since,
-            until,
-            service,
-        } => {
-            let until = until.unwrap_or_else(Utc::now);
-            let since = since.unwrap_or(until - chrono::Duration::hours(24));
-            let rows = trainer::summarize(&db, since, until, service.as_deref()).await?;
+        Command::Summary { window } => {
+            let w = window.window(chrono::Duration::hours(24));
+            let rows = trainer::summarize(&db, w.since, w.until, w.service.as_deref()).await?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
