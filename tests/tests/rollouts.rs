@@ -259,3 +259,48 @@ async fn a_good_candidate_is_promoted_through_every_step_across_an_optimizer_res
     assert!(actions.contains(&"rollout.promoted"), "{actions:?}");
     assert!(actions.contains(&"rollout.step"), "{actions:?}");
 }
+
+#[sqlx::test(migrations = "../migrations")]
+async fn the_shadow_phase_logs_the_candidates_choice_beside_the_applied_one(pool: sqlx::PgPool) {
+    let url = database_url_of(&pool).await;
+    let opt = OptimizerProc::start(&optimizer_config(), &url);
+    let candidate = tuning::Settings {
+        buffer_size: 65536,
+        ..tuning::Settings::default()
+    };
+    register(&pool, "shadow-1", candidate).await;
+    let (st, r) = http_json(
+        opt.addr,
+        "POST",
+        "/v1/rollouts",
+        Some(ADMIN),
+        Some(&json!({"candidate": "shadow-1", "shadow_share": 1.0, "step_duration": "10m"})),
+    )
+    .await;
+    assert_eq!(st, 201, "{r}");
+    assert_eq!(r["state"], "shadow");
+    let echo = spawn_echo().await;
+    let dp = DataPlaneProc::start(&dp_config(echo, opt.addr, &url));
+    warm(&pool, dp.proxy).await;
+    for i in 0..5 {
+        session(dp.proxy, &format!("client-{i}"), Duration::ZERO).await;
+    }
+    let rows: Vec<(String, i32, Option<serde_json::Value>)> = eventually(Duration::from_secs(5), || async {
+        let r: Vec<(String, i32, Option<serde_json::Value>)> = sqlx::query_as(
+            "select cohort, buffer_size, shadow_settings from profiles where client_key like 'client-%'",
+        )
+        .fetch_all(&pool)
+        .await
+        .expect("rows");
+        (r.len() >= 5).then_some(r)
+    })
+    .await
+    .expect("profiles");
+    for (cohort, applied, shadow) in &rows {
+        // nothing of the candidate is applied: every connection is control, with its own buffer
+        assert_eq!(cohort, "control");
+        assert_eq!(*applied, 16384);
+        let shadow = shadow.as_ref().expect("the candidate's choice is logged");
+        assert_eq!(shadow["buffer_size"], 65536, "{shadow}");
+    }
+}
