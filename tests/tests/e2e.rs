@@ -881,7 +881,7 @@ async fn a_client_that_never_finishes_its_request_head_is_cut_off_at_the_handsha
     }
     let took = t.elapsed();
     assert!(
-        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
         "closed after {took:?}"
     );
     let text = String::from_utf8_lossy(&got);

@@ -152,7 +152,7 @@ async fn a_bad_candidate_is_rolled_back_automatically(pool: sqlx::PgPool) {
     let dp = DataPlaneProc::start(&dp_config(echo, opt.addr, &url));
     warm(&pool, dp.proxy).await;
     let mut tasks = Vec::new();
-    for i in 0..16 {
+    for i in 0..24 {
         let proxy = dp.proxy;
         tasks.push(tokio::spawn(async move {
             session(proxy, &format!("client-{i}"), Duration::from_secs(31)).await
@@ -165,8 +165,8 @@ async fn a_bad_candidate_is_rolled_back_automatically(pool: sqlx::PgPool) {
         }
     }
     assert!(
-        completed > 0 && completed < 16,
-        "both cohorts: {completed} of 16 completed"
+        completed > 0 && completed < 24,
+        "both cohorts: {completed} of 24 completed"
     );
     let state = eventually(Duration::from_secs(20), || async {
         let r = rollout_state(opt.addr, id).await;
