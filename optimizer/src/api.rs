@@ -328,6 +328,33 @@ pub(crate) async fn audit_entry(
     .map(|_| ())
 }
 
+/// A change made through the API or by the rollout controller.
+pub(crate) struct Change<'a> {
+    /// Who made it.
+    pub actor: &'a str,
+    /// What was done (`override.put`, `rollout.promoted`, …).
+    pub action: &'a str,
+    /// What it was done to.
+    pub target: &'a str,
+    /// The value before.
+    pub old: Option<serde_json::Value>,
+    /// The value after.
+    pub new: Option<serde_json::Value>,
+    /// Why.
+    pub comment: &'a str,
+    /// Which part of the state changed (the notification payload).
+    pub topic: &'a str,
+}
+
+/// Record a change: the audit log, a notification to every replica, and this replica's
+/// snapshot reloaded at once.
+pub(crate) async fn record(s: &AppState, c: Change<'_>) -> Result<(), sqlx::Error> {
+    audit_entry(&s.db, c.actor, c.action, c.target, c.old, c.new, c.comment).await?;
+    state::notify(&s.db, c.topic).await?;
+    let _ = s.state.reload(&s.db).await;
+    Ok(())
+}
+
 #[derive(Debug, Deserialize)]
 struct ListQuery {
     #[serde(default)]
@@ -425,18 +452,19 @@ async fn put_override(
     .fetch_one(&mut *tx)
     .await?;
     tx.commit().await?;
-    audit_entry(
-        &s.db,
-        &caller.name,
-        "override.put",
-        &format!("override/{}", row.id),
-        old.as_ref().map(|o| json!(o)),
-        Some(json!(row)),
-        &input.comment,
+    record(
+        &s,
+        Change {
+            actor: &caller.name,
+            action: "override.put",
+            target: &format!("override/{}", row.id),
+            old: old.as_ref().map(|o| json!(o)),
+            new: Some(json!(row)),
+            comment: &input.comment,
+            topic: "overrides",
+        },
     )
     .await?;
-    state::notify(&s.db, "overrides").await?;
-    let _ = s.state.reload(&s.db).await;
     let status = if old.is_some() {
         StatusCode::OK
     } else {
@@ -466,18 +494,19 @@ async fn delete_override(
     .fetch_optional(&s.db)
     .await?;
     let old = old.ok_or(ApiError::NotFound)?;
-    audit_entry(
-        &s.db,
-        &caller.name,
-        "override.delete",
-        &format!("override/{id}"),
-        Some(json!(old)),
-        None,
-        q.comment.as_deref().unwrap_or(""),
+    record(
+        &s,
+        Change {
+            actor: &caller.name,
+            action: "override.delete",
+            target: &format!("override/{id}"),
+            old: Some(json!(old)),
+            new: None,
+            comment: q.comment.as_deref().unwrap_or(""),
+            topic: "overrides",
+        },
     )
     .await?;
-    state::notify(&s.db, "overrides").await?;
-    let _ = s.state.reload(&s.db).await;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -527,22 +556,23 @@ async fn set_kill_switch(
     .bind(&caller.name)
     .fetch_one(&s.db)
     .await?;
-    audit_entry(
-        &s.db,
-        &caller.name,
-        if enabled {
-            "kill_switch.on"
-        } else {
-            "kill_switch.off"
+    record(
+        s,
+        Change {
+            actor: &caller.name,
+            action: if enabled {
+                "kill_switch.on"
+            } else {
+                "kill_switch.off"
+            },
+            target: "kill_switch",
+            old: Some(json!(old)),
+            new: Some(json!(new)),
+            comment,
+            topic: "kill_switch",
         },
-        "kill_switch",
-        Some(json!(old)),
-        Some(json!(new)),
-        comment,
     )
     .await?;
-    state::notify(&s.db, "kill_switch").await?;
-    let _ = s.state.reload(&s.db).await;
     Ok(Json(new))
 }
 
@@ -685,18 +715,19 @@ async fn activate(
             .await?;
     }
     tx.commit().await?;
-    audit_entry(
-        &s.db,
-        &caller.name,
-        action,
-        &format!("model/{version}"),
-        Some(json!({ "active": previous })),
-        Some(json!({ "active": version })),
-        comment,
+    record(
+        s,
+        Change {
+            actor: &caller.name,
+            action,
+            target: &format!("model/{version}"),
+            old: Some(json!({ "active": previous })),
+            new: Some(json!({ "active": version })),
+            comment,
+            topic: "models",
+        },
     )
     .await?;
-    state::notify(&s.db, "models").await?;
-    let _ = s.state.reload(&s.db).await;
     let row: ModelRow = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "select {MODEL_COLUMNS} from models where version = $1"
     )))
@@ -873,18 +904,19 @@ async fn start_rollout(
     .fetch_one(&mut *tx)
     .await?;
     tx.commit().await?;
-    audit_entry(
-        &s.db,
-        &caller.name,
-        "rollout.start",
-        &format!("rollout/{}", row.id),
-        superseded.map(|id| json!({ "superseded": id })),
-        Some(json!(row)),
-        &input.comment,
+    record(
+        &s,
+        Change {
+            actor: &caller.name,
+            action: "rollout.start",
+            target: &format!("rollout/{}", row.id),
+            old: superseded.map(|id| json!({ "superseded": id })),
+            new: Some(json!(row)),
+            comment: &input.comment,
+            topic: "rollouts",
+        },
     )
     .await?;
-    state::notify(&s.db, "rollouts").await?;
-    let _ = s.state.reload(&s.db).await;
     Ok((StatusCode::CREATED, Json(row)))
 }
 
@@ -953,18 +985,19 @@ async fn rollout_action(
     .bind(&reason)
     .execute(&s.db)
     .await?;
-    audit_entry(
-        &s.db,
-        &caller.name,
-        &format!("rollout.{action}"),
-        &format!("rollout/{id}"),
-        Some(json!({ "state": r.state })),
-        Some(json!({ "state": to })),
-        q.comment.as_deref().unwrap_or(""),
+    record(
+        &s,
+        Change {
+            actor: &caller.name,
+            action: &format!("rollout.{action}"),
+            target: &format!("rollout/{id}"),
+            old: Some(json!({ "state": r.state })),
+            new: Some(json!({ "state": to })),
+            comment: q.comment.as_deref().unwrap_or(""),
+            topic: "rollouts",
+        },
     )
     .await?;
-    state::notify(&s.db, "rollouts").await?;
-    let _ = s.state.reload(&s.db).await;
     let Json(r) = get_rollout(State(s.clone()), headers, Path(id)).await?;
     Ok(Json(r))
 }

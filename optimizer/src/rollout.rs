@@ -372,20 +372,23 @@ pub async fn tick(app: &crate::api::AppState) -> Result<Option<String>, crate::a
         _ => None,
     };
     if let Some(what) = &did {
-        crate::api::audit_entry(
-            db,
-            "rollout-controller",
-            &format!("rollout.{}", what.split(' ').next().unwrap_or(what)),
-            &format!("rollout/{}", r.id),
-            Some(json!({ "state": r.state, "step_index": r.step_index })),
-            active(db)
-                .await?
-                .map(|n| json!({ "state": n.state, "step_index": n.step_index })),
-            "",
+        let action = format!("rollout.{}", what.split(' ').next().unwrap_or(what));
+        let target = format!("rollout/{}", r.id);
+        crate::api::record(
+            app,
+            crate::api::Change {
+                actor: "rollout-controller",
+                action: &action,
+                target: &target,
+                old: Some(json!({ "state": r.state, "step_index": r.step_index })),
+                new: active(db)
+                    .await?
+                    .map(|n| json!({ "state": n.state, "step_index": n.step_index })),
+                comment: "",
+                topic: "rollouts",
+            },
         )
         .await?;
-        crate::state::notify(db, "rollouts").await?;
-        let _ = app.state.reload(db).await;
         tracing::info!(rollout = r.id, action = %what, "rollout controller");
     }
     Ok(did)
