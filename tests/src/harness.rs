@@ -48,6 +48,48 @@ pub struct DataPlaneProc {
     pub config_path: PathBuf,
 }
 
+/// Spawn a service whose stderr is JSON log lines; keep every line, and wait (at most 20 s)
+/// for the first line containing `ready` (returned parsed).
+fn spawn_service(
+    mut cmd: Command,
+    what: &str,
+    ready: &'static str,
+) -> (Child, serde_json::Value, Arc<Mutex<Vec<String>>>) {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {what} (build it first: cargo build --bins): {e}"));
+    let logs = Arc::new(Mutex::new(Vec::new()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().expect("stderr");
+    let l2 = logs.clone();
+    std::thread::spawn(move || {
+        let mut sent = false;
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if !sent
+                && line.contains(ready)
+                && let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+            {
+                let _ = tx.send(v);
+                sent = true;
+            }
+            l2.lock().expect("logs").push(line);
+        }
+    });
+    match rx.recv_timeout(Duration::from_secs(20)) {
+        Ok(v) => (child, v, logs),
+        Err(_) => {
+            let _ = child.kill();
+            panic!(
+                "{what} did not start; logs:\n{}",
+                logs.lock().expect("logs").join("\n")
+            );
+        }
+    }
+}
+
 impl DataPlaneProc {
     /// Start `dataplane` with this config text (whose `listen` and `admin_listen` should be
     /// `127.0.0.1:0`), and wait until it reports where it listens.
@@ -55,49 +97,19 @@ impl DataPlaneProc {
         let dir = scratch_dir("dataplane");
         let config_path = dir.join("dataplane.toml");
         std::fs::write(&config_path, config).expect("write config");
-        let mut child = Command::new(bin_dir().join("dataplane"))
-            .arg("--config")
-            .arg(&config_path)
-            .env(
-                "RUST_LOG",
-                std::env::var("TRIMTAB_TEST_LOG").unwrap_or_else(|_| "info,dataplane=debug".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn dataplane (build it first: cargo build --bins)");
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let stderr = child.stderr.take().expect("stderr");
-        let l2 = logs.clone();
-        std::thread::spawn(move || {
-            let mut sent = false;
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if !sent
-                    && line.contains("data plane listening")
-                    && let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
-                {
-                    let p = v["proxy"].as_str().and_then(|s| s.parse().ok());
-                    let a = v["admin"].as_str().and_then(|s| s.parse().ok());
-                    if let (Some(p), Some(a)) = (p, a) {
-                        let _ = tx.send((p, a));
-                        sent = true;
-                    }
-                }
-                l2.lock().expect("logs").push(line);
-            }
-        });
-        let (proxy, admin) = match rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(x) => x,
-            Err(_) => {
-                let _ = child.kill();
-                panic!(
-                    "dataplane did not start; logs:\n{}",
-                    logs.lock().expect("logs").join("\n")
-                );
-            }
+        let mut cmd = Command::new(bin_dir().join("dataplane"));
+        cmd.arg("--config").arg(&config_path).env(
+            "RUST_LOG",
+            std::env::var("TRIMTAB_TEST_LOG").unwrap_or_else(|_| "info,dataplane=debug".into()),
+        );
+        let (child, ready, logs) = spawn_service(cmd, "dataplane", "data plane listening");
+        let addr = |k: &str| -> SocketAddr {
+            ready[k]
+                .as_str()
+                .and_then(|s| s.parse().ok())
+                .expect("address in the log line")
         };
+        let (proxy, admin) = (addr("proxy"), addr("admin"));
         DataPlaneProc {
             child,
             proxy,
@@ -293,45 +305,16 @@ impl OptimizerProc {
         let dir = scratch_dir("optimizer");
         let path = dir.join("optimizer.toml");
         std::fs::write(&path, config).expect("write config");
-        let mut child = Command::new(bin_dir().join("optimizer"))
-            .arg("--config")
+        let mut cmd = Command::new(bin_dir().join("optimizer"));
+        cmd.arg("--config")
             .arg(&path)
             .env("DATABASE_URL", database_url)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn optimizer (build it first: cargo build --bins)");
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let stderr = child.stderr.take().expect("stderr");
-        let l2 = logs.clone();
-        std::thread::spawn(move || {
-            let mut sent = false;
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if !sent
-                    && line.contains("optimizer listening")
-                    && let Some(a) = serde_json::from_str::<serde_json::Value>(&line)
-                        .ok()
-                        .and_then(|v| v["addr"].as_str().and_then(|s| s.parse().ok()))
-                {
-                    let _ = tx.send(a);
-                    sent = true;
-                }
-                l2.lock().expect("logs").push(line);
-            }
-        });
-        let addr = match rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(a) => a,
-            Err(_) => {
-                let _ = child.kill();
-                panic!(
-                    "optimizer did not start; logs:\n{}",
-                    logs.lock().expect("logs").join("\n")
-                );
-            }
-        };
+            .env("RUST_LOG", "info");
+        let (child, ready, logs) = spawn_service(cmd, "optimizer", "optimizer listening");
+        let addr = ready["addr"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .expect("address in the log line");
         OptimizerProc { child, addr, logs }
     }
 

@@ -92,6 +92,17 @@ async fn tunnel_session(proxy: SocketAddr, n: usize) {
     assert_eq!(back.len(), n);
 }
 
+/// The host:port of a PostgreSQL URL, resolved.
+async fn server_addr(url: &str) -> SocketAddr {
+    let rest = url.split_once('@').map_or(url, |(_, r)| r);
+    let hostport = rest.split('/').next().expect("host:port");
+    tokio::net::lookup_host(hostport)
+        .await
+        .expect("resolve")
+        .next()
+        .expect("addr")
+}
+
 async fn count(pool: &sqlx::PgPool) -> i64 {
     sqlx::query_scalar("select count(*) from profiles")
         .fetch_one(pool)
@@ -177,15 +188,7 @@ async fn every_connection_becomes_one_row_with_exact_counts(pool: sqlx::PgPool) 
 #[sqlx::test(migrations = "../migrations")]
 async fn an_unreachable_database_loses_no_profile_and_stores_each_once(pool: sqlx::PgPool) {
     let url = database_url_of(&pool).await;
-    let pg: SocketAddr = {
-        let rest = url.split_once('@').map_or(url.as_str(), |(_, r)| r);
-        let hostport = rest.split('/').next().expect("host:port");
-        tokio::net::lookup_host(hostport)
-            .await
-            .expect("resolve")
-            .next()
-            .expect("addr")
-    };
+    let pg = server_addr(&url).await;
     let relay = Relay::start(pg).await;
     let echo = spawn_echo().await;
     let dp = DataPlaneProc::start(&config(
@@ -237,15 +240,7 @@ async fn a_killed_data_plane_replays_its_spool_after_restart_without_duplicates(
     pool: sqlx::PgPool,
 ) {
     let url = database_url_of(&pool).await;
-    let pg: SocketAddr = {
-        let rest = url.split_once('@').map_or(url.as_str(), |(_, r)| r);
-        let hostport = rest.split('/').next().expect("host:port");
-        tokio::net::lookup_host(hostport)
-            .await
-            .expect("resolve")
-            .next()
-            .expect("addr")
-    };
+    let pg = server_addr(&url).await;
     let relay = Relay::start(pg).await;
     relay.set_up(false);
     let echo = spawn_echo().await;
