@@ -79,7 +79,6 @@ async fn until_profile(
 ) -> Option<(String, i32)> {
     eventually(within, || async {
         session(proxy).await;
-        tokio::time::sleep(Duration::from_millis(150)).await;
         let row: Option<(String, i32)> = sqlx::query_as(
             "select reason, idle_timeout_s from profiles order by written_at desc, started_at desc limit 1",
         )

@@ -114,7 +114,6 @@ async fn rollout_state(opt: SocketAddr, id: i64) -> serde_json::Value {
 async fn warm(pool: &sqlx::PgPool, proxy: SocketAddr) {
     eventually(Duration::from_secs(10), || async {
         session(proxy, "warm-up", Duration::ZERO).await;
-        tokio::time::sleep(Duration::from_millis(200)).await;
         let n: i64 = sqlx::query_scalar("select count(*) from profiles where cohort <> 'none'")
             .fetch_one(pool)
             .await
@@ -187,7 +186,18 @@ async fn a_bad_candidate_is_rolled_back_automatically(pool: sqlx::PgPool) {
         m["status"], "candidate",
         "a rolled-back candidate never goes live"
     );
-    // Every canary connection was cut by the candidate's idle timeout, no control one was.
+    // Every canary connection was cut by the candidate's idle timeout, no control one was
+    // (once all 24 sessions are profiled: the gate may judge before the last ones land).
+    eventually(Duration::from_secs(10), || async {
+        let n: i64 =
+            sqlx::query_scalar("select count(*) from profiles where client_key like 'client-%'")
+                .fetch_one(&pool)
+                .await
+                .expect("count");
+        (n == 24).then_some(())
+    })
+    .await
+    .expect("every session profiled");
     let by: Vec<(String, bool)> = sqlx::query_as(
         "select cohort, bool_and(idle_timeout_fired) from profiles where client_key like 'client-%' group by cohort order by cohort",
     )
