@@ -260,27 +260,51 @@ pub fn judge(t: &Tolerances, min: i64, canary: &CohortMetrics, control: &CohortM
     }
 }
 
-async fn set_state(
-    db: &sqlx::PgPool,
-    id: i64,
-    state: &str,
-    reason: &str,
+/// A move of the rollout's state machine, decided by one controller pass.
+struct Transition {
+    state: &'static str,
+    reason: String,
     step_index: Option<i32>,
     gate: Option<serde_json::Value>,
-) -> Result<(), sqlx::Error> {
+    /// The audit action's suffix (`rollout.<what>`).
+    what: String,
+}
+
+/// Apply a transition and its audit entry in one transaction — a controller killed between
+/// the two can never leave a state change without its audit line — then tell every replica.
+async fn apply(
+    app: &crate::api::AppState,
+    r: &RolloutRow,
+    t: &Transition,
+) -> Result<(), crate::api::ApiError> {
+    let mut tx = app.db.begin().await?;
     sqlx::query(
         "update rollouts set state = $2, state_reason = $3, step_index = coalesce($4, step_index),
                 last_gate = coalesce($5, last_gate), step_started_at = case when $4 is not null or $2 <> state then now() else step_started_at end,
                 updated_at = now()
           where id = $1",
     )
-    .bind(id)
-    .bind(state)
-    .bind(reason)
-    .bind(step_index)
-    .bind(gate)
-    .execute(db)
+    .bind(r.id)
+    .bind(t.state)
+    .bind(&t.reason)
+    .bind(t.step_index)
+    .bind(&t.gate)
+    .execute(&mut *tx)
     .await?;
+    sqlx::query(
+        "insert into audit_log (actor, action, target, old_value, new_value, comment) values ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind("rollout-controller")
+    .bind(format!("rollout.{}", t.what))
+    .bind(format!("rollout/{}", r.id))
+    .bind(json!({ "state": r.state, "step_index": r.step_index }))
+    .bind(json!({ "state": t.state, "step_index": t.step_index.unwrap_or(r.step_index) }))
+    .bind(&t.reason)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    crate::state::notify(&app.db, "rollouts").await?;
+    let _ = app.state.reload(&app.db).await;
     Ok(())
 }
 
@@ -294,10 +318,16 @@ pub async fn tick(app: &crate::api::AppState) -> Result<Option<String>, crate::a
     let elapsed = (Utc::now() - r.step_started_at)
         .to_std()
         .unwrap_or_default();
-    let did = match r.state.as_str() {
+    let to = |state, reason: &str, step_index, gate, what: &str| Transition {
+        state,
+        reason: reason.to_string(),
+        step_index,
+        gate,
+        what: what.to_string(),
+    };
+    let transition = match r.state.as_str() {
         "shadow" if elapsed >= step => {
-            set_state(db, r.id, "canary", "shadow phase over", Some(0), None).await?;
-            Some("canary".to_string())
+            Some(to("canary", "shadow phase over", Some(0), None, "canary"))
         }
         "canary" if elapsed >= step => {
             let canary = cohort_metrics(db, "canary", r.step_started_at).await?;
@@ -318,45 +348,35 @@ pub async fn tick(app: &crate::api::AppState) -> Result<Option<String>, crate::a
                         .is_none_or(|p| *p >= 100.0) =>
                 {
                     crate::api::promote_candidate(app, &r, "rollout-controller").await?;
-                    set_state(
-                        db,
-                        r.id,
+                    Some(to(
                         "promoted",
                         "every step passed its gates",
                         None,
                         Some(gate),
-                    )
-                    .await?;
-                    Some("promoted".into())
+                        "promoted",
+                    ))
                 }
-                Verdict::Pass => {
-                    set_state(
-                        db,
-                        r.id,
-                        "canary",
-                        "gates passed",
-                        Some(r.step_index + 1),
-                        Some(gate),
-                    )
-                    .await?;
-                    Some(format!("step {}", r.step_index + 1))
-                }
-                Verdict::Fail(why) => {
-                    set_state(db, r.id, "rolled_back", &why.join("; "), None, Some(gate)).await?;
-                    Some("rolled_back".into())
-                }
-                Verdict::Wait if elapsed >= step * 3 => {
-                    set_state(
-                        db,
-                        r.id,
-                        "paused",
-                        "inconclusive: too few connections",
-                        None,
-                        Some(gate),
-                    )
-                    .await?;
-                    Some("paused".into())
-                }
+                Verdict::Pass => Some(to(
+                    "canary",
+                    "gates passed",
+                    Some(r.step_index + 1),
+                    Some(gate),
+                    "step",
+                )),
+                Verdict::Fail(why) => Some(to(
+                    "rolled_back",
+                    &why.join("; "),
+                    None,
+                    Some(gate),
+                    "rolled_back",
+                )),
+                Verdict::Wait if elapsed >= step * 3 => Some(to(
+                    "paused",
+                    "inconclusive: too few connections",
+                    None,
+                    Some(gate),
+                    "paused",
+                )),
                 Verdict::Wait => {
                     sqlx::query(
                         "update rollouts set last_gate = $2, updated_at = now() where id = $1",
@@ -371,27 +391,16 @@ pub async fn tick(app: &crate::api::AppState) -> Result<Option<String>, crate::a
         }
         _ => None,
     };
-    if let Some(what) = &did {
-        let action = format!("rollout.{}", what.split(' ').next().unwrap_or(what));
-        let target = format!("rollout/{}", r.id);
-        crate::api::record(
-            app,
-            crate::api::Change {
-                actor: "rollout-controller",
-                action: &action,
-                target: &target,
-                old: Some(json!({ "state": r.state, "step_index": r.step_index })),
-                new: active(db)
-                    .await?
-                    .map(|n| json!({ "state": n.state, "step_index": n.step_index })),
-                comment: "",
-                topic: "rollouts",
-            },
-        )
-        .await?;
-        tracing::info!(rollout = r.id, action = %what, "rollout controller");
-    }
-    Ok(did)
+    let Some(t) = transition else {
+        return Ok(None);
+    };
+    apply(app, &r, &t).await?;
+    let did = match t.step_index {
+        Some(i) if t.what == "step" => format!("step {i}"),
+        _ => t.what.clone(),
+    };
+    tracing::info!(rollout = r.id, action = %did, "rollout controller");
+    Ok(Some(did))
 }
 
 /// Run the controller forever in whichever replica holds the advisory lock.
