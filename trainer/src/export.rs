@@ -17,8 +17,9 @@ pub enum Format {
     Csv,
 }
 
-/// The dataset as a DataFrame: context, settings used and decision, key traffic figures, the
-/// replay cost, every feature (`f_<name>`) and every label (`label_<target>`, the grid value).
+/// The training table with the context, settings used and decision, key traffic figures and
+/// the replay cost beside it: every feature (`f_<name>`), class label (`y_<target>`), row weight
+/// (`w_<target>`) and label as its grid value (`label_<target>`).
 pub fn frame(d: &Dataset, w: &tuning::cost::CostWeights) -> PolarsResult<DataFrame> {
     let p = &d.profiles;
     let n = p.len();
@@ -73,14 +74,16 @@ pub fn frame(d: &Dataset, w: &tuning::cost::CostWeights) -> PolarsResult<DataFra
                 .collect::<Vec<f64>>(),
         ),
     ];
-    for (i, name) in tuning::feature_names().iter().enumerate() {
-        cols.push(Column::new(
-            format!("f_{name}").into(),
-            d.x.iter().map(|row| row[i]).collect::<Vec<f32>>(),
-        ));
+    // The training table itself: features, class labels and row weights.
+    for c in d.table.columns() {
+        if c.name() != "started_at" && c.name() != "service" {
+            cols.push(c.clone());
+        }
     }
-    for (ti, t) in Target::ALL.iter().enumerate() {
-        let values: Vec<String> = d.labels[ti]
+    for t in Target::ALL.iter() {
+        let values: Vec<String> = d
+            .labels(*t)
+            .map_err(|e| PolarsError::ComputeError(e.to_string().into()))?
             .iter()
             .map(|c| {
                 let mut s = tuning::Settings::default();
@@ -121,10 +124,10 @@ mod tests {
             service: None,
         };
         let weights = tuning::cost::CostWeights::default();
-        let d = crate::learn::dataset(crate::load(&db, &w).await.unwrap(), &weights);
+        let d = crate::learn::dataset(crate::load(&db, &w).await.unwrap(), &weights).unwrap();
         let mut df = frame(&d, &weights).unwrap();
         assert_eq!(df.height(), 90);
-        assert_eq!(df.width(), 25 + tuning::feature_len() + 5);
+        assert_eq!(df.width(), 25 + tuning::feature_len() + 3 * 5);
         let dir = std::env::temp_dir().join(format!("trimtab-export-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let csv = dir.join("p.csv");

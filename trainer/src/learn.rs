@@ -5,7 +5,8 @@
 
 use linfa::prelude::*;
 use linfa_trees::DecisionTree;
-use ndarray::{Array1, Array2};
+use ndarray::{Array1, Array2, ArrayView2, s};
+use polars::prelude::{Column, DataFrame, PolarsError};
 use serde::Serialize;
 use tuning::cost::{CostWeights, label, replay_cost};
 use tuning::onnx::{TargetModel, Tree, TreeNode};
@@ -75,32 +76,132 @@ impl TrainParams {
     }
 }
 
-/// Rows ready to learn from: features and labels, in time order.
+/// The training table: one row per profile, in start order.
+///
+/// `table` is a polars DataFrame with `started_at` (µs since the epoch), `service`, every
+/// feature (`f_<name>`) and, per target, the class label (`y_<target>`) and the row weight
+/// (`w_<target>`: how much getting the row wrong costs, the regret of the worst value). The trainer
+/// fits and evaluates on this table and `trainer export` writes it, so a notebook reads exactly
+/// what the model learned from.
 #[derive(Debug, Clone)]
 pub struct Dataset {
-    /// Feature vectors.
-    pub x: Vec<Vec<f32>>,
-    /// Labels per target (class indices), `labels[target][row]`.
-    pub labels: Vec<Vec<usize>>,
-    /// Row weights per target: how much getting the row wrong costs (regret of the worst value).
-    pub weights: Vec<Vec<f32>>,
-    /// The profiles (for replay costs).
+    /// The table.
+    pub table: DataFrame,
+    /// The table's feature columns as a row-major matrix (rows × `tuning::feature_len()`): what
+    /// linfa fits, what the exported trees and ONNX Runtime are checked on.
+    pub x: Array2<f32>,
+    /// The profiles, row for row (the replay costs need their histograms).
     pub profiles: Vec<Profile>,
 }
 
-/// Build the dataset from profiles sorted by start time: each row's aggregates come from the
-/// rows before it only.
-pub fn dataset(profiles: Vec<Profile>, w: &CostWeights) -> Dataset {
+fn data_err(e: PolarsError) -> LearnError {
+    LearnError::Data(format!("training table: {e}"))
+}
+
+impl Dataset {
+    /// Number of rows.
+    pub fn len(&self) -> usize {
+        self.table.height()
+    }
+
+    /// Whether the table is empty.
+    pub fn is_empty(&self) -> bool {
+        self.table.height() == 0
+    }
+
+    /// The class labels of a target, row for row.
+    pub fn labels(&self, t: Target) -> Result<Vec<usize>, LearnError> {
+        let c = self
+            .table
+            .column(&format!("y_{}", t.name()))
+            .map_err(data_err)?;
+        Ok(c.u32()
+            .map_err(data_err)?
+            .iter()
+            .map(|v| v.unwrap_or(0) as usize)
+            .collect())
+    }
+
+    /// The row weights of a target, row for row.
+    pub fn weights(&self, t: Target) -> Result<Vec<f32>, LearnError> {
+        let c = self
+            .table
+            .column(&format!("w_{}", t.name()))
+            .map_err(data_err)?;
+        Ok(c.f32()
+            .map_err(data_err)?
+            .iter()
+            .map(|v| v.unwrap_or(1.0))
+            .collect())
+    }
+
+    /// Assemble the table from its columns (`x` row-major), and read the matrix back from it.
+    fn assemble(
+        profiles: Vec<Profile>,
+        x: &[f32],
+        labels: Vec<Vec<u32>>,
+        weights: Vec<Vec<f32>>,
+    ) -> Result<Dataset, LearnError> {
+        let n = profiles.len();
+        let width = tuning::feature_len();
+        let mut cols = vec![
+            Column::new(
+                "started_at".into(),
+                profiles
+                    .iter()
+                    .map(|p| p.started_at.timestamp_micros())
+                    .collect::<Vec<i64>>(),
+            ),
+            Column::new(
+                "service".into(),
+                profiles
+                    .iter()
+                    .map(|p| p.context.service.as_str())
+                    .collect::<Vec<&str>>(),
+            ),
+        ];
+        for (j, name) in tuning::feature_names().iter().enumerate() {
+            cols.push(Column::new(
+                format!("f_{name}").into(),
+                (0..n).map(|r| x[r * width + j]).collect::<Vec<f32>>(),
+            ));
+        }
+        for ((t, y), w) in Target::ALL.iter().zip(labels).zip(weights) {
+            cols.push(Column::new(format!("y_{}", t.name()).into(), y));
+            cols.push(Column::new(format!("w_{}", t.name()).into(), w));
+        }
+        let table = DataFrame::new(n, cols).map_err(data_err)?;
+        let x = feature_matrix(&table)?;
+        Ok(Dataset { table, x, profiles })
+    }
+}
+
+/// The `f_<name>` columns of a table, in the schema's order, as a row-major matrix.
+pub fn feature_matrix(table: &DataFrame) -> Result<Array2<f32>, LearnError> {
+    let names = tuning::feature_names();
+    let mut x = Array2::<f32>::zeros((table.height(), names.len()));
+    for (j, name) in names.iter().enumerate() {
+        let c = table.column(&format!("f_{name}")).map_err(data_err)?;
+        for (r, v) in c.f32().map_err(data_err)?.iter().enumerate() {
+            x[[r, j]] = v.unwrap_or(0.0);
+        }
+    }
+    Ok(x)
+}
+
+/// Build the training table from profiles sorted by start time: each row's aggregates come
+/// from the rows before it only.
+pub fn dataset(profiles: Vec<Profile>, w: &CostWeights) -> Result<Dataset, LearnError> {
     let mut agg = tuning::aggregates::Aggregator::default();
-    let mut x = Vec::with_capacity(profiles.len());
+    let mut x = Vec::with_capacity(profiles.len() * tuning::feature_len());
     let mut labels = vec![Vec::with_capacity(profiles.len()); Target::ALL.len()];
     let mut weights = vec![Vec::with_capacity(profiles.len()); Target::ALL.len()];
     for p in &profiles {
-        x.push(tuning::encode(&p.context, &agg.get(&p.context)));
+        x.extend(tuning::encode(&p.context, &agg.get(&p.context)));
         agg.observe(p);
         for (i, t) in Target::ALL.iter().enumerate() {
             let l = label(p, *t, w);
-            labels[i].push(l);
+            labels[i].push(l as u32);
             // weight: regret of the worst choice for this target, log-scaled
             let mut s = p.decision.settings;
             let mut costs = Vec::new();
@@ -118,25 +219,17 @@ pub fn dataset(profiles: Vec<Profile>, w: &CostWeights) -> Dataset {
             weights[i].push((1.0 + (hi - lo).max(0.0)).ln().round().clamp(0.0, 15.0) as f32 + 1.0);
         }
     }
-    Dataset {
-        x,
-        labels,
-        weights,
-        profiles,
-    }
+    Dataset::assemble(profiles, &x, labels, weights)
 }
 
 /// Fit one cost-weighted tree and convert it to the exported form.
 pub fn fit_tree(
-    x: &[Vec<f32>],
+    x: ArrayView2<'_, f32>,
     y: &[usize],
     w: &[f32],
     max_depth: usize,
 ) -> Result<(DecisionTree<f32, usize>, Tree), LearnError> {
-    let width = tuning::feature_len();
-    let xs = Array2::from_shape_vec((x.len(), width), x.iter().flatten().copied().collect())
-        .map_err(|e| LearnError::Data(e.to_string()))?;
-    let ds = Dataset2::new(xs, y.iter().copied().collect::<Array1<usize>>())
+    let ds = Dataset2::new(x.to_owned(), y.iter().copied().collect::<Array1<usize>>())
         .with_weights(w.iter().copied().collect::<Array1<f32>>());
     let params = DecisionTree::params()
         .max_depth(Some(max_depth))
@@ -288,7 +381,7 @@ fn mean(v: &[f64]) -> f64 {
 /// Fit on the earlier rows, evaluate on the later ones.
 pub fn fit_and_evaluate(p: &CheckedParams, d: &Dataset) -> Result<(Fitted, Report), LearnError> {
     let p = &p.0;
-    let n = d.x.len();
+    let n = d.len();
     let test = ((n as f64) * p.test_share).round() as usize;
     let train = n - test;
     if train < 10 || test < 5 {
@@ -297,9 +390,9 @@ pub fn fit_and_evaluate(p: &CheckedParams, d: &Dataset) -> Result<(Fitted, Repor
         )));
     }
     let mut models = Vec::new();
-    for (ti, t) in Target::ALL.iter().enumerate() {
-        let y: Array1<usize> = d.labels[ti][..train].iter().copied().collect();
-        let w: Array1<f32> = d.weights[ti][..train].iter().copied().collect();
+    for t in Target::ALL.iter() {
+        let y: Array1<usize> = d.labels(*t)?[..train].iter().copied().collect();
+        let w: Array1<f32> = d.weights(*t)?[..train].iter().copied().collect();
         let present: std::collections::BTreeSet<usize> = y.iter().copied().collect();
         let tree = if present.len() == 1 {
             Tree::constant(*present.iter().next().expect("one class"))
@@ -315,7 +408,7 @@ pub fn fit_and_evaluate(p: &CheckedParams, d: &Dataset) -> Result<(Fitted, Repor
                 }
             }
             let (_, tree) = fit_tree(
-                &d.x[..train],
+                d.x.slice(s![..train, ..]),
                 y.as_slice().unwrap_or(&[]),
                 w.as_slice().unwrap_or(&[]),
                 p.max_depth,
@@ -330,25 +423,31 @@ pub fn fit_and_evaluate(p: &CheckedParams, d: &Dataset) -> Result<(Fitted, Repor
     }
     let fitted = Fitted { models };
     let predicted: Vec<Settings> = (train..n)
-        .map(|r| fitted.predict(&d.x[r], d.profiles[r].decision.settings))
+        .map(|r| fitted.predict(&d.x.row(r).to_vec(), d.profiles[r].decision.settings))
         .collect();
-    let report = evaluate(p, d, train, &predicted);
+    let report = evaluate(p, d, train, &predicted)?;
     Ok((fitted, report))
 }
 
 /// Evaluate settings `predicted` for the rows from `train` on (in order) against the labels and
 /// the baselines; the best static config and the per-service p95 rule are fitted on the rows
 /// before `train`.
-pub fn evaluate(p: &TrainParams, d: &Dataset, train: usize, predicted: &[Settings]) -> Report {
-    let n = d.x.len();
+pub fn evaluate(
+    p: &TrainParams,
+    d: &Dataset,
+    train: usize,
+    predicted: &[Settings],
+) -> Result<Report, LearnError> {
+    let n = d.len();
     let test = n - train;
     // Classification quality per target on the evaluated rows.
     let mut targets = Vec::new();
-    for (ti, t) in Target::ALL.iter().enumerate() {
+    for t in Target::ALL.iter() {
         let k = t.classes();
         let mut confusion = vec![vec![0u64; k]; k];
+        let labels = d.labels(*t)?;
         for r in train..n {
-            let truth = d.labels[ti][r];
+            let truth = labels[r];
             let pred = t.class_of(&predicted[r - train]).min(k - 1);
             confusion[truth][pred] += 1;
         }
@@ -492,7 +591,7 @@ pub fn evaluate(p: &TrainParams, d: &Dataset, train: usize, predicted: &[Setting
             ci95: (at(0.025), at(0.975)),
         });
     }
-    Report {
+    Ok(Report {
         train_rows: train,
         test_rows: test,
         targets,
@@ -521,7 +620,7 @@ pub fn evaluate(p: &TrainParams, d: &Dataset, train: usize, predicted: &[Setting
         gap_closed,
         best_static,
         services,
-    }
+    })
 }
 
 /// linfa's dataset type, named here once.
@@ -549,19 +648,21 @@ mod tests {
             ctx,
             tuning::Decision::fixed(Settings::default(), tuning::Reason::Default),
         );
-        let mut labels = vec![vec![0usize; n]; Target::ALL.len()];
+        let mut labels = vec![vec![0u32; n]; Target::ALL.len()];
         labels[0][3] = 2; // one training row of buffer_size class 2 (64 KiB)
         labels[0][4] = 1;
         labels[0][5] = 1;
         labels[0][6] = 1;
-        let d = Dataset {
-            x: (0..n)
-                .map(|i| vec![i as f32; tuning::feature_len()])
-                .collect(),
+        let x: Vec<f32> = (0..n)
+            .flat_map(|i| vec![i as f32; tuning::feature_len()])
+            .collect();
+        let d = Dataset::assemble(
+            vec![p; n],
+            &x,
             labels,
-            weights: vec![vec![1.0; n]; Target::ALL.len()],
-            profiles: vec![p; n],
-        };
+            vec![vec![1.0; n]; Target::ALL.len()],
+        )
+        .unwrap();
         let e = fit_and_evaluate(&TrainParams::default().check().unwrap(), &d).unwrap_err();
         assert_eq!(
             e.to_string(),

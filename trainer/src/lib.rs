@@ -122,8 +122,8 @@ pub async fn evaluate_model(
         tuning::runtime::Runtime::init(None).map_err(|e| TrainerError::Model(e.to_string()))?;
     let model = tuning::runtime::LoadedModel::load(rt, version, &bytes)
         .map_err(|e| TrainerError::Model(e.to_string()))?;
-    let data = learn::dataset(load(db, w).await?, &params.weights);
-    let n = data.x.len();
+    let data = learn::dataset(load(db, w).await?, &params.weights)?;
+    let n = data.len();
     let train = n - ((n as f64) * params.test_share).round() as usize;
     if train < 10 || n - train < 5 {
         return Err(learn::LearnError::Data(format!(
@@ -133,7 +133,7 @@ pub async fn evaluate_model(
     }
     let mut predicted = Vec::with_capacity(n - train);
     for chunk in (train..n).collect::<Vec<_>>().chunks(1024) {
-        let rows: Vec<Vec<f32>> = chunk.iter().map(|r| data.x[*r].clone()).collect();
+        let rows: Vec<Vec<f32>> = chunk.iter().map(|r| data.x.row(*r).to_vec()).collect();
         let labels = model
             .labels(&rows)
             .map_err(|e| TrainerError::Model(e.to_string()))?;
@@ -145,7 +145,7 @@ pub async fn evaluate_model(
             predicted.push(s.clamp().0);
         }
     }
-    Ok(learn::evaluate(&params, &data, train, &predicted))
+    Ok(learn::evaluate(&params, &data, train, &predicted)?)
 }
 
 /// A trained and registered candidate.
@@ -182,7 +182,7 @@ pub async fn train_with_progress(
         "features and labels for {} profiles",
         profiles.len()
     ));
-    let data = learn::dataset(profiles, &params.weights);
+    let data = learn::dataset(profiles, &params.weights)?;
     progress("fitting and evaluating");
     let (fitted, report) = learn::fit_and_evaluate(&checked, &data)?;
     progress("exporting and registering");
@@ -335,18 +335,18 @@ mod tests {
         use linfa::prelude::Predict as _;
         synthetic::insert(&db, 300).await.unwrap();
         let profiles = load(&db, &window()).await.unwrap();
-        let data = learn::dataset(profiles, &tuning::cost::CostWeights::default());
-        let xs = ndarray::Array2::from_shape_vec(
-            (data.x.len(), tuning::feature_len()),
-            data.x.iter().flatten().copied().collect(),
-        )
-        .unwrap();
-        for (ti, t) in tuning::Target::ALL.iter().enumerate() {
-            let (linfa_tree, tree) =
-                learn::fit_tree(&data.x, &data.labels[ti], &data.weights[ti], 8).unwrap();
-            let theirs = linfa_tree.predict(&xs);
-            for (r, x) in data.x.iter().enumerate() {
-                assert_eq!(tree.predict(x), theirs[r], "{} row {r}", t.name());
+        let data = learn::dataset(profiles, &tuning::cost::CostWeights::default()).unwrap();
+        for t in tuning::Target::ALL {
+            let (linfa_tree, tree) = learn::fit_tree(
+                data.x.view(),
+                &data.labels(t).unwrap(),
+                &data.weights(t).unwrap(),
+                8,
+            )
+            .unwrap();
+            let theirs = linfa_tree.predict(&data.x);
+            for (r, x) in data.x.rows().into_iter().enumerate() {
+                assert_eq!(tree.predict(&x.to_vec()), theirs[r], "{} row {r}", t.name());
             }
         }
     }

@@ -125,7 +125,7 @@ async fn main() -> anyhow::Result<()> {
         } => {
             let w = window.window(WEEK);
             let weights = tuning::cost::CostWeights::default();
-            let d = trainer::learn::dataset(trainer::load(&db, &w).await?, &weights);
+            let d = trainer::learn::dataset(trainer::load(&db, &w).await?, &weights)?;
             let mut df = trainer::export::frame(&d, &weights)?;
             let f = if format == "csv" {
                 trainer::export::Format::Csv
