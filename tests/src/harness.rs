@@ -119,6 +119,11 @@ impl DataPlaneProc {
         }
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Send a signal (e.g. `libc::SIGTERM`).
     pub fn signal(&self, sig: &str) {
         let _ = Command::new("kill")

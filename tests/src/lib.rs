@@ -3,6 +3,8 @@
 //! the same upstreams for `./dev up`.
 
 pub mod harness;
+pub mod learn_bench;
 pub mod load;
+pub mod proxy_bench;
 pub mod upstream;
 pub mod workload;

@@ -50,10 +50,11 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-async fn connect(
-    addr: SocketAddr,
-    path: &str,
-) -> anyhow::Result<tokio_tungstenite::WebSocketStream<TcpStream>> {
+/// A client WebSocket.
+pub type Ws = tokio_tungstenite::WebSocketStream<TcpStream>;
+
+/// Connect a WebSocket client (TCP_NODELAY) to `path` on `addr`.
+pub async fn connect(addr: SocketAddr, path: &str) -> anyhow::Result<Ws> {
     let tcp = TcpStream::connect(addr).await?;
     tcp.set_nodelay(true)?;
     let (ws, _) = tokio_tungstenite::client_async(format!("ws://{addr}{path}"), tcp).await?;

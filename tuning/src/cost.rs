@@ -108,8 +108,45 @@ pub fn compress_ratio(p: &Profile) -> Option<f64> {
     (d.sampled_in > 0).then(|| d.sampled_out as f64 / d.sampled_in as f64)
 }
 
+/// The replay cost of `p` had it run with `s`, term by term (each in CPU-µs equivalents).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct CostTerms {
+    /// Buffer memory held over time (KiB·s × weight).
+    pub buffer_memory: f64,
+    /// Read syscalls, pings, deflate and per-message parsing: the proxy's CPU.
+    pub cpu: f64,
+    /// Bytes on the wire (both directions, after compression toward the client).
+    pub wire: f64,
+    /// How long a dead peer went undetected, and the memory it held until then.
+    pub dead_peer_delay: f64,
+    /// A premature idle close (a gap longer than the idle timeout).
+    pub premature_close: f64,
+}
+
+impl CostTerms {
+    /// The composite cost: the sum of the terms.
+    pub fn total(&self) -> f64 {
+        self.buffer_memory + self.cpu + self.wire + self.dead_peer_delay + self.premature_close
+    }
+
+    /// Term-wise sum.
+    pub fn add(&mut self, o: &CostTerms) {
+        self.buffer_memory += o.buffer_memory;
+        self.cpu += o.cpu;
+        self.wire += o.wire;
+        self.dead_peer_delay += o.dead_peer_delay;
+        self.premature_close += o.premature_close;
+    }
+}
+
 /// The replay cost of `p` had it run with `s`.
 pub fn replay_cost(p: &Profile, s: &Settings, w: &CostWeights) -> f64 {
+    cost_terms(p, s, w).total()
+}
+
+/// [`replay_cost`], term by term.
+pub fn cost_terms(p: &Profile, s: &Settings, w: &CostWeights) -> CostTerms {
+    let mut t = CostTerms::default();
     let secs = seconds(p);
     let dirs = [&p.client_to_upstream, &p.upstream_to_client];
     let messages: f64 = dirs.iter().map(|d| d.messages as f64).sum();
@@ -126,10 +163,11 @@ pub fn replay_cost(p: &Profile, s: &Settings, w: &CostWeights) -> f64 {
         // tungstenite's read and write buffers on both legs for the whole connection
         Mode::FrameAware => 4.0 * secs,
     };
-    let mut cost = reads * w.syscall + kib * held_s * w.kib_second;
+    t.cpu += reads * w.syscall;
+    t.buffer_memory += kib * held_s * w.kib_second;
     // ping_interval: pings, and how long a dead peer stays undetected
     if s.ping_interval > 0 {
-        cost += 2.0 * (secs / f64::from(s.ping_interval)).floor() * w.ping;
+        t.cpu += 2.0 * (secs / f64::from(s.ping_interval)).floor() * w.ping;
     }
     if abnormal(p) {
         let detect = if s.ping_interval > 0 {
@@ -137,7 +175,7 @@ pub fn replay_cost(p: &Profile, s: &Settings, w: &CostWeights) -> f64 {
         } else {
             f64::from(s.idle_timeout)
         };
-        cost += detect * w.dead_peer_second;
+        t.dead_peer_delay += detect * w.dead_peer_second;
     }
     // idle_timeout: premature closes, and memory held by a vanished peer
     let gap_s = p
@@ -153,27 +191,28 @@ pub fn replay_cost(p: &Profile, s: &Settings, w: &CostWeights) -> f64 {
         gap_s > f64::from(s.idle_timeout)
     };
     if premature {
-        cost += w.premature_close;
+        t.premature_close += w.premature_close;
     }
     if p.dead_peer {
-        cost += f64::from(s.idle_timeout) * 8.0 * w.kib_second;
+        t.dead_peer_delay += f64::from(s.idle_timeout) * 8.0 * w.kib_second;
     }
     // compression: CPU and context memory against wire bytes saved (server -> client)
     let out_kib = p.upstream_to_client.bytes as f64 / 1024.0;
     let all_kib = bytes / 1024.0;
     let wire_kib = if s.compression {
         let ratio = compress_ratio(p).unwrap_or(1.0).min(1.0);
-        cost += out_kib * w.deflate_kib + w.deflate_context_kib * secs * w.kib_second;
+        t.cpu += out_kib * w.deflate_kib;
+        t.buffer_memory += w.deflate_context_kib * secs * w.kib_second;
         all_kib - out_kib + out_kib * ratio
     } else {
         all_kib
     };
-    cost += wire_kib * w.wire_kib;
+    t.wire += wire_kib * w.wire_kib;
     // mode: parsing every message in frame_aware
     if s.mode == Mode::FrameAware {
-        cost += messages * w.frame_message;
+        t.cpu += messages * w.frame_message;
     }
-    cost
+    t
 }
 
 /// The hindsight label of one target: the grid class of least replay cost, the other settings

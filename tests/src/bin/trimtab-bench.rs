@@ -19,6 +19,34 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Bench {
+    /// Proxy performance: direct vs trimtab zero_copy vs trimtab frame_aware vs nginx vs
+    /// HAProxy, the same load client, medians of `runs`.
+    Proxy {
+        /// Repetitions (runs interleave the targets); medians are printed.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Idle WebSockets for the memory figure.
+        #[arg(long, default_value_t = 9000)]
+        idle_conns: usize,
+    },
+    /// Learned vs static, live: collect profiles under the shipped defaults with 5 %
+    /// exploration, train, roll out the best static config and the learned candidate at 50 %,
+    /// compare the cohorts.
+    Learn {
+        /// Collection phase, seconds.
+        #[arg(long, default_value_t = 90)]
+        collect_s: u64,
+        /// Each comparison phase, seconds.
+        #[arg(long, default_value_t = 90)]
+        compare_s: u64,
+    },
+    /// Serve the echo upstream on 127.0.0.1:PORT until killed (the proxy benchmark runs it in
+    /// its own process).
+    EchoServer {
+        /// The port.
+        #[arg(long)]
+        port: u16,
+    },
     /// Training time and peak memory on synthetic profile tables (load-only time beside it).
     Train {
         /// Table sizes.
@@ -46,7 +74,69 @@ async fn main() -> anyhow::Result<()> {
     match args.bench {
         Bench::Profiles { runs, rows, conns } => profiles(runs, rows, conns).await,
         Bench::Train { rows } => train(rows).await,
+        Bench::Proxy { runs, idle_conns } => proxy(runs, idle_conns).await,
+        Bench::Learn {
+            collect_s,
+            compare_s,
+        } => {
+            let (url, pool) = fresh_database().await?;
+            let p = trimtab_tests::learn_bench::Params {
+                collect: Duration::from_secs(collect_s),
+                compare: Duration::from_secs(compare_s),
+                ..Default::default()
+            };
+            print!("{}", trimtab_tests::learn_bench::run(&url, &pool, p).await?);
+            Ok(())
+        }
+        Bench::EchoServer { port } => {
+            let l = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+            trimtab_tests::upstream::serve_echo(l).await;
+            Ok(())
+        }
     }
+}
+
+async fn proxy(runs: usize, idle_conns: usize) -> anyhow::Result<()> {
+    use trimtab_tests::proxy_bench as pb;
+    let params = pb::Params {
+        idle_conns,
+        ..pb::Params::default()
+    };
+    let (upstream, _upstream_proc) = pb::spawn_upstream().await?;
+    let mut targets = vec![
+        pb::direct(upstream),
+        pb::trimtab(upstream, "zero_copy"),
+        pb::trimtab(upstream, "frame_aware"),
+    ];
+    let mut skipped = Vec::new();
+    for t in [pb::nginx(upstream).await, pb::haproxy(upstream).await] {
+        match t {
+            Ok(t) => targets.push(t),
+            Err(why) => skipped.push(why),
+        }
+    }
+    println!(
+        "== proxy benchmark: {} targets, {runs} runs, medians (ratio to direct); {} idle WebSockets for memory",
+        targets.len(),
+        params.idle_conns
+    );
+    let mut results: Vec<Vec<pb::Figures>> = vec![Vec::new(); targets.len()];
+    for run in 0..runs {
+        for (i, t) in targets.iter().enumerate() {
+            let f = pb::run_once(t, &params)
+                .await
+                .with_context(|| format!("{} (run {})", t.name, run + 1))?;
+            eprintln!("  run {} {}: {f:?}", run + 1, t.name);
+            results[i].push(f);
+        }
+    }
+    let names: Vec<String> = targets.iter().map(|t| t.name.clone()).collect();
+    let figs: Vec<pb::Figures> = results.iter().map(|r| pb::medians(r)).collect();
+    print!("{}", pb::table(&names, &figs));
+    for s in skipped {
+        println!("skipped: {s}");
+    }
+    Ok(())
 }
 
 async fn fresh_database() -> anyhow::Result<(String, sqlx::PgPool)> {
