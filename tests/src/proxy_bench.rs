@@ -169,13 +169,14 @@ mode = "{mode}"
 buffer_size = "16KiB"
 idle_timeout = "15m"
 ping_interval = "off"
+compression = false
 [services.echo]
 upstreams = ["{upstream}"]
 routes = [{{ path_prefix = "/" }}]
 "#
     );
     // SAFETY: set before the child is spawned; the bench's own threads do not read it.
-    unsafe { std::env::set_var("TRIMTAB_TEST_LOG", "warn") };
+    unsafe { std::env::set_var("TRIMTAB_TEST_LOG", "warn,dataplane=info,dataplane::source=warn") };
     let dp = DataPlaneProc::start(&config);
     Target {
         name: format!("trimtab {mode}"),
