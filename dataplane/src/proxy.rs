@@ -676,6 +676,10 @@ impl Proxy {
         conn: ConnInfo,
     ) {
         METRICS.active_upgraded.fetch_add(1, Ordering::Relaxed);
+        // Copy the bytes that came with the handshakes and let hyper's read buffers go: a
+        // `Bytes` slice keeps its whole allocation (8 KiB or more per side) alive, which would
+        // be held for the life of an idle connection.
+        let (client_head, upstream_head) = (detach(client_head), detach(upstream_head));
         let limits = self.limits();
         let settings = decision.settings;
         let fl = ForwardLimits {
@@ -695,7 +699,7 @@ impl Proxy {
                 client,
                 Vec::new(),
                 upstream,
-                upstream_head.to_vec(),
+                upstream_head,
                 &settings,
                 fl,
                 self.shutdown.clone(),
@@ -705,9 +709,9 @@ impl Proxy {
         } else if is_ws && settings.mode == Mode::FrameAware {
             forward::frame_aware::run(
                 client,
-                client_head.to_vec(),
+                client_head,
                 upstream,
-                upstream_head.to_vec(),
+                upstream_head,
                 &settings,
                 fl,
                 self.shutdown.clone(),
@@ -793,4 +797,9 @@ impl Proxy {
         }
         drop(conn);
     }
+}
+
+/// An owned copy of `b`, sized to its bytes; `b` (and the allocation it slices) is dropped.
+fn detach(b: Bytes) -> Vec<u8> {
+    b.to_vec()
 }

@@ -265,7 +265,12 @@ pub async fn run(db_url: &str, db: &sqlx::PgPool, p: Params) -> anyhow::Result<S
     .await?;
     let echo = crate::upstream::spawn_echo().await;
     // SAFETY: set before the child is spawned; nothing else reads it concurrently.
-    unsafe { std::env::set_var("TRIMTAB_TEST_LOG", "warn,dataplane=info,dataplane::source=warn") };
+    unsafe {
+        std::env::set_var(
+            "TRIMTAB_TEST_LOG",
+            "warn,dataplane=info,dataplane::source=warn",
+        )
+    };
     let dp = DataPlaneProc::start(&dataplane_config(echo, opt.addr, db_url));
     tokio::time::sleep(Duration::from_secs(2)).await;
 

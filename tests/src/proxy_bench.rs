@@ -176,7 +176,12 @@ routes = [{{ path_prefix = "/" }}]
 "#
     );
     // SAFETY: set before the child is spawned; the bench's own threads do not read it.
-    unsafe { std::env::set_var("TRIMTAB_TEST_LOG", "warn,dataplane=info,dataplane::source=warn") };
+    unsafe {
+        std::env::set_var(
+            "TRIMTAB_TEST_LOG",
+            "warn,dataplane=info,dataplane::source=warn",
+        )
+    };
     let dp = DataPlaneProc::start(&config);
     Target {
         name: format!("trimtab {mode}"),

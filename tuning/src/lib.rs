@@ -11,6 +11,7 @@ pub mod cost;
 pub mod decision;
 pub mod features;
 pub mod hash;
+pub mod histogram;
 pub mod onnx;
 pub mod profile;
 #[cfg(feature = "onnxruntime")]
