@@ -300,6 +300,7 @@ impl Proxy {
         let limits = self.limits();
         let upstream = self.pick_upstream(&service).to_string();
         let mut retried = false;
+        let t0 = std::time::Instant::now();
         loop {
             let mut c = match self
                 .pool
@@ -337,6 +338,7 @@ impl Proxy {
                     headers::strip_hop_by_hop(&mut parts.headers);
                     headers::add_via(&mut parts.headers, &self.via_token);
                     METRICS.finish("http", "ok");
+                    crate::telemetry::HTTP.observe(&service.name, t0.elapsed().as_secs_f64());
                     let body = PooledBody::new(body, c, self.pool.clone(), service.pool);
                     return Response::from_parts(parts, body.boxed_unsync());
                 }
@@ -782,6 +784,7 @@ impl Proxy {
             dead_peer: out.dead_peer,
             idle_timeout_fired: out.idle_timeout_fired,
         };
+        crate::telemetry::CONNECTIONS.observe(&profile);
         // Per-service sampling, decided by the connection id so replays agree.
         let rate = self
             .routes()

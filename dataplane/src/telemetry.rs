@@ -2,8 +2,12 @@
 //! the Prometheus text format on the admin port). Labels are low-cardinality by construction:
 //! they come from fixed enums, never from request data.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+use tuning::histogram::{DURATION_SECONDS, Histogram, LATENCY_SECONDS, SIZE_BYTES, label_value};
 
 /// Start logging: JSON lines when stderr is not a terminal, pretty otherwise. `RUST_LOG`
 /// filters (default `info`).
@@ -324,6 +328,8 @@ impl Metrics {
         ] {
             one(&mut s, name, kind, help, g(v).to_string());
         }
+        CONNECTIONS.render(&mut s);
+        HTTP.render(&mut s);
         s
     }
 }
@@ -336,3 +342,266 @@ impl Default for Metrics {
 
 /// The process's metrics.
 pub static METRICS: Metrics = Metrics::new();
+
+/// Upstream response time of HTTP requests by service.
+#[derive(Debug)]
+pub struct HttpLatency {
+    series: Mutex<BTreeMap<String, Histogram>>,
+}
+
+/// The process's HTTP latency histograms.
+pub static HTTP: HttpLatency = HttpLatency {
+    series: Mutex::new(BTreeMap::new()),
+};
+
+impl HttpLatency {
+    /// Count one request of `service` whose response head came after `seconds`.
+    pub fn observe(&self, service: &str, seconds: f64) {
+        let mut map = self.series.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(h) = map.get_mut(service) {
+            h.observe(seconds);
+        } else {
+            let mut h = Histogram::new(LATENCY_SECONDS);
+            h.observe(seconds);
+            map.insert(service.to_string(), h);
+        }
+    }
+
+    /// Append the series in the Prometheus text format.
+    pub fn render(&self, out: &mut String) {
+        let map = self
+            .series
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let name = "trimtab_dataplane_http_response_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} From forwarding an HTTP request to the upstream's response head.\n# TYPE {name} histogram"
+        );
+        for (svc, h) in &map {
+            h.render(out, name, &format!("service=\"{}\"", label_value(svc)));
+        }
+    }
+}
+
+/// Close codes that get their own label value; any other code is `other`.
+const CLOSE_CODES: [&str; 16] = [
+    "1000", "1001", "1002", "1003", "1005", "1006", "1007", "1008", "1009", "1010", "1011", "1012",
+    "1013", "1014", "1015", "none",
+];
+
+fn close_label(code: Option<u16>) -> &'static str {
+    match code {
+        None => "none",
+        Some(c) => CLOSE_CODES
+            .iter()
+            .find(|l| l.parse::<u16>().ok() == Some(c))
+            .copied()
+            .unwrap_or("other"),
+    }
+}
+
+/// The histograms and counters of one (service, protocol, mode).
+#[derive(Debug, Clone)]
+struct Series {
+    duration: Histogram,
+    dns: Histogram,
+    connect: Histogram,
+    upgrade: Histogram,
+    /// client→upstream, upstream→client.
+    first_message: [Histogram; 2],
+    message_size: [Histogram; 2],
+    /// Per-connection median ping round trip, client leg and upstream leg.
+    ping_rtt: [Histogram; 2],
+    closes: BTreeMap<&'static str, u64>,
+    reasons: BTreeMap<&'static str, u64>,
+}
+
+impl Series {
+    fn new() -> Series {
+        let lat = || Histogram::new(LATENCY_SECONDS);
+        Series {
+            duration: Histogram::new(DURATION_SECONDS),
+            dns: lat(),
+            connect: lat(),
+            upgrade: lat(),
+            first_message: [lat(), lat()],
+            message_size: [Histogram::new(SIZE_BYTES), Histogram::new(SIZE_BYTES)],
+            ping_rtt: [lat(), lat()],
+            closes: BTreeMap::new(),
+            reasons: BTreeMap::new(),
+        }
+    }
+}
+
+type SeriesKey = (String, &'static str, &'static str);
+
+/// Histograms of finished upgraded connections by service, protocol and mode, fed from each
+/// connection's profile when it closes (one lock per connection, never per message).
+#[derive(Debug)]
+pub struct Connections {
+    series: Mutex<BTreeMap<SeriesKey, Series>>,
+}
+
+/// The process's connection histograms.
+pub static CONNECTIONS: Connections = Connections {
+    series: Mutex::new(BTreeMap::new()),
+};
+
+fn us(v: Option<u64>) -> Option<f64> {
+    v.map(|v| v as f64 / 1e6)
+}
+
+impl Connections {
+    /// Count a finished connection.
+    pub fn observe(&self, p: &tuning::Profile) {
+        let key = (
+            p.context.service.clone(),
+            p.context.protocol.as_str(),
+            p.decision.settings.mode.as_str(),
+        );
+        let mut map = self.series.lock().unwrap_or_else(|e| e.into_inner());
+        let s = map.entry(key).or_insert_with(Series::new);
+        s.duration.observe(p.duration_us as f64 / 1e6);
+        if let Some(v) = us(p.timings.dns_us) {
+            s.dns.observe(v);
+        }
+        if let Some(v) = us(p.timings.connect_us) {
+            s.connect.observe(v);
+        }
+        if let Some(v) = us(p.timings.upgrade_us) {
+            s.upgrade.observe(v);
+        }
+        for (i, d) in [&p.client_to_upstream, &p.upstream_to_client]
+            .into_iter()
+            .enumerate()
+        {
+            if let Some(v) = us(d.first_message_us) {
+                s.first_message[i].observe(v);
+            }
+            // The profile's log2 buckets ([2^(k-1), 2^k)) each fit inside one power-of-four
+            // bucket here, so the counts move over exactly; the sum is the direction's bytes.
+            for (k, n) in d.msg_sizes.0.iter().enumerate() {
+                if *n > 0 {
+                    let top = if k == 0 {
+                        0.0
+                    } else {
+                        ((1u64 << k) - 1) as f64
+                    };
+                    s.message_size[i].observe_bucket(top, *n, 0.0);
+                }
+            }
+            s.message_size[i].add_sum(d.bytes as f64);
+        }
+        for (i, ping) in [&p.ping_client, &p.ping_upstream].into_iter().enumerate() {
+            if let Some(v) = us(ping.rtt_p50_us) {
+                s.ping_rtt[i].observe(v);
+            }
+        }
+        *s.closes.entry(close_label(p.close_code)).or_default() += 1;
+        *s.reasons.entry(p.decision.reason.as_str()).or_default() += 1;
+    }
+
+    /// Append the series in the Prometheus text format.
+    pub fn render(&self, out: &mut String) {
+        let map = self
+            .series
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let labels = |(svc, proto, mode): &SeriesKey| {
+            format!(
+                "service=\"{}\",protocol=\"{proto}\",mode=\"{mode}\"",
+                label_value(svc)
+            )
+        };
+        type Pick = fn(&Series) -> &Histogram;
+        let hists: [(&str, &str, Pick); 4] = [
+            (
+                "trimtab_dataplane_connection_duration_seconds",
+                "Life of finished WebSocket and tunnel connections.",
+                |s| &s.duration,
+            ),
+            (
+                "trimtab_dataplane_upstream_dns_seconds",
+                "Upstream name resolution time per connection.",
+                |s| &s.dns,
+            ),
+            (
+                "trimtab_dataplane_upstream_connect_seconds",
+                "Upstream TCP connect time per connection.",
+                |s| &s.connect,
+            ),
+            (
+                "trimtab_dataplane_upgrade_seconds",
+                "From the client's upgrade request to the upstream's 101.",
+                |s| &s.upgrade,
+            ),
+        ];
+        for (name, help, pick) in hists {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+            for (k, s) in &map {
+                pick(s).render(out, name, &labels(k));
+            }
+        }
+        type PickDir = fn(&Series) -> &[Histogram; 2];
+        let per_dir: [(&str, &str, &str, [&str; 2], PickDir); 3] = [
+            (
+                "trimtab_dataplane_first_message_seconds",
+                "From the upgrade to the first message, per direction.",
+                "direction",
+                ["client_to_upstream", "upstream_to_client"],
+                |s| &s.first_message,
+            ),
+            (
+                "trimtab_dataplane_message_size_bytes",
+                "WebSocket message sizes, per direction.",
+                "direction",
+                ["client_to_upstream", "upstream_to_client"],
+                |s| &s.message_size,
+            ),
+            (
+                "trimtab_dataplane_ping_rtt_seconds",
+                "Median ping round trip of each connection, per leg.",
+                "leg",
+                ["client", "upstream"],
+                |s| &s.ping_rtt,
+            ),
+        ];
+        for (name, help, label, values, pick) in per_dir {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+            for (k, s) in &map {
+                for (i, v) in values.iter().enumerate() {
+                    pick(s)[i].render(out, name, &format!("{},{label}=\"{v}\"", labels(k)));
+                }
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP trimtab_dataplane_connection_closes_total Finished WebSocket and tunnel connections by close code.\n# TYPE trimtab_dataplane_connection_closes_total counter"
+        );
+        for (k, s) in &map {
+            for (code, n) in &s.closes {
+                let _ = writeln!(
+                    out,
+                    "trimtab_dataplane_connection_closes_total{{{},code=\"{code}\"}} {n}",
+                    labels(k)
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP trimtab_dataplane_connection_decisions_total Finished connections by the reason of the decision they ran with.\n# TYPE trimtab_dataplane_connection_decisions_total counter"
+        );
+        for (k, s) in &map {
+            for (reason, n) in &s.reasons {
+                let _ = writeln!(
+                    out,
+                    "trimtab_dataplane_connection_decisions_total{{{},reason=\"{reason}\"}} {n}",
+                    labels(k)
+                );
+            }
+        }
+    }
+}

@@ -39,6 +39,8 @@ pub struct AppState {
 pub struct Metrics {
     /// Decisions by reason (index of [`REASONS`]).
     pub decisions: [AtomicU64; 6],
+    /// Time to decide one context (precedence, features, ONNX inference), seconds.
+    pub decide_seconds: std::sync::Mutex<Option<tuning::histogram::Histogram>>,
 }
 
 /// Reasons in metric order.
@@ -224,6 +226,67 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
         "# HELP trimtab_optimizer_kill_switch 1 when the kill switch is on.\n# TYPE trimtab_optimizer_kill_switch gauge\ntrimtab_optimizer_kill_switch {}",
         u8::from(snap.kill_switch)
     );
+    let name = "trimtab_optimizer_decide_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Time to decide one context (precedence, features, ONNX inference).\n# TYPE {name} histogram"
+    );
+    let h = s
+        .metrics
+        .decide_seconds
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+        .unwrap_or_else(|| tuning::histogram::Histogram::new(tuning::histogram::LATENCY_SECONDS));
+    h.render(&mut out, name, "");
+    let _ = writeln!(
+        out,
+        "# HELP trimtab_optimizer_active_model 1 for the model that decides (shipped or registry).\n# TYPE trimtab_optimizer_active_model gauge"
+    );
+    if let Some(m) = snap.model.as_ref().or(s.state.shipped.as_ref()) {
+        let _ = writeln!(
+            out,
+            "trimtab_optimizer_active_model{{version=\"{}\"}} 1",
+            tuning::histogram::label_value(&m.version)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP trimtab_optimizer_rollout_percent Canary share of the active rollout (0 without one).\n# TYPE trimtab_optimizer_rollout_percent gauge"
+    );
+    let _ = writeln!(
+        out,
+        "# HELP trimtab_optimizer_rollout_step Step index of the active rollout.\n# TYPE trimtab_optimizer_rollout_step gauge"
+    );
+    let _ = writeln!(
+        out,
+        "# HELP trimtab_optimizer_rollout_gate Last gate values of the active rollout, by cohort and gate.\n# TYPE trimtab_optimizer_rollout_gate gauge"
+    );
+    match &snap.rollout {
+        Some((r, _)) => {
+            let _ = writeln!(out, "trimtab_optimizer_rollout_percent {}", r.percent());
+            let _ = writeln!(out, "trimtab_optimizer_rollout_step {}", r.step_index);
+            if let Some(g) = &r.last_gate {
+                for cohort in ["canary", "control"] {
+                    if let Some(obj) = g[cohort].as_object() {
+                        for (k, v) in obj {
+                            if let Some(v) = v.as_f64() {
+                                let _ = writeln!(
+                                    out,
+                                    "trimtab_optimizer_rollout_gate{{cohort=\"{cohort}\",gate=\"{}\"}} {v}",
+                                    tuning::histogram::label_value(k)
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        None => {
+            let _ = writeln!(out, "trimtab_optimizer_rollout_percent 0");
+            let _ = writeln!(out, "trimtab_optimizer_rollout_step 0");
+        }
+    }
     (
         [(
             header::CONTENT_TYPE,
@@ -286,7 +349,16 @@ async fn decisions(
     require(&s, &headers, Role::Reader)?;
     let snap = s.state.get();
     let decide = |c: &ConnectionContext| {
+        let t0 = std::time::Instant::now();
         let d = state::decide(&s.config, &snap, c);
+        s.metrics
+            .decide_seconds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert_with(|| {
+                tuning::histogram::Histogram::new(tuning::histogram::LATENCY_SECONDS)
+            })
+            .observe(t0.elapsed().as_secs_f64());
         if let Some(i) = REASONS.iter().position(|r| *r == d.decision.reason) {
             s.metrics.decisions[i].fetch_add(1, Ordering::Relaxed);
         }

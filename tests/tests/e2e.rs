@@ -3,6 +3,7 @@
 
 mod decisions;
 mod learning;
+mod observability;
 mod profiles;
 mod rollouts;
 

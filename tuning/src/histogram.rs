@@ -58,6 +58,11 @@ impl Histogram {
         self.sum += sum;
     }
 
+    /// Add to the sum alone (the counts came through [`Histogram::observe_bucket`]).
+    pub fn add_sum(&mut self, sum: f64) {
+        self.sum += sum;
+    }
+
     /// Values counted.
     pub fn count(&self) -> u64 {
         self.counts.iter().sum()
