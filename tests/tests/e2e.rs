@@ -578,8 +578,8 @@ async fn a_client_that_stops_reading_keeps_proxy_memory_bounded_and_loses_nothin
     for mode in ["zero_copy", "frame_aware"] {
         let echo = spawn_echo().await;
         let dp = DataPlaneProc::start(&config(echo, mode, "", ""));
-        let pid = dp_pid(&dp);
-        let rss0 = rss_kib(pid);
+        let pid = dp.pid();
+        let rss0 = trimtab_tests::load::rss_kib(pid);
         let (ws, _) = ws_connect(dp.proxy, "/slow", None).await;
         let (mut tx, mut rx) = ws.split();
         let msg = vec![0xabu8; 64 * 1024];
@@ -595,7 +595,7 @@ async fn a_client_that_stops_reading_keeps_proxy_memory_bounded_and_loses_nothin
             true
         });
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let grown = rss_kib(pid).saturating_sub(rss0);
+        let grown = trimtab_tests::load::rss_kib(pid).saturating_sub(rss0);
         assert!(
             grown < 24 * 1024,
             "{mode}: proxy RSS grew {grown} KiB while the client was not reading"
@@ -618,30 +618,6 @@ async fn a_client_that_stops_reading_keeps_proxy_memory_bounded_and_loses_nothin
         }
         assert!(sender.await.expect("sender"), "{mode}: sender failed");
     }
-}
-
-fn dp_pid(dp: &DataPlaneProc) -> u32 {
-    // The harness does not expose the child; find it by its config path.
-    let needle = dp.config_path.to_string_lossy().to_string();
-    for e in std::fs::read_dir("/proc").expect("proc") {
-        let e = e.expect("entry");
-        if let Ok(cmd) = std::fs::read(e.path().join("cmdline"))
-            && String::from_utf8_lossy(&cmd).contains(&needle)
-            && let Ok(pid) = e.file_name().to_string_lossy().parse()
-        {
-            return pid;
-        }
-    }
-    panic!("dataplane process not found");
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    s.lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .expect("VmRSS")
 }
 
 #[tokio::test]

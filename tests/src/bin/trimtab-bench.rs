@@ -103,18 +103,24 @@ async fn proxy(runs: usize, idle_conns: usize) -> anyhow::Result<()> {
         ..pb::Params::default()
     };
     let (upstream, _upstream_proc) = pb::spawn_upstream().await?;
-    let mut targets = vec![
-        pb::direct(upstream),
-        pb::trimtab(upstream, "zero_copy"),
-        pb::trimtab(upstream, "frame_aware"),
-    ];
-    let mut skipped = Vec::new();
-    for t in [pb::nginx(upstream).await, pb::haproxy(upstream).await] {
-        match t {
-            Ok(t) => targets.push(t),
-            Err(why) => skipped.push(why),
+    // Fresh proxy processes for every run: memory growth is only meaningful in a process that
+    // has not already grown (and kept) its heap for an earlier run's connections.
+    let start = || async {
+        let mut targets = vec![
+            pb::direct(upstream),
+            pb::trimtab(upstream, "zero_copy"),
+            pb::trimtab(upstream, "frame_aware"),
+        ];
+        let mut skipped = Vec::new();
+        for t in [pb::nginx(upstream).await, pb::haproxy(upstream).await] {
+            match t {
+                Ok(t) => targets.push(t),
+                Err(why) => skipped.push(why),
+            }
         }
-    }
+        (targets, skipped)
+    };
+    let (mut targets, skipped) = start().await;
     println!(
         "== proxy benchmark: {} targets, {runs} runs, medians (ratio to direct); {} idle WebSockets for memory",
         targets.len(),
@@ -122,6 +128,10 @@ async fn proxy(runs: usize, idle_conns: usize) -> anyhow::Result<()> {
     );
     let mut results: Vec<Vec<pb::Figures>> = vec![Vec::new(); targets.len()];
     for run in 0..runs {
+        if run > 0 {
+            drop(targets);
+            targets = start().await.0;
+        }
         for (i, t) in targets.iter().enumerate() {
             let f = pb::run_once(t, &params)
                 .await
