@@ -483,10 +483,12 @@ async fn http(addr: SocketAddr, n: usize) -> anyhow::Result<(f64, f64)> {
 /// One run against one target.
 pub async fn run_once(t: &Target, p: &Params) -> anyhow::Result<Figures> {
     let limit = Duration::from_secs(180);
-    let mut f = Figures::default();
     // Memory first, while the proxy process is fresh (a heap grown by earlier steps would
     // absorb the idle connections and hide their cost).
-    f.idle_kib = within(limit, idle_memory(t, p.idle_conns)).await??;
+    let mut f = Figures {
+        idle_kib: within(limit, idle_memory(t, p.idle_conns)).await??,
+        ..Figures::default()
+    };
     let l = latency(within(limit, ws_round_trips(t.addr, 1, p.rtt_single, 64)).await??);
     f.rtt1_p50 = l.p50.as_secs_f64() * 1e6;
     let l = latency(within(limit, ws_round_trips(t.addr, 100, p.rtt_per_conn, 64)).await??);
