@@ -43,6 +43,36 @@ pub struct RawConfig {
     /// absent or missing on a request: the client's IP address.
     #[serde(default)]
     pub client_key_header: Option<String>,
+    /// Span export over OTLP/HTTP; absent: no spans (trace context is propagated either way).
+    #[serde(default)]
+    pub tracing: Option<RawTracing>,
+}
+
+/// Span export as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTracing {
+    /// OTLP/HTTP collector (`http://host:4318`); spans go to `<endpoint>/v1/traces` as JSON.
+    pub otlp_endpoint: String,
+    /// `service.name` of the exported resource (default `trimtab-dataplane`).
+    #[serde(default = "d_trace_service")]
+    pub service_name: String,
+    /// Post a batch at least this often (default `1s`).
+    #[serde(default = "d_trace_batch")]
+    pub batch_interval: String,
+    /// Spans waiting for export at most; more are dropped and counted (default 10000).
+    #[serde(default = "d_trace_queue")]
+    pub queue_capacity: usize,
+}
+
+fn d_trace_service() -> String {
+    "trimtab-dataplane".into()
+}
+fn d_trace_batch() -> String {
+    "1s".into()
+}
+fn d_trace_queue() -> usize {
+    10_000
 }
 
 /// The optimizer connection as written.
@@ -289,6 +319,8 @@ pub struct Config {
     pub optimizer: Option<crate::decisions::OptimizerConfig>,
     /// See [`RawConfig::client_key_header`].
     pub client_key_header: Option<http::HeaderName>,
+    /// Span export, when configured.
+    pub tracing: Option<crate::telemetry::traces::TracingConfig>,
 }
 
 /// A CIDR table: the first region whose block contains an address names it.
@@ -682,10 +714,29 @@ impl RawConfig {
                 .map_err(|_| e.push(format!("client_key_header = {h:?} is not a header name")))
                 .ok()
         });
+        let tracing = self.tracing.map(|t| {
+            if !(t.otlp_endpoint.starts_with("http://") && t.otlp_endpoint.len() > "http://".len())
+            {
+                e.push(format!(
+                    "tracing.otlp_endpoint = {:?} must be an http:// URL (e.g. \"http://127.0.0.1:4318\")",
+                    t.otlp_endpoint
+                ));
+            }
+            if t.queue_capacity == 0 {
+                e.push("tracing.queue_capacity = 0 must be at least 1".into());
+            }
+            crate::telemetry::traces::TracingConfig {
+                otlp_endpoint: t.otlp_endpoint.clone(),
+                service_name: t.service_name.clone(),
+                batch_interval: dur(&mut e, "tracing.batch_interval", &t.batch_interval),
+                queue_capacity: t.queue_capacity,
+            }
+        });
         if !e.is_empty() {
             return Err(e);
         }
         Ok(Config {
+            tracing,
             client_key_header,
             optimizer,
             profiles,
@@ -743,6 +794,9 @@ settings = { buffer_size = 1000, compression = true }
 [services.other]
 upstreams = ["127.0.0.1:1"]
 routes = [{ path_prefix = "/bulk" }]
+[tracing]
+otlp_endpoint = "collector:4318"
+batch_interval = "often"
 "#,
         )
         .unwrap_err();
@@ -754,6 +808,8 @@ routes = [{ path_prefix = "/bulk" }]
             "services.bulk.routes[0].path_prefix = \"bulk\" must start with '/'",
             "services.bulk.settings.buffer_size = 1000",
             "services.bulk.settings.compression = true requires mode",
+            "tracing.otlp_endpoint = \"collector:4318\" must be an http:// URL",
+            "tracing.batch_interval = \"often\"",
         ] {
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
         }

@@ -78,6 +78,10 @@ async fn main() -> anyhow::Result<()> {
             Arc::new(dataplane::source::StaticSettings)
         }
     };
+    if let Some(t) = &config.tracing {
+        tracing::info!(endpoint = %t.otlp_endpoint, "spans go to the OTLP collector");
+        dataplane::telemetry::traces::start(t.clone());
+    }
     let dp = Arc::new(DataPlane::new(config, source, sink));
     // SIGHUP: reload routes and services; a bad file is logged and the old config stays.
     {

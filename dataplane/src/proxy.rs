@@ -26,6 +26,7 @@ use crate::pool::{ClientBody, Pool, PooledBody};
 use crate::routing::{RouteMatch, Router};
 use crate::source::{ProfileSink, SettingsSource, applicable};
 use crate::telemetry::METRICS;
+use crate::telemetry::traces::{self, TraceContext};
 
 /// The body of every response the proxy sends.
 pub type RespBody = UnsyncBoxBody<Bytes, hyper::Error>;
@@ -265,6 +266,8 @@ impl Proxy {
         host: Option<String>,
     ) -> Response<RespBody> {
         let (mut parts, body) = req.into_parts();
+        let trace = TraceContext::from_headers(&parts.headers);
+        let started_wall = chrono::Utc::now();
         // TE is hop-by-hop, but a client that accepts trailers gets them: the proxy forwards
         // trailer fields, so it asks the upstream for them in its own name.
         let wants_trailers = parts
@@ -282,6 +285,7 @@ impl Proxy {
         }
         headers::add_forwarded(&mut parts.headers, conn.peer.ip(), "http", host.as_deref());
         headers::add_via(&mut parts.headers, &self.via_token);
+        trace.inject(&mut parts.headers);
         if !parts.headers.contains_key(header::HOST)
             && let Some(h) = host.as_deref().and_then(|h| HeaderValue::from_str(h).ok())
         {
@@ -313,6 +317,15 @@ impl Proxy {
                     METRICS.upstream_error(if saturated { "saturated" } else { "connect" });
                     METRICS.finish("http", "upstream_error");
                     tracing::warn!(side = "upstream", service = %service.name, %upstream, error = %e, "upstream unavailable");
+                    let status = if saturated { 503 } else { 502 };
+                    traces::request(
+                        &trace,
+                        &service.name,
+                        &method,
+                        Some(status),
+                        started_wall,
+                        t0.elapsed(),
+                    );
                     return if saturated {
                         let mut r = full(
                             StatusCode::SERVICE_UNAVAILABLE,
@@ -339,6 +352,14 @@ impl Proxy {
                     headers::add_via(&mut parts.headers, &self.via_token);
                     METRICS.finish("http", "ok");
                     crate::telemetry::HTTP.observe(&service.name, t0.elapsed().as_secs_f64());
+                    traces::request(
+                        &trace,
+                        &service.name,
+                        &method,
+                        Some(parts.status.as_u16()),
+                        started_wall,
+                        t0.elapsed(),
+                    );
                     let body = PooledBody::new(body, c, self.pool.clone(), service.pool);
                     return Response::from_parts(parts, body.boxed_unsync());
                 }
@@ -372,6 +393,14 @@ impl Proxy {
                         }
                         _ => {
                             METRICS.finish("http", "upstream_error");
+                            traces::request(
+                                &trace,
+                                &service.name,
+                                &method,
+                                Some(502),
+                                started_wall,
+                                t0.elapsed(),
+                            );
                             return full(StatusCode::BAD_GATEWAY, "upstream request failed");
                         }
                     }
@@ -485,9 +514,11 @@ impl Proxy {
         };
         let _ = tcp.set_nodelay(true);
         let mut up_headers = req.headers().clone();
+        let trace = TraceContext::from_headers(&up_headers);
         headers::strip_hop_by_hop(&mut up_headers);
         headers::add_forwarded(&mut up_headers, conn.peer.ip(), "http", host.as_deref());
         headers::add_via(&mut up_headers, &self.via_token);
+        trace.inject(&mut up_headers);
         up_headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         up_headers.insert(header::UPGRADE, token_value.clone());
         let up_key = if frame_aware {
@@ -649,6 +680,7 @@ impl Proxy {
                     timings,
                     started_at,
                     conn,
+                    trace,
                 )
                 .await;
         });
@@ -676,6 +708,7 @@ impl Proxy {
         timings: Timings,
         started_at: chrono::DateTime<chrono::Utc>,
         conn: ConnInfo,
+        trace: TraceContext,
     ) {
         METRICS.active_upgraded.fetch_add(1, Ordering::Relaxed);
         // Copy the bytes that came with the handshakes and let hyper's read buffers go: a
@@ -785,6 +818,7 @@ impl Proxy {
             idle_timeout_fired: out.idle_timeout_fired,
         };
         crate::telemetry::CONNECTIONS.observe(&profile);
+        traces::connection(&trace, &profile);
         // Per-service sampling, decided by the connection id so replays agree.
         let rate = self
             .routes()

@@ -36,6 +36,8 @@ pub struct Params {
     pub cpu_seconds: u64,
     /// HTTP requests on one connection (latency) and per connection of 50 (rate).
     pub http_requests: usize,
+    /// Measure the memory per idle WebSocket only.
+    pub memory_only: bool,
 }
 
 impl Default for Params {
@@ -47,6 +49,7 @@ impl Default for Params {
             throughput_msgs: 1500,
             cpu_seconds: 5,
             http_requests: 1000,
+            memory_only: false,
         }
     }
 }
@@ -489,6 +492,9 @@ pub async fn run_once(t: &Target, p: &Params) -> anyhow::Result<Figures> {
         idle_kib: within(limit, idle_memory(t, p.idle_conns)).await??,
         ..Figures::default()
     };
+    if p.memory_only {
+        return Ok(f);
+    }
     let l = latency(within(limit, ws_round_trips(t.addr, 1, p.rtt_single, 64)).await??);
     f.rtt1_p50 = l.p50.as_secs_f64() * 1e6;
     let l = latency(within(limit, ws_round_trips(t.addr, 100, p.rtt_per_conn, 64)).await??);
@@ -527,7 +533,7 @@ pub fn medians(runs: &[Figures]) -> Figures {
 }
 
 /// The table: one row per figure, one column per target, each with its ratio to direct.
-pub fn table(names: &[String], figs: &[Figures]) -> String {
+pub fn table(names: &[String], figs: &[Figures], memory_only: bool) -> String {
     use std::fmt::Write as _;
     type Row = (&'static str, fn(&Figures) -> Option<f64>, bool);
     let rows: [Row; 8] = [
@@ -563,6 +569,9 @@ pub fn table(names: &[String], figs: &[Figures]) -> String {
     }
     out.push('\n');
     for (label, get, ratio) in rows {
+        if memory_only && !label.starts_with("memory") {
+            continue;
+        }
         let _ = write!(out, "{label:<40}");
         let base = get(&figs[0]);
         for f in figs {

@@ -172,3 +172,253 @@ token = "reader-token-metrics"
     );
     assert_eq!(value(&text, "trimtab_optimizer_rollout_percent"), Some(0.0));
 }
+
+/// A local OTLP/HTTP receiver: every span posted to `/v1/traces` (JSON), flattened.
+async fn otlp_receiver() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+) {
+    use http_body_util::BodyExt;
+    let spans = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let keep = spans.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else {
+                continue;
+            };
+            let spans = keep.clone();
+            tokio::spawn(async move {
+                let svc =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let spans = spans.clone();
+                        async move {
+                            let ok = req.uri().path() == "/v1/traces"
+                                && req.headers()["content-type"] == "application/json";
+                            let body = req.into_body().collect().await.map(|b| b.to_bytes());
+                            let v: serde_json::Value = body
+                                .ok()
+                                .and_then(|b| serde_json::from_slice(&b).ok())
+                                .unwrap_or_default();
+                            for rs in v["resourceSpans"].as_array().into_iter().flatten() {
+                                assert_eq!(
+                                    rs["resource"]["attributes"][0]["value"]["stringValue"],
+                                    "trimtab-dataplane"
+                                );
+                                for ss in rs["scopeSpans"].as_array().into_iter().flatten() {
+                                    for sp in ss["spans"].as_array().into_iter().flatten() {
+                                        spans.lock().expect("spans").push(sp.clone());
+                                    }
+                                }
+                            }
+                            let mut r = http::Response::new(http_body_util::Full::new(
+                                bytes::Bytes::from_static(b"{}"),
+                            ));
+                            if !ok {
+                                *r.status_mut() = http::StatusCode::BAD_REQUEST;
+                            }
+                            Ok::<_, std::convert::Infallible>(r)
+                        }
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, spans)
+}
+
+/// An upstream that accepts one generic upgrade, hands over the request head it received,
+/// answers 101 and closes.
+async fn capturing_upstream() -> (std::net::SocketAddr, tokio::sync::oneshot::Receiver<String>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.expect("accept");
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut buf).await.expect("read");
+            assert!(n > 0, "closed before the head ended");
+            head.extend_from_slice(&buf[..n]);
+        }
+        let _ = tx.send(String::from_utf8_lossy(&head).to_string());
+        s.write_all(
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: x-test\r\n\r\n",
+        )
+        .await
+        .expect("write");
+        let _ = s.shutdown().await;
+        while s.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+    });
+    (addr, rx)
+}
+
+fn traceparent_of(text: &str) -> (String, String) {
+    let line = text
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("traceparent:"))
+        .unwrap_or_else(|| panic!("no traceparent in\n{text}"));
+    let v: Vec<&str> = line["traceparent:".len()..].trim().split('-').collect();
+    (v[1].to_string(), v[2].to_string())
+}
+
+#[tokio::test]
+async fn trace_context_reaches_upstreams_and_spans_reach_an_otlp_receiver() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (otlp, spans) = otlp_receiver().await;
+    let echo = spawn_echo().await;
+    let (raw, head_rx) = capturing_upstream().await;
+    let dp = DataPlaneProc::start(&format!(
+        r#"
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+dataplane_id = "trace-test"
+[tracing]
+otlp_endpoint = "http://{otlp}"
+batch_interval = "100ms"
+[services.raw]
+upstreams = ["{raw}"]
+routes = [{{ path_prefix = "/raw" }}]
+[services.echo]
+upstreams = ["{echo}"]
+routes = [{{ path_prefix = "/" }}]
+"#
+    ));
+    let (t1, p1) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
+    let (t2, p2) = ("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331");
+
+    // HTTP: the upstream sees the caller's trace under the proxy's span.
+    let mut s = tokio::net::TcpStream::connect(dp.proxy).await.expect("tcp");
+    s.write_all(
+        format!("GET /headers HTTP/1.1\r\nHost: t\r\nConnection: close\r\ntraceparent: 00-{t1}-{p1}-01\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .expect("write");
+    let mut got = String::new();
+    s.read_to_string(&mut got).await.expect("read");
+    let body = &got[got.find("\r\n\r\n").expect("head") + 4..];
+    let json_start = body.find('{').expect("json");
+    let seen: serde_json::Value =
+        serde_json::from_str(&body[json_start..=body.rfind('}').expect("json")]).expect("json");
+    let tp = seen["traceparent"][0]
+        .as_str()
+        .expect("traceparent upstream");
+    let parts: Vec<&str> = tp.split('-').collect();
+    assert_eq!(parts[1], t1, "{tp}");
+    assert_ne!(parts[2], p1, "the proxy's own span is the parent: {tp}");
+    let http_span_id = parts[2].to_string();
+
+    // Upgrade: the same on the upgrade request.
+    let mut s = tokio::net::TcpStream::connect(dp.proxy).await.expect("tcp");
+    s.write_all(
+        format!("GET /raw/x HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: x-test\r\ntraceparent: 00-{t2}-{p2}-01\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .expect("write");
+    let head = tokio::time::timeout(Duration::from_secs(5), head_rx)
+        .await
+        .expect("upstream saw the upgrade")
+        .expect("head");
+    let (trace, upgrade_span_id) = traceparent_of(&head);
+    assert_eq!(trace, t2);
+    assert_ne!(upgrade_span_id, p2);
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+    assert!(
+        rest.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&rest)
+    );
+    drop(s);
+
+    // A WebSocket without a caller trace: a new trace, first messages as events.
+    let mut ws = trimtab_tests::load::connect(dp.proxy, "/ws")
+        .await
+        .expect("ws");
+    ws.send(Message::text("hello")).await.expect("send");
+    ws.next().await.expect("echo").expect("ok");
+    ws.close(None).await.expect("close");
+    while ws.next().await.is_some() {}
+
+    let all = eventually(Duration::from_secs(10), || async {
+        let v = spans.lock().expect("spans").clone();
+        let names: Vec<&str> = v.iter().filter_map(|s| s["name"].as_str()).collect();
+        (names.contains(&"GET echo")
+            && names.contains(&"upgrade raw")
+            && names.contains(&"websocket echo"))
+        .then_some(v)
+    })
+    .await
+    .unwrap_or_else(|| panic!("spans: {:#?}", spans.lock().expect("spans")));
+    let find = |name: &str| {
+        all.iter()
+            .find(|s| s["name"] == name)
+            .cloned()
+            .expect("span")
+    };
+    let http = find("GET echo");
+    assert_eq!(http["traceId"], t1);
+    assert_eq!(http["parentSpanId"], p1);
+    assert_eq!(http["spanId"], http_span_id.as_str());
+    assert_eq!(http["kind"], 2);
+    let up = find("upgrade raw");
+    assert_eq!(up["traceId"], t2);
+    assert_eq!(up["parentSpanId"], p2);
+    assert_eq!(up["spanId"], upgrade_span_id.as_str());
+    let children: Vec<&str> = all
+        .iter()
+        .filter(|s| s["parentSpanId"] == upgrade_span_id.as_str())
+        .filter_map(|s| s["name"].as_str())
+        .collect();
+    assert!(
+        children.contains(&"upstream.connect") && children.contains(&"upgrade"),
+        "{children:?}"
+    );
+    let ws_span = find("websocket echo");
+    assert_eq!(ws_span["traceId"].as_str().map(str::len), Some(32));
+    assert!(ws_span.get("parentSpanId").is_none(), "{ws_span}");
+    let events: Vec<&str> = ws_span["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter_map(|e| e["name"].as_str())
+        .collect();
+    assert_eq!(
+        events,
+        [
+            "first_message.client_to_upstream",
+            "first_message.upstream_to_client"
+        ]
+    );
+    let start: u128 = ws_span["startTimeUnixNano"]
+        .as_str()
+        .expect("start")
+        .parse()
+        .expect("n");
+    let end: u128 = ws_span["endTimeUnixNano"]
+        .as_str()
+        .expect("end")
+        .parse()
+        .expect("n");
+    assert!(end > start);
+    let text = metrics_text(dp.admin).await;
+    assert_eq!(
+        value(&text, "trimtab_dataplane_spans_dropped_total"),
+        Some(0.0)
+    );
+    assert_eq!(
+        value(&text, "trimtab_dataplane_spans_failed_total"),
+        Some(0.0)
+    );
+}

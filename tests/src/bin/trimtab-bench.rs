@@ -28,6 +28,9 @@ enum Bench {
         /// Idle WebSockets for the memory figure.
         #[arg(long, default_value_t = 9000)]
         idle_conns: usize,
+        /// Measure only the memory per idle WebSocket (a quick check).
+        #[arg(long)]
+        memory_only: bool,
     },
     /// Learned vs static, live: collect profiles under the shipped defaults with 5 %
     /// exploration, train, roll out the best static config and the learned candidate at 50 %,
@@ -74,7 +77,11 @@ async fn main() -> anyhow::Result<()> {
     match args.bench {
         Bench::Profiles { runs, rows, conns } => profiles(runs, rows, conns).await,
         Bench::Train { rows } => train(rows).await,
-        Bench::Proxy { runs, idle_conns } => proxy(runs, idle_conns).await,
+        Bench::Proxy {
+            runs,
+            idle_conns,
+            memory_only,
+        } => proxy(runs, idle_conns, memory_only).await,
         Bench::Learn {
             collect_s,
             compare_s,
@@ -96,10 +103,11 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn proxy(runs: usize, idle_conns: usize) -> anyhow::Result<()> {
+async fn proxy(runs: usize, idle_conns: usize, memory_only: bool) -> anyhow::Result<()> {
     use trimtab_tests::proxy_bench as pb;
     let params = pb::Params {
         idle_conns,
+        memory_only,
         ..pb::Params::default()
     };
     let (upstream, _upstream_proc) = pb::spawn_upstream().await?;
@@ -142,7 +150,7 @@ async fn proxy(runs: usize, idle_conns: usize) -> anyhow::Result<()> {
     }
     let names: Vec<String> = targets.iter().map(|t| t.name.clone()).collect();
     let figs: Vec<pb::Figures> = results.iter().map(|r| pb::medians(r)).collect();
-    print!("{}", pb::table(&names, &figs));
+    print!("{}", pb::table(&names, &figs, memory_only));
     for s in skipped {
         println!("skipped: {s}");
     }

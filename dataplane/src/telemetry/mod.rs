@@ -2,6 +2,8 @@
 //! the Prometheus text format on the admin port). Labels are low-cardinality by construction:
 //! they come from fixed enums, never from request data.
 
+pub mod traces;
+
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::Mutex;
@@ -327,6 +329,26 @@ impl Metrics {
             ),
         ] {
             one(&mut s, name, kind, help, g(v).to_string());
+        }
+        let t = &traces::SPANS;
+        for (name, help, v) in [
+            (
+                "trimtab_dataplane_spans_exported_total",
+                "Spans the OTLP collector accepted.",
+                &t.exported,
+            ),
+            (
+                "trimtab_dataplane_spans_dropped_total",
+                "Spans dropped because the export queue was full.",
+                &t.dropped,
+            ),
+            (
+                "trimtab_dataplane_spans_failed_total",
+                "Spans lost because an export failed.",
+                &t.failed,
+            ),
+        ] {
+            one(&mut s, name, "counter", help, g(v).to_string());
         }
         CONNECTIONS.render(&mut s);
         HTTP.render(&mut s);
