@@ -52,6 +52,47 @@ async fn metrics_text(admin: std::net::SocketAddr) -> String {
     body.to_string()
 }
 
+/// Every `trimtab_<prefix>…` metric the Grafana dashboard (`dashboards/trimtab.json`) queries,
+/// by family name (`_bucket`, `_sum`, `_count` taken off).
+fn dashboard_metrics(prefix: &str) -> Vec<String> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../dashboards/trimtab.json");
+    let d: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("dashboard")).expect("JSON");
+    let mut out = Vec::new();
+    for panel in d["panels"].as_array().expect("panels") {
+        for t in panel["targets"].as_array().expect("targets") {
+            let expr = t["expr"].as_str().expect("expr");
+            for (i, _) in expr.match_indices(prefix) {
+                let name: String = expr[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                let family = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|suf| name.strip_suffix(suf))
+                    .unwrap_or(&name)
+                    .to_string();
+                out.push(family);
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Every metric the dashboard queries is one this service exports.
+fn assert_dashboard_matches(text: &str, prefix: &str) {
+    let wanted = dashboard_metrics(prefix);
+    assert!(wanted.len() > 5, "{wanted:?}");
+    for m in wanted {
+        assert!(
+            text.contains(&format!("# TYPE {m} ")),
+            "the dashboard queries {m}, which /metrics does not export"
+        );
+    }
+}
+
 fn value(text: &str, series: &str) -> Option<f64> {
     text.lines()
         .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
@@ -107,6 +148,7 @@ settings = {{ mode = "frame_aware" }}
     .await
     .expect("the connection is counted");
     promtool(&text).unwrap_or_else(|e| panic!("promtool refused the data plane's metrics: {e}"));
+    assert_dashboard_matches(&text, "trimtab_dataplane_");
     let c2u = format!(
         "trimtab_dataplane_message_size_bytes_count{{{labels},direction=\"client_to_upstream\"}}"
     );
@@ -166,6 +208,7 @@ token = "reader-token-metrics"
     }
     let text = metrics_text(opt.addr).await;
     promtool(&text).unwrap_or_else(|e| panic!("promtool refused the optimizer's metrics: {e}"));
+    assert_dashboard_matches(&text, "trimtab_optimizer_");
     assert_eq!(
         value(&text, "trimtab_optimizer_decide_seconds_count"),
         Some(3.0)
