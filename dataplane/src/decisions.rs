@@ -49,10 +49,6 @@ pub struct CacheStats {
     pub misses: AtomicU64,
     /// Optimizer calls that failed or timed out.
     pub errors: AtomicU64,
-    /// Optimizer calls, total microseconds (with `calls`, the mean latency).
-    pub call_us: AtomicU64,
-    /// Optimizer calls made.
-    pub calls: AtomicU64,
 }
 
 /// The process's cache counters.
@@ -61,8 +57,6 @@ pub static CACHE: CacheStats = CacheStats {
     stale: AtomicU64::new(0),
     misses: AtomicU64::new(0),
     errors: AtomicU64::new(0),
-    call_us: AtomicU64::new(0),
-    calls: AtomicU64::new(0),
 };
 
 #[derive(Debug, Clone)]
@@ -121,10 +115,10 @@ impl OptimizerSource {
         tokio::spawn(async move {
             let t = Instant::now();
             let r = tokio::time::timeout(inner.cfg.timeout, fetch(&inner, &ctx)).await;
-            CACHE.calls.fetch_add(1, Ordering::Relaxed);
-            CACHE
-                .call_us
-                .fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+            crate::telemetry::OPTIMIZER_CALLS
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .observe(t.elapsed().as_secs_f64());
             match r {
                 Ok(Ok(answer)) => {
                     let mut c = inner.cache.lock().expect("cache");

@@ -314,7 +314,11 @@ impl Proxy {
                 Ok(c) => c,
                 Err(e) => {
                     let saturated = matches!(e, crate::pool::ConnectError::Saturated(_));
-                    METRICS.upstream_error(if saturated { "saturated" } else { "connect" });
+                    METRICS.upstream_error(
+                        if saturated { "saturated" } else { "connect" },
+                        false,
+                        None,
+                    );
                     METRICS.finish("http", "upstream_error");
                     tracing::warn!(side = "upstream", service = %service.name, %upstream, error = %e, "upstream unavailable");
                     let status = if saturated { 503 } else { 502 };
@@ -371,7 +375,7 @@ impl Proxy {
                         METRICS.finish("http", "client_error");
                         return bad_request("malformed request body");
                     }
-                    METRICS.upstream_error(if reused { "send_reused" } else { "send_new" });
+                    METRICS.upstream_error("send", reused, Some(c.age()));
                     tracing::warn!(
                         side = "upstream",
                         service = %service.name,
@@ -506,7 +510,7 @@ impl Proxy {
         let tcp = match connect_upstream(&upstream, limits.connect_timeout, &mut timings).await {
             Ok(t) => t,
             Err((status, reason, detail)) => {
-                METRICS.upstream_error("connect");
+                METRICS.upstream_error("connect", false, None);
                 METRICS.finish(ctx.protocol.as_str(), "upstream_error");
                 tracing::warn!(side = "upstream", service = %service.name, %upstream, error = %detail, "upstream connect failed");
                 return full(status, reason);
@@ -558,7 +562,7 @@ impl Proxy {
         let mut resp = match tokio::time::timeout(limits.handshake_timeout, handshake).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
-                METRICS.upstream_error("send_new");
+                METRICS.upstream_error("send", false, Some(Duration::ZERO));
                 METRICS.finish(ctx.protocol.as_str(), "upstream_error");
                 tracing::warn!(side = "upstream", service = %service.name, %upstream, error = %e, "upstream upgrade request failed");
                 return full(StatusCode::BAD_GATEWAY, "upstream upgrade request failed");

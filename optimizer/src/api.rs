@@ -35,12 +35,23 @@ pub struct AppState {
 }
 
 /// The optimizer's counters.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
     /// Decisions by reason (index of [`REASONS`]).
     pub decisions: [AtomicU64; 6],
     /// Time to decide one context (precedence, features, ONNX inference), seconds.
-    pub decide_seconds: std::sync::Mutex<Option<tuning::histogram::Histogram>>,
+    pub decide_seconds: std::sync::Mutex<tuning::histogram::Histogram>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            decisions: Default::default(),
+            decide_seconds: std::sync::Mutex::new(tuning::histogram::Histogram::new(
+                tuning::histogram::LATENCY_SECONDS,
+            )),
+        }
+    }
 }
 
 /// Reasons in metric order.
@@ -236,8 +247,7 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
         .decide_seconds
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .clone()
-        .unwrap_or_else(|| tuning::histogram::Histogram::new(tuning::histogram::LATENCY_SECONDS));
+        .clone();
     h.render(&mut out, name, "");
     let _ = writeln!(
         out,
@@ -355,9 +365,6 @@ async fn decisions(
             .decide_seconds
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get_or_insert_with(|| {
-                tuning::histogram::Histogram::new(tuning::histogram::LATENCY_SECONDS)
-            })
             .observe(t0.elapsed().as_secs_f64());
         if let Some(i) = REASONS.iter().position(|r| *r == d.decision.reason) {
             s.metrics.decisions[i].fetch_add(1, Ordering::Relaxed);

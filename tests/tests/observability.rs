@@ -108,6 +108,9 @@ async fn dataplane_metrics_pass_promtool_and_histograms_count_the_traffic() {
 listen = "127.0.0.1:0"
 admin_listen = "127.0.0.1:0"
 dataplane_id = "metrics-test"
+[services.dead]
+upstreams = ["127.0.0.1:1"]
+routes = [{{ path_prefix = "/dead" }}]
 [services.echo]
 upstreams = ["{echo}"]
 routes = [{{ path_prefix = "/" }}]
@@ -134,6 +137,17 @@ settings = {{ mode = "frame_aware" }}
         let mut r = Vec::new();
         tcp.read_to_end(&mut r).await.expect("read");
         assert!(r.starts_with(b"HTTP/1.1 200"));
+        let mut tcp = tokio::net::TcpStream::connect(dp.proxy).await.expect("tcp");
+        tcp.write_all(b"GET /dead HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        let mut r = Vec::new();
+        tcp.read_to_end(&mut r).await.expect("read");
+        assert!(
+            r.starts_with(b"HTTP/1.1 502"),
+            "{}",
+            String::from_utf8_lossy(&r)
+        );
     }
     let labels = r#"service="echo",protocol="websocket",mode="frame_aware""#;
     let text = eventually(Duration::from_secs(5), || async {
@@ -177,6 +191,20 @@ settings = {{ mode = "frame_aware" }}
             "trimtab_dataplane_http_response_seconds_count{service=\"echo\"}"
         ),
         Some(1.0)
+    );
+    assert_eq!(
+        value(
+            &text,
+            "trimtab_dataplane_upstream_errors_total{kind=\"connect\",reused=\"false\",age=\"none\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(
+            &text,
+            "trimtab_dataplane_upstream_errors_total{kind=\"send\",reused=\"true\",age=\"ge60s\"}"
+        ),
+        Some(0.0)
     );
 }
 

@@ -38,8 +38,21 @@ pub const OUTCOMES: [&str; 6] = [
 ];
 /// Protocols, for labels.
 pub const PROTOCOLS: [&str; 3] = ["http", "websocket", "upgrade"];
-/// Upstream error kinds.
-pub const UPSTREAM_ERRORS: [&str; 4] = ["connect", "saturated", "send_new", "send_reused"];
+/// Upstream error kinds: no connection could be made, the pool was at its limit, or a request
+/// failed on a connection (new or reused from the pool).
+pub const UPSTREAM_ERRORS: [&str; 3] = ["connect", "saturated", "send"];
+/// Age buckets of the pooled connection a request failed on (`none`: there was no connection).
+pub const CONN_AGES: [&str; 5] = ["none", "lt1s", "lt10s", "lt60s", "ge60s"];
+
+fn age_bucket(age: Option<std::time::Duration>) -> usize {
+    match age.map(|a| a.as_secs_f64()) {
+        None => 0,
+        Some(s) if s < 1.0 => 1,
+        Some(s) if s < 10.0 => 2,
+        Some(s) if s < 60.0 => 3,
+        Some(_) => 4,
+    }
+}
 
 /// Every metric of the data plane.
 #[derive(Debug)]
@@ -54,8 +67,8 @@ pub struct Metrics {
     pub refused_limit: AtomicU64,
     /// Requests refused as malformed (400/431) by the proxy.
     pub refused_bad_request: AtomicU64,
-    /// Upstream errors by kind.
-    pub upstream_errors: [AtomicU64; UPSTREAM_ERRORS.len()],
+    /// Upstream errors by kind × reused (0 new, 1 reused) × connection age bucket.
+    pub upstream_errors: [[[AtomicU64; CONN_AGES.len()]; 2]; UPSTREAM_ERRORS.len()],
     /// Idempotent requests retried after a reused connection failed before sending.
     pub retries: AtomicU64,
     /// Requests sent on a reused pooled connection.
@@ -86,6 +99,10 @@ pub struct Metrics {
 const Z: AtomicU64 = AtomicU64::new(0);
 #[allow(clippy::declare_interior_mutable_const)]
 const ZROW: [AtomicU64; OUTCOMES.len()] = [Z; OUTCOMES.len()];
+#[allow(clippy::declare_interior_mutable_const)]
+const ZAGES: [AtomicU64; CONN_AGES.len()] = [Z; CONN_AGES.len()];
+#[allow(clippy::declare_interior_mutable_const)]
+const ZREUSED: [[AtomicU64; CONN_AGES.len()]; 2] = [ZAGES; 2];
 
 impl Metrics {
     /// All zero.
@@ -96,7 +113,7 @@ impl Metrics {
             finished: [ZROW; PROTOCOLS.len()],
             refused_limit: Z,
             refused_bad_request: Z,
-            upstream_errors: [Z; UPSTREAM_ERRORS.len()],
+            upstream_errors: [ZREUSED; UPSTREAM_ERRORS.len()],
             retries: Z,
             pool_reused: Z,
             pool_new: Z,
@@ -119,10 +136,12 @@ impl Metrics {
         self.finished[p][o].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Count an upstream error.
-    pub fn upstream_error(&self, kind: &str) {
+    /// Count an upstream error: its kind, whether the connection came from the pool, and the
+    /// connection's age (`None` when there was no connection).
+    pub fn upstream_error(&self, kind: &str, reused: bool, age: Option<std::time::Duration>) {
         if let Some(i) = UPSTREAM_ERRORS.iter().position(|x| *x == kind) {
-            self.upstream_errors[i].fetch_add(1, Ordering::Relaxed);
+            self.upstream_errors[i][usize::from(reused)][age_bucket(age)]
+                .fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -165,11 +184,19 @@ impl Metrics {
             "# HELP trimtab_dataplane_upstream_errors_total Upstream failures by kind.\n# TYPE trimtab_dataplane_upstream_errors_total counter"
         );
         for (i, k) in UPSTREAM_ERRORS.iter().enumerate() {
-            let _ = writeln!(
-                s,
-                "trimtab_dataplane_upstream_errors_total{{kind=\"{k}\"}} {}",
-                g(&self.upstream_errors[i])
-            );
+            for (r, reused) in ["false", "true"].iter().enumerate() {
+                for (a, age) in CONN_AGES.iter().enumerate() {
+                    let v = g(&self.upstream_errors[i][r][a]);
+                    // Only the combinations that can happen: no connection, no age.
+                    if (k == &"send") == (a == 0) || (k != &"send" && r == 1) {
+                        continue;
+                    }
+                    let _ = writeln!(
+                        s,
+                        "trimtab_dataplane_upstream_errors_total{{kind=\"{k}\",reused=\"{reused}\",age=\"{age}\"}} {v}"
+                    );
+                }
+            }
         }
         let _ = writeln!(
             s,
@@ -282,25 +309,21 @@ impl Metrics {
         }
         one(
             &mut s,
-            "trimtab_dataplane_optimizer_calls_total",
-            "counter",
-            "Calls to the optimizer.",
-            g(&c.calls).to_string(),
-        );
-        one(
-            &mut s,
             "trimtab_dataplane_optimizer_errors_total",
             "counter",
             "Optimizer calls that failed or timed out.",
             g(&c.errors).to_string(),
         );
-        one(
-            &mut s,
-            "trimtab_dataplane_optimizer_call_seconds_total",
-            "counter",
-            "Time spent in optimizer calls (off the data path).",
-            format!("{:.6}", g(&c.call_us) as f64 / 1e6),
+        let name = "trimtab_dataplane_optimizer_call_seconds";
+        let _ = writeln!(
+            s,
+            "# HELP {name} Latency of calls to the optimizer (off the data path).\n# TYPE {name} histogram"
         );
+        OPTIMIZER_CALLS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .render(&mut s, name, "");
         let w = &crate::profiles::WRITER;
         for (name, kind, help, v) in [
             (
@@ -364,6 +387,10 @@ impl Default for Metrics {
 
 /// The process's metrics.
 pub static METRICS: Metrics = Metrics::new();
+
+/// Latency of the data plane's calls to the optimizer (off the data path), seconds.
+pub static OPTIMIZER_CALLS: std::sync::LazyLock<Mutex<Histogram>> =
+    std::sync::LazyLock::new(|| Mutex::new(Histogram::new(LATENCY_SECONDS)));
 
 /// Upstream response time of HTTP requests by service.
 #[derive(Debug)]
