@@ -730,52 +730,54 @@ impl Proxy {
         let slot = tuning::hash::unit(tuning::hash::stable_hash(&[id.as_bytes()]));
         let drain_delay = limits.drain_timeout.mul_f64(0.5 * slot);
         let is_ws = ctx.protocol == Protocol::Websocket;
-        let out: Outcome = if let Some(params) = deflate {
-            let client =
-                crate::deflate::DeflateStream::new(client, params, fl.max_message_bytes, 6)
-                    .with_prefix(&client_head);
-            forward::frame_aware::run(
-                client,
-                Vec::new(),
-                upstream,
-                upstream_head,
-                &settings,
-                fl,
-                self.shutdown.clone(),
-                drain_delay,
-            )
-            .await
-        } else if is_ws && settings.mode == Mode::FrameAware {
-            forward::frame_aware::run(
-                client,
-                client_head,
-                upstream,
-                upstream_head,
-                &settings,
-                fl,
-                self.shutdown.clone(),
-                drain_delay,
-            )
-            .await
-        } else {
-            let framing = if is_ws {
-                forward::zero_copy::Framing::WebSocket
+        // Each mode's forwarding future is boxed at its own size: inlined here, every
+        // connection's task would be as large as the largest mode's state (13 KiB measured),
+        // held for the connection's whole life.
+        let forwarding: std::pin::Pin<Box<dyn std::future::Future<Output = Outcome> + Send + '_>> =
+            if let Some(params) = deflate {
+                let client =
+                    crate::deflate::DeflateStream::new(client, params, fl.max_message_bytes, 6)
+                        .with_prefix(&client_head);
+                Box::pin(forward::frame_aware::run(
+                    client,
+                    Vec::new(),
+                    upstream,
+                    upstream_head,
+                    &settings,
+                    fl,
+                    self.shutdown.clone(),
+                    drain_delay,
+                ))
+            } else if is_ws && settings.mode == Mode::FrameAware {
+                Box::pin(forward::frame_aware::run(
+                    client,
+                    client_head,
+                    upstream,
+                    upstream_head,
+                    &settings,
+                    fl,
+                    self.shutdown.clone(),
+                    drain_delay,
+                ))
             } else {
-                forward::zero_copy::Framing::Opaque
+                let framing = if is_ws {
+                    forward::zero_copy::Framing::WebSocket
+                } else {
+                    forward::zero_copy::Framing::Opaque
+                };
+                Box::pin(forward::zero_copy::run(
+                    client,
+                    &client_head,
+                    upstream,
+                    &upstream_head,
+                    &settings,
+                    framing,
+                    fl,
+                    self.shutdown.clone(),
+                    drain_delay,
+                ))
             };
-            forward::zero_copy::run(
-                client,
-                &client_head,
-                upstream,
-                &upstream_head,
-                &settings,
-                framing,
-                fl,
-                self.shutdown.clone(),
-                drain_delay,
-            )
-            .await
-        };
+        let out: Outcome = forwarding.await;
         METRICS.active_upgraded.fetch_sub(1, Ordering::Relaxed);
         let m = &METRICS;
         m.bytes[0].fetch_add(out.c2u.bytes, Ordering::Relaxed);

@@ -391,7 +391,9 @@ where
     let idle = Duration::from_secs(u64::from(settings.idle_timeout));
     let ping_every = (settings.ping_interval > 0)
         .then(|| Duration::from_secs(u64::from(settings.ping_interval)));
-    let mut out = Outcome::default();
+    // The outcome is assembled after the loop: kept out of the state held across awaits.
+    let mut error_class: Option<&'static str> = None;
+    let (mut dead_peer, mut idle_timeout_fired) = (false, false);
 
     let mut proxy_close: Option<(u16, &'static str, u16, &'static str)> = None;
     {
@@ -443,21 +445,21 @@ where
                         ReadEnd::Closed => {}
                         ReadEnd::Abnormal(why) => {
                             shared.record_close(ClosedBy::Client, 1006, "");
-                            out.error_class.get_or_insert(if why == "io" { "client_io" } else { "client_gone" });
+                            error_class.get_or_insert(if why == "io" { "client_io" } else { "client_gone" });
                             decide = Some((0, "", 1001, "client went away"));
                         }
                         ReadEnd::TooBig => {
-                            out.error_class.get_or_insert("client_message_too_big");
+                            error_class.get_or_insert("client_message_too_big");
                             decide = Some((1009, "message too big", 1001, "client sent a message too big"));
                             defer_client = true;
                         }
                         ReadEnd::Protocol => {
-                            out.error_class.get_or_insert("client_protocol");
+                            error_class.get_or_insert("client_protocol");
                             decide = Some((1002, "protocol error", 1001, "client protocol error"));
                             defer_client = true;
                         }
                         ReadEnd::InvalidUtf8 => {
-                            out.error_class.get_or_insert("client_invalid_utf8");
+                            error_class.get_or_insert("client_invalid_utf8");
                             decide = Some((1007, "invalid UTF-8", 1001, "client sent invalid UTF-8"));
                             defer_client = true;
                         }
@@ -472,19 +474,19 @@ where
                         ReadEnd::Closed => {}
                         ReadEnd::Abnormal(why) => {
                             shared.record_close(ClosedBy::Upstream, 1006, "");
-                            out.error_class.get_or_insert(if why == "io" { "upstream_io" } else { "upstream_gone" });
+                            error_class.get_or_insert(if why == "io" { "upstream_io" } else { "upstream_gone" });
                             decide = Some((1011, "upstream went away", 0, ""));
                         }
                         ReadEnd::TooBig => {
-                            out.error_class.get_or_insert("upstream_message_too_big");
+                            error_class.get_or_insert("upstream_message_too_big");
                             decide = Some((1011, "upstream sent a message too big", 1009, "message too big"));
                         }
                         ReadEnd::Protocol => {
-                            out.error_class.get_or_insert("upstream_protocol");
+                            error_class.get_or_insert("upstream_protocol");
                             decide = Some((1011, "upstream protocol error", 1002, "protocol error"));
                         }
                         ReadEnd::InvalidUtf8 => {
-                            out.error_class.get_or_insert("upstream_invalid_utf8");
+                            error_class.get_or_insert("upstream_invalid_utf8");
                             decide = Some((1011, "upstream sent invalid UTF-8", 1007, "invalid UTF-8"));
                         }
                     }
@@ -492,7 +494,7 @@ where
                 r = &mut w_client, if !wc_done => {
                     wc_done = true;
                     if let Err(why) = r {
-                        out.error_class.get_or_insert(if why == "stalled" { "client_stalled" } else { "client_io" });
+                        error_class.get_or_insert(if why == "stalled" { "client_stalled" } else { "client_io" });
                         decide = Some((0, "", 1001, "client not reading"));
                         if why == "stalled" { shared.record_close(ClosedBy::Proxy, 1008, "client stalled"); }
                     }
@@ -500,27 +502,27 @@ where
                 r = &mut w_upstream, if !wu_done => {
                     wu_done = true;
                     if let Err(why) = r {
-                        out.error_class.get_or_insert(if why == "stalled" { "upstream_stalled" } else { "upstream_io" });
+                        error_class.get_or_insert(if why == "stalled" { "upstream_stalled" } else { "upstream_io" });
                         decide = Some((1011, "upstream not reading", 0, ""));
                         if why == "stalled" { shared.record_close(ClosedBy::Proxy, 1008, "upstream stalled"); }
                     }
                 }
                 () = &mut p_client => {
-                    out.dead_peer = true;
-                    out.error_class.get_or_insert("client_dead");
+                    dead_peer = true;
+                    error_class.get_or_insert("client_dead");
                     shared.record_close(ClosedBy::Proxy, 1001, "client not responding");
                     decide = Some((1001, "ping timeout", 1001, "client not responding"));
                     p_client.set(maybe(None));
                 }
                 () = &mut p_upstream => {
-                    out.dead_peer = true;
-                    out.error_class.get_or_insert("upstream_dead");
+                    dead_peer = true;
+                    error_class.get_or_insert("upstream_dead");
                     shared.record_close(ClosedBy::Proxy, 1011, "upstream not responding");
                     decide = Some((1011, "upstream not responding", 1001, "ping timeout"));
                     p_upstream.set(maybe(None));
                 }
                 () = idle_expired(&shared, idle), if proxy_close.is_none() && !shared.closing.load(Ordering::Relaxed) => {
-                    out.idle_timeout_fired = true;
+                    idle_timeout_fired = true;
                     let (c, r) = CloseRequest::Idle.code_reason();
                     shared.record_close(ClosedBy::Proxy, c, r);
                     decide = Some((c, r, c, r));
@@ -587,6 +589,12 @@ where
         let _ = tokio::time::timeout(limits.close_grace, flush).await;
     }
     let end = Instant::now().into_std();
+    let mut out = Outcome {
+        error_class,
+        dead_peer,
+        idle_timeout_fired,
+        ..Outcome::default()
+    };
     if let Some((by, code, reason)) = shared.first_close.lock().expect("close lock").take() {
         out.closed_by = Some(by);
         out.close_code = Some(code);

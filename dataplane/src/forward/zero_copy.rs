@@ -178,35 +178,9 @@ async fn pump(
         if let Some((req, since)) = closing {
             let at_boundary = dir.tracker.as_ref().is_none_or(|t| t.at_frame_boundary());
             if at_boundary || since.elapsed() > limits.close_grace {
-                if at_boundary && dir.tracker.is_some() {
-                    let (code, reason) = req.code_reason();
-                    let (f, n) = close_frame(code, reason, dir.to_upstream);
-                    let _ = write_all(dst, &f[..n], limits.close_grace, &mut dir.paused).await;
-                }
-                let _ = socket2::SockRef::from(dst).shutdown(Shutdown::Write);
-                dir.closed_by_proxy = true;
-                // Discard what the source still sends (its close reply) until it finishes.
-                let drain = async {
-                    let mut scratch = [0u8; 1024];
-                    loop {
-                        if src.readable().await.is_err() {
-                            return;
-                        }
-                        match src.try_read(&mut scratch) {
-                            Ok(0) => return,
-                            // The peer's close reply ends the handshake: no need to wait on.
-                            Ok(n) => {
-                                if track(dir, &scratch[..n], Instant::now()) {
-                                    return;
-                                }
-                            }
-                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                            Err(_) => return,
-                        }
-                    }
-                };
-                let _ = tokio::time::timeout(limits.close_grace, drain).await;
-                return End::ProxyClosed;
+                // Boxed: the closing path's state (a close frame, a scratch buffer) is only
+                // allocated when a connection closes, not held by every idle one.
+                return Box::pin(close_direction(dir, src, dst, req, at_boundary, limits)).await;
             }
         }
         let ready = tokio::select! {
@@ -298,6 +272,47 @@ async fn pump(
             closes.forwarded(bit);
         }
     }
+}
+
+/// The proxy closes one direction: a close frame at a frame boundary (WebSocket), FIN, then
+/// the source's remaining bytes (its close reply) are read and discarded for a while.
+async fn close_direction(
+    dir: &mut Dir,
+    src: &TcpStream,
+    dst: &TcpStream,
+    req: CloseRequest,
+    at_boundary: bool,
+    limits: ForwardLimits,
+) -> End {
+    if at_boundary && dir.tracker.is_some() {
+        let (code, reason) = req.code_reason();
+        let (f, n) = close_frame(code, reason, dir.to_upstream);
+        let _ = write_all(dst, &f[..n], limits.close_grace, &mut dir.paused).await;
+    }
+    let _ = socket2::SockRef::from(dst).shutdown(Shutdown::Write);
+    dir.closed_by_proxy = true;
+    // Discard what the source still sends (its close reply) until it finishes.
+    let drain = async {
+        let mut scratch = [0u8; 1024];
+        loop {
+            if src.readable().await.is_err() {
+                return;
+            }
+            match src.try_read(&mut scratch) {
+                Ok(0) => return,
+                // The peer's close reply ends the handshake: no need to wait on.
+                Ok(n) => {
+                    if track(dir, &scratch[..n], Instant::now()) {
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(limits.close_grace, drain).await;
+    End::ProxyClosed
 }
 
 fn write_end(e: io::Error) -> End {
@@ -549,7 +564,8 @@ pub async fn run(
     };
     let bs = settings.buffer_size as usize;
     let idle = Duration::from_secs(u64::from(settings.idle_timeout));
-    let mut out = Outcome::default();
+    // The outcome is assembled after the loop: kept out of the state held across awaits.
+    let mut idle_timeout_fired = false;
     let mut first_end: Option<(bool, End)> = None;
     {
         let mut a = pin!(pump(
@@ -597,7 +613,7 @@ pub async fn run(
                 }
                 _ = idle_expired(&activity, origin, idle), if !close_sent => {
                     close_sent = true;
-                    out.idle_timeout_fired = true;
+                    idle_timeout_fired = true;
                     let _ = close_tx.send(Some(CloseRequest::Idle));
                 }
                 r = async { shutdown.wait_for(|v| *v).await.is_ok() }, if !draining && !close_sent => {
@@ -615,7 +631,11 @@ pub async fn run(
         }
     }
     let end = Instant::now();
-    out.paused = c2u.paused + u2c.paused;
+    let mut out = Outcome {
+        idle_timeout_fired,
+        paused: c2u.paused + u2c.paused,
+        ..Outcome::default()
+    };
     // Close code: whichever side sent a close frame first is the one we can name; prefer the
     // direction that ended first.
     let close_of = |d: &Dir| {
