@@ -227,12 +227,7 @@ fn bootstrap_ratio(a: &[f64], b: &[f64], rounds: usize) -> (f64, f64) {
         return (f64::NAN, f64::NAN);
     }
     let mut rng = 0x2545_f491_4f6c_dd1du64;
-    let mut next = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
+    let mut next = move || xorshift(&mut rng);
     let mut out = Vec::with_capacity(rounds);
     for _ in 0..rounds {
         let ma: f64 = (0..a.len())
@@ -248,6 +243,56 @@ fn bootstrap_ratio(a: &[f64], b: &[f64], rounds: usize) -> (f64, f64) {
     out.sort_by(|x, y| x.total_cmp(y));
     let at = |q: f64| out[((out.len() - 1) as f64 * q).round() as usize];
     (at(0.025), at(0.975))
+}
+
+fn xorshift(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
+/// The mean cost of arm `arm` on a common archetype mix (`weights` by archetype), and a 95 %
+/// bootstrap interval of `learned / best static - 1` on that mix, resampling within each
+/// archetype: the arms' own mixes differ by chance (cohorts split by client), and one costly
+/// archetype would otherwise decide the pooled figure.
+fn mix_adjusted(
+    arms: &BTreeMap<(String, usize), Arm>,
+    weights: &BTreeMap<String, f64>,
+    rounds: usize,
+) -> ([f64; 3], (f64, f64)) {
+    let mean_of = |arm: usize, pick: &mut dyn FnMut(&[f64]) -> f64| {
+        weights
+            .iter()
+            .map(|(svc, w)| {
+                arms.get(&(svc.clone(), arm))
+                    .filter(|a| !a.costs.is_empty())
+                    .map_or(0.0, |a| w * pick(&a.costs))
+            })
+            .sum::<f64>()
+    };
+    let plain = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let means = [
+        mean_of(0, &mut |v| plain(v)),
+        mean_of(1, &mut |v| plain(v)),
+        mean_of(2, &mut |v| plain(v)),
+    ];
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let mut ratios = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        let mut resample = |v: &[f64]| {
+            (0..v.len())
+                .map(|_| v[(xorshift(&mut rng) % v.len() as u64) as usize])
+                .sum::<f64>()
+                / v.len() as f64
+        };
+        let l = mean_of(2, &mut resample);
+        let st = mean_of(1, &mut resample);
+        ratios.push(l / st - 1.0);
+    }
+    ratios.sort_by(|a, b| a.total_cmp(b));
+    let at = |q: f64| ratios[((ratios.len() - 1) as f64 * q).round() as usize];
+    (means, (at(0.025), at(0.975)))
 }
 
 /// Run the whole benchmark on a fresh, migrated database; returns the printed report.
@@ -374,6 +419,42 @@ pub async fn run(db_url: &str, db: &sqlx::PgPool, p: Params) -> anyhow::Result<S
         cell(Some(&pooled[1])),
         cell(Some(&pooled[2])),
         vs(Some(&pooled[2]), Some(&pooled[1]))
+    );
+    // The same comparison on one archetype mix for every arm (the share of each archetype
+    // among all compared connections), and the plain mean of the per-archetype changes.
+    let total: usize = pooled.iter().map(|a| a.costs.len()).sum();
+    let mut weights: BTreeMap<String, f64> = BTreeMap::new();
+    for ((svc, _), a) in &arms {
+        *weights.entry(svc.clone()).or_default() += a.costs.len() as f64 / total.max(1) as f64;
+    }
+    let (adjusted, (lo, hi)) = mix_adjusted(&arms, &weights, 2000);
+    let _ = writeln!(
+        out,
+        "{:<12}{:>22.0}{:>22.0}{:>22.0}{:>30}",
+        "mix-adjusted",
+        adjusted[0],
+        adjusted[1],
+        adjusted[2],
+        format!(
+            "{:+.1}% [{:+.1}, {:+.1}]",
+            (adjusted[2] / adjusted[1] - 1.0) * 100.0,
+            lo * 100.0,
+            hi * 100.0
+        )
+    );
+    let changes: Vec<f64> = weights
+        .keys()
+        .filter_map(|svc| {
+            let l = arms.get(&(svc.clone(), 2))?;
+            let st = arms.get(&(svc.clone(), 1))?;
+            Some(l.mean() / st.mean() - 1.0)
+        })
+        .collect();
+    let _ = writeln!(
+        out,
+        "mean of the per-archetype changes, learned vs best static: {:+.1}% ({} archetypes)",
+        changes.iter().sum::<f64>() / changes.len().max(1) as f64 * 100.0,
+        changes.len()
     );
     let _ = writeln!(
         out,
