@@ -67,6 +67,15 @@ impl Archetype {
         }
     }
 
+    /// How long one of its sessions lasts, given the workload's session length.
+    pub fn life(self, session: Duration) -> Duration {
+        session.mul_f64(match self {
+            Archetype::Bulk => 0.5,
+            Archetype::Iot => 2.0,
+            _ => 1.0,
+        })
+    }
+
     /// Parse a name.
     pub fn parse(s: &str) -> Option<Archetype> {
         Archetype::ALL
@@ -133,6 +142,11 @@ pub async fn run(w: Workload) -> Arc<Stats> {
                     return;
                 }
                 let a = w.mix[(rng(&mut seed) as usize) % w.mix.len()];
+                // Start only sessions that can end on their own before the deadline: a session
+                // cut at the deadline would end abnormally and skew what the profiles say.
+                if Instant::now() + a.life(w.session) + Duration::from_secs(3) > deadline {
+                    return;
+                }
                 let client = format!(
                     "{}-{}",
                     a.route().trim_start_matches('/'),
@@ -178,12 +192,7 @@ async fn session(
     h.insert("x-client-id", client.parse()?);
     let tcp = TcpStream::connect(w.proxy).await?;
     let (mut ws, _) = tokio_tungstenite::client_async(req, tcp).await?;
-    let life = w.session.mul_f64(match a {
-        Archetype::Bulk => 0.5,
-        Archetype::Iot => 2.0,
-        _ => 1.0,
-    });
-    let end = Instant::now() + life;
+    let end = Instant::now() + a.life(w.session);
     let (msg, gap): (Vec<u8>, Duration) = match a {
         Archetype::Chat => (
             br#"{"type":"message","room":"general","text":"hello everyone, how is it going?"}"#
