@@ -329,7 +329,13 @@ pub async fn run(db_url: &str, db: &sqlx::PgPool, p: Params) -> anyhow::Result<S
         service: None,
     };
     eprintln!("training");
-    let trained = trainer::train(db, &window, trainer::learn::TrainParams::default()).await?;
+    // A live window may hold a grid value as the best choice of only a row or two: learn from
+    // them rather than refuse (the CLI's default refuses classes with fewer than 3 rows).
+    let params = trainer::learn::TrainParams {
+        min_class_rows: 1,
+        ..Default::default()
+    };
+    let trained = trainer::train(db, &window, params).await?;
     let report = &trained.report;
     let _ = writeln!(
         out,

@@ -159,6 +159,17 @@ async fn every_connection_becomes_one_row_with_exact_counts(pool: sqlx::PgPool) 
             assert_eq!(r.7, mode);
             assert_eq!(r.8, 16384);
         }
+        // Compressibility is sampled in both modes (the payloads are one repeated byte).
+        let samples: Vec<(i64, i64)> = sqlx::query_as(
+            "select u2c_sampled_in, u2c_sampled_out from profiles where protocol = 'websocket' and mode = $1",
+        )
+        .bind(mode)
+        .fetch_all(&pool)
+        .await
+        .expect("samples");
+        for (raw, out) in &samples {
+            assert!(*raw > 0 && *out * 4 < *raw, "{mode}: sampled {raw} → {out}");
+        }
         let tunnels: Vec<(i64, i64, String)> = sqlx::query_as(
             "select c2u_bytes, u2c_bytes, reason from profiles where protocol = 'upgrade' and dataplane_id = 'profiles-test'
                order by written_at desc limit $1",

@@ -22,30 +22,8 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tuning::{ClosedBy, Hist, PingStats, Settings};
 
-use super::{CloseRequest, ForwardLimits, Outcome};
+use super::{CloseRequest, ForwardLimits, Outcome, SAMPLE_EVERY, deflated_size};
 use crate::stats::DirStats;
-
-/// One message in this many (the first, the 17th, …) is deflated to measure compressibility.
-pub const SAMPLE_EVERY: u64 = 16;
-/// At most this many bytes of a sampled message are deflated.
-const SAMPLE_MAX: usize = 16 << 10;
-
-/// Deflate (fast level) up to [`SAMPLE_MAX`] bytes: (bytes in, bytes out).
-fn deflated_size(payload: &[u8]) -> (u64, u64) {
-    use std::io::Write as _;
-    let p = &payload[..payload.len().min(SAMPLE_MAX)];
-    let mut e = flate2::write::DeflateEncoder::new(
-        Vec::with_capacity(p.len() / 2 + 64),
-        flate2::Compression::fast(),
-    );
-    if e.write_all(p).is_err() {
-        return (0, 0);
-    }
-    match e.finish() {
-        Ok(out) => (p.len() as u64, out.len() as u64),
-        Err(_) => (0, 0),
-    }
-}
 
 /// Which leg.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -9,6 +9,35 @@ use std::time::Duration;
 
 use tuning::{ClosedBy, DirectionStats, PingStats};
 
+/// `frame_aware`: one message in this many (the first, the 17th, …) is deflated to measure
+/// compressibility.
+pub const SAMPLE_EVERY: u64 = 16;
+/// At most this many bytes of a sampled message are deflated.
+const SAMPLE_MAX: usize = 16 << 10;
+
+/// Deflate (fast level) up to [`SAMPLE_MAX`] bytes: (bytes in, bytes out).
+pub(crate) fn deflated_size(payload: &[u8]) -> (u64, u64) {
+    use std::io::Write as _;
+    let p = &payload[..payload.len().min(SAMPLE_MAX)];
+    let mut e = flate2::write::DeflateEncoder::new(
+        Vec::with_capacity(p.len() / 2 + 64),
+        flate2::Compression::fast(),
+    );
+    if e.write_all(p).is_err() {
+        return (0, 0);
+    }
+    match e.finish() {
+        Ok(out) => (p.len() as u64, out.len() as u64),
+        Err(_) => (0, 0),
+    }
+}
+
+/// `zero_copy`: one read in this many of the upstream → client direction (the one compression
+/// would apply to) is deflated after it was forwarded; frame headers are in it, which is within
+/// a few per cent for all but the smallest messages. Payloads that take the splice path are not
+/// seen by the proxy and not sampled.
+pub const ZERO_COPY_SAMPLE_EVERY: u64 = 64;
+
 /// Why the proxy itself asks a connection to close.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloseRequest {

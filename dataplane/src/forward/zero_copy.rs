@@ -44,6 +44,8 @@ struct Dir {
     /// The destination is the upstream: frames we insert must be masked.
     to_upstream: bool,
     closed_by_proxy: bool,
+    /// Reads forwarded on the copy path (for compressibility sampling).
+    reads: u64,
 }
 
 #[derive(Debug)]
@@ -264,6 +266,14 @@ async fn pump(
         touch();
         let close = track(dir, &buf[..n], Instant::now());
         let w = write_all(dst, &buf[..n], limits.stall_timeout, &mut dir.paused).await;
+        if !dir.to_upstream && w.is_ok() {
+            // Sampled after forwarding, so the bytes never wait for it.
+            dir.reads += 1;
+            if dir.reads % super::ZERO_COPY_SAMPLE_EVERY == 1 {
+                let (raw, out) = super::deflated_size(&buf[..n]);
+                dir.stats.on_sample(raw, out);
+            }
+        }
         BUFFERS.put(buf);
         if let Err(e) = w {
             return write_end(e);
@@ -554,6 +564,7 @@ pub async fn run(
         paused: Duration::ZERO,
         to_upstream: true,
         closed_by_proxy: false,
+        reads: 0,
     };
     let mut u2c = Dir {
         stats: DirStats::new(origin),
@@ -561,6 +572,7 @@ pub async fn run(
         paused: Duration::ZERO,
         to_upstream: false,
         closed_by_proxy: false,
+        reads: 0,
     };
     let bs = settings.buffer_size as usize;
     let idle = Duration::from_secs(u64::from(settings.idle_timeout));
