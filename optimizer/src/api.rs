@@ -260,41 +260,33 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
             tuning::histogram::label_value(&m.version)
         );
     }
+    // Each family's samples right after its HELP and TYPE lines, as the text format wants.
+    let rollout = snap.rollout.as_ref().map(|(r, _)| r);
     let _ = writeln!(
         out,
-        "# HELP trimtab_optimizer_rollout_percent Canary share of the active rollout (0 without one).\n# TYPE trimtab_optimizer_rollout_percent gauge"
+        "# HELP trimtab_optimizer_rollout_percent Canary share of the active rollout (0 without one).\n# TYPE trimtab_optimizer_rollout_percent gauge\ntrimtab_optimizer_rollout_percent {}",
+        rollout.map_or(0.0, |r| r.percent())
     );
     let _ = writeln!(
         out,
-        "# HELP trimtab_optimizer_rollout_step Step index of the active rollout.\n# TYPE trimtab_optimizer_rollout_step gauge"
+        "# HELP trimtab_optimizer_rollout_step Step index of the active rollout.\n# TYPE trimtab_optimizer_rollout_step gauge\ntrimtab_optimizer_rollout_step {}",
+        rollout.map_or(0, |r| r.step_index)
     );
     let _ = writeln!(
         out,
         "# HELP trimtab_optimizer_rollout_gate Last gate values of the active rollout, by cohort and gate.\n# TYPE trimtab_optimizer_rollout_gate gauge"
     );
-    match &snap.rollout {
-        Some((r, _)) => {
-            let _ = writeln!(out, "trimtab_optimizer_rollout_percent {}", r.percent());
-            let _ = writeln!(out, "trimtab_optimizer_rollout_step {}", r.step_index);
-            if let Some(g) = &r.last_gate {
-                for cohort in ["canary", "control"] {
-                    if let Some(obj) = g[cohort].as_object() {
-                        for (k, v) in obj {
-                            if let Some(v) = v.as_f64() {
-                                let _ = writeln!(
-                                    out,
-                                    "trimtab_optimizer_rollout_gate{{cohort=\"{cohort}\",gate=\"{}\"}} {v}",
-                                    tuning::histogram::label_value(k)
-                                );
-                            }
-                        }
-                    }
+    if let Some(g) = rollout.and_then(|r| r.last_gate.as_ref()) {
+        for cohort in ["canary", "control"] {
+            for (k, v) in g[cohort].as_object().into_iter().flatten() {
+                if let Some(v) = v.as_f64() {
+                    let _ = writeln!(
+                        out,
+                        "trimtab_optimizer_rollout_gate{{cohort=\"{cohort}\",gate=\"{}\"}} {v}",
+                        tuning::histogram::label_value(k)
+                    );
                 }
             }
-        }
-        None => {
-            let _ = writeln!(out, "trimtab_optimizer_rollout_percent 0");
-            let _ = writeln!(out, "trimtab_optimizer_rollout_step 0");
         }
     }
     (

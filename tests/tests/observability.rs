@@ -214,10 +214,15 @@ async fn optimizer_metrics_pass_promtool_and_time_decisions(pool: sqlx::PgPool) 
     let opt = OptimizerProc::start(
         r#"
 listen = "127.0.0.1:0"
+rollout_tick_ms = 200
 [[tokens]]
 name = "dp"
 role = "reader"
 token = "reader-token-metrics"
+[[tokens]]
+name = "ops"
+role = "admin"
+token = "admin-token-metrics"
 "#,
         &url,
     );
@@ -242,6 +247,39 @@ token = "reader-token-metrics"
         Some(3.0)
     );
     assert_eq!(value(&text, "trimtab_optimizer_rollout_percent"), Some(0.0));
+    // With a rollout whose first step has been judged (too few connections: it waits), the
+    // rollout gauges and gate values are there, and still pass promtool.
+    sqlx::query("insert into models (version, onnx, metadata) values ('m1', $1, '{}')")
+        .bind(tuning::onnx::export(
+            &[],
+            &tuning::Settings::default(),
+            "m1",
+        ))
+        .execute(&pool)
+        .await
+        .expect("model");
+    let (st, r) = http_json(
+        opt.addr,
+        "POST",
+        "/v1/rollouts",
+        Some("admin-token-metrics"),
+        Some(&serde_json::json!({"candidate": "m1", "steps": [25, 100], "step_duration": "1s"})),
+    )
+    .await;
+    assert_eq!(st, 201, "{r}");
+    let text = eventually(Duration::from_secs(10), || async {
+        let t = metrics_text(opt.addr).await;
+        t.contains("trimtab_optimizer_rollout_gate{cohort=\"canary\"")
+            .then_some(t)
+    })
+    .await
+    .expect("gate values after the first judgement");
+    promtool(&text).unwrap_or_else(|e| panic!("promtool refused the optimizer's metrics: {e}"));
+    assert_eq!(
+        value(&text, "trimtab_optimizer_rollout_percent"),
+        Some(25.0)
+    );
+    assert_eq!(value(&text, "trimtab_optimizer_rollout_step"), Some(0.0));
 }
 
 /// A local OTLP/HTTP receiver: every span posted to `/v1/traces` (JSON), flattened.
