@@ -12,7 +12,7 @@
 //! | `buffer_size` | read syscalls (`⌈size / buffer⌉` per message) + buffer memory-time (pooled in `zero_copy`: only while a message is in flight; held for the whole connection in `frame_aware`) |
 //! | `ping_interval` | pings sent (two legs) + dead-peer detection delay (3 intervals; "off" = until the idle timeout) for connections whose peer died |
 //! | `idle_timeout` | a premature close (a gap longer than the timeout: the client must reconnect) + memory held by a connection whose peer vanished (until the timeout) |
-//! | `compression` | deflate CPU per byte + deflate context memory-time, against bytes saved on the wire (sampled ratio, server → client) |
+//! | `compression` | deflate CPU per byte + deflate context memory-time, against bytes saved on the wire (sampled ratio, server → client); nothing for a client that offered no permessage-deflate |
 //! | `mode` | per-message parsing and held buffers of `frame_aware`, which compression requires |
 //!
 //! Censoring: when our own idle timeout closed a connection, its real idle gap is unknown beyond
@@ -196,10 +196,12 @@ pub fn cost_terms(p: &Profile, s: &Settings, w: &CostWeights) -> CostTerms {
     if p.dead_peer {
         t.dead_peer_delay += f64::from(s.idle_timeout) * 8.0 * w.kib_second;
     }
-    // compression: CPU and context memory against wire bytes saved (server -> client)
+    // compression: CPU and context memory against wire bytes saved (server -> client); only
+    // for a client that offered permessage-deflate — for any other the data plane cannot
+    // compress, and `compression = true` runs as plain `frame_aware`.
     let out_kib = p.upstream_to_client.bytes as f64 / 1024.0;
     let all_kib = bytes / 1024.0;
-    let wire_kib = if s.compression {
+    let wire_kib = if s.compression && p.context.offers_deflate {
         let ratio = compress_ratio(p).unwrap_or(1.0).min(1.0);
         t.cpu += out_kib * w.deflate_kib;
         t.buffer_memory += w.deflate_context_kib * secs * w.kib_second;
@@ -366,6 +368,12 @@ mod tests {
             p.upstream_to_client.sampled_out = 39_500;
         });
         let s = oracle(&incompressible, &W);
+        assert!(!s.compression);
+        assert_eq!(s.mode, Mode::ZeroCopy);
+        // The same compressible traffic from a client that offered no deflate: nothing to gain.
+        let mut not_offered = p.clone();
+        not_offered.context.offers_deflate = false;
+        let s = oracle(&not_offered, &W);
         assert!(!s.compression);
         assert_eq!(s.mode, Mode::ZeroCopy);
     }
