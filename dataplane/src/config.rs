@@ -46,6 +46,57 @@ pub struct RawConfig {
     /// Span export over OTLP/HTTP; absent: no spans (trace context is propagated either way).
     #[serde(default)]
     pub tracing: Option<RawTracing>,
+    /// Extra listeners, each with its own protocol detection (the `listen` address is the
+    /// listener named `main`: HTTP/1.1, h2c and TLS passthrough by SNI).
+    #[serde(default)]
+    pub listeners: Vec<RawListener>,
+    /// HTTP CONNECT tunnels; absent: CONNECT is refused with 405.
+    #[serde(default)]
+    pub connect: Option<RawConnect>,
+}
+
+/// An extra listener as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListener {
+    /// Its name (in logs, metrics, and the route of raw TCP profiles).
+    pub name: String,
+    /// Address to listen on.
+    pub listen: String,
+    /// How long to wait for a client's first bytes before the listener's `tcp_service` takes
+    /// the connection (server-speaks-first protocols send nothing).
+    #[serde(default = "d_detect")]
+    pub detect_timeout: String,
+    /// Serve HTTP/1.1, WebSocket and h2c here (default true).
+    #[serde(default = "d_true")]
+    pub http: bool,
+    /// Service for raw TCP: bytes that are no protocol the listener serves, or silence for
+    /// `detect_timeout`.
+    #[serde(default)]
+    pub tcp_service: Option<String>,
+    /// CIDR blocks whose connections may start with a PROXY protocol v1/v2 header; a header
+    /// from anywhere else is refused.
+    #[serde(default)]
+    pub proxy_protocol_from: Vec<String>,
+}
+
+fn d_detect() -> String {
+    "500ms".into()
+}
+fn d_true() -> bool {
+    true
+}
+
+/// HTTP CONNECT as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConnect {
+    /// Allowed destinations: `host:port`, where host is a name, `*.suffix`, an IP address or
+    /// a CIDR block (matched against IP literals only) and port a number, `a-b` or `*`.
+    pub allow: Vec<String>,
+    /// Changes to the default settings for CONNECT tunnels (profiled as service `connect`).
+    #[serde(default)]
+    pub settings: PartialSettings,
 }
 
 /// Span export as written.
@@ -238,6 +289,39 @@ pub struct RawService {
     /// Share of this service's connections that become profile rows (0–1).
     #[serde(default = "d_sample")]
     pub profile_sample_rate: f64,
+    /// TLS server names (`name` or `*.suffix`) passed through to this service's upstreams
+    /// unterminated, routed by the ClientHello's SNI.
+    #[serde(default)]
+    pub sni: Vec<String>,
+    /// How plain HTTP reaches the upstreams: `"http1"` (default) or `"h2c"` (HTTP/2 prior
+    /// knowledge, needed for gRPC upstreams).
+    #[serde(default)]
+    pub upstream_protocol: UpstreamProtocol,
+    /// Send a PROXY protocol header (`"v1"` or `"v2"`) first on every tunnelled upstream
+    /// connection (WebSocket, Upgrade, raw TCP, TLS passthrough).
+    #[serde(default)]
+    pub send_proxy_protocol: Option<ProxyVersion>,
+}
+
+/// How plain HTTP requests reach a service's upstreams.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 over the keep-alive pool.
+    #[default]
+    Http1,
+    /// HTTP/2 without TLS, prior knowledge: one multiplexed connection per upstream.
+    H2c,
+}
+
+/// PROXY protocol version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyVersion {
+    /// The text header.
+    V1,
+    /// The binary header.
+    V2,
 }
 
 fn d_sample() -> f64 {
@@ -321,6 +405,171 @@ pub struct Config {
     pub client_key_header: Option<http::HeaderName>,
     /// Span export, when configured.
     pub tracing: Option<crate::telemetry::traces::TracingConfig>,
+    /// Every listener, `main` (from `listen`) first.
+    pub listeners: Vec<Listener>,
+    /// CONNECT tunnels, when enabled.
+    pub connect: Option<Connect>,
+}
+
+impl Config {
+    /// The listener with this name.
+    pub fn listener(&self, name: &str) -> Option<&Listener> {
+        self.listeners.iter().find(|l| l.name == name)
+    }
+
+    /// The service whose `sni` patterns match a server name (exact names before wildcards).
+    pub fn sni_service(&self, name: &str) -> Option<(&Service, &str)> {
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        let exact = self
+            .services
+            .values()
+            .find_map(|s| s.sni.iter().find(|p| **p == name).map(|p| (s, p.as_str())));
+        exact.or_else(|| {
+            self.services
+                .values()
+                .flat_map(|s| s.sni.iter().map(move |p| (s, p.as_str())))
+                .filter(|(_, p)| {
+                    p.strip_prefix('*')
+                        .is_some_and(|suffix| name.ends_with(suffix) && name.len() > suffix.len())
+                })
+                .max_by_key(|(_, p)| p.len())
+        })
+    }
+
+    /// Whether any service is reached by TLS passthrough.
+    pub fn has_sni(&self) -> bool {
+        self.services.values().any(|s| !s.sni.is_empty())
+    }
+}
+
+/// A validated listener.
+#[derive(Debug, Clone)]
+pub struct Listener {
+    /// Its name.
+    pub name: String,
+    /// Where it listens.
+    pub listen: SocketAddr,
+    /// See [`RawListener::detect_timeout`].
+    pub detect_timeout: Duration,
+    /// See [`RawListener::http`].
+    pub http: bool,
+    /// See [`RawListener::tcp_service`].
+    pub tcp_service: Option<String>,
+    /// Sources trusted to send a PROXY protocol header.
+    pub proxy_trusted: Vec<(std::net::IpAddr, u8)>,
+}
+
+impl Listener {
+    /// Whether a PROXY protocol header from this address is accepted.
+    pub fn trusts(&self, ip: std::net::IpAddr) -> bool {
+        let ip = canonical_ip(ip);
+        self.proxy_trusted
+            .iter()
+            .any(|(net, len)| cidr_contains(*net, *len, ip))
+    }
+}
+
+/// Validated CONNECT settings.
+#[derive(Debug, Clone)]
+pub struct Connect {
+    /// The allow-list.
+    pub allow: Vec<AllowRule>,
+    /// The pseudo-service `connect` (settings and profiles of CONNECT tunnels).
+    pub service: Service,
+}
+
+impl Connect {
+    /// Whether `host:port` (an authority) may be tunnelled to.
+    pub fn allows(&self, host: &str, port: u16) -> bool {
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .trim_end_matches('.')
+            .to_ascii_lowercase();
+        let ip = host.parse::<std::net::IpAddr>().ok().map(canonical_ip);
+        self.allow.iter().any(|r| {
+            r.ports.0 <= port
+                && port <= r.ports.1
+                && match &r.host {
+                    AllowHost::Name(n) => *n == host,
+                    AllowHost::Suffix(s) => host.ends_with(s.as_str()) && host.len() > s.len(),
+                    AllowHost::Cidr(net, len) => ip.is_some_and(|ip| cidr_contains(*net, *len, ip)),
+                }
+        })
+    }
+}
+
+/// One CONNECT allow-list entry.
+#[derive(Debug, Clone)]
+pub struct AllowRule {
+    /// Which hosts.
+    pub host: AllowHost,
+    /// Which ports (inclusive range).
+    pub ports: (u16, u16),
+}
+
+/// The host part of an allow-list entry.
+#[derive(Debug, Clone)]
+pub enum AllowHost {
+    /// This name exactly (lower case).
+    Name(String),
+    /// Any name ending in this (`.example.com`).
+    Suffix(String),
+    /// IP literals in this block.
+    Cidr(std::net::IpAddr, u8),
+}
+
+fn parse_allow(v: &str) -> Option<AllowRule> {
+    let (host, port) = v.trim().rsplit_once(':')?;
+    let ports = match port {
+        "*" => (1, u16::MAX),
+        p => match p.split_once('-') {
+            Some((a, b)) => (a.parse().ok()?, b.parse().ok()?),
+            None => {
+                let n = p.parse().ok()?;
+                (n, n)
+            }
+        },
+    };
+    if ports.0 == 0 || ports.0 > ports.1 {
+        return None;
+    }
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let host = if let Some(s) = host.strip_prefix("*.") {
+        if s.is_empty() || s.contains('*') {
+            return None;
+        }
+        AllowHost::Suffix(format!(".{}", s.to_ascii_lowercase()))
+    } else if let Some((ip, len)) = parse_cidr(host) {
+        AllowHost::Cidr(canonical_ip(ip), len)
+    } else if !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+    {
+        AllowHost::Name(host.to_ascii_lowercase())
+    } else {
+        return None;
+    };
+    Some(AllowRule { host, ports })
+}
+
+fn valid_sni_pattern(p: &str) -> bool {
+    let name = p.strip_prefix("*.").unwrap_or(p);
+    !name.is_empty()
+        && !name.contains('*')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+}
+
+fn canonical_ip(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
+        v4 => v4,
+    }
 }
 
 /// A CIDR table: the first region whose block contains an address names it.
@@ -412,6 +661,12 @@ pub struct Service {
     pub pool: PoolLimits,
     /// Share of connections profiled.
     pub profile_sample_rate: f64,
+    /// TLS server-name patterns (lower case).
+    pub sni: Vec<String>,
+    /// How plain HTTP reaches the upstreams.
+    pub upstream_protocol: UpstreamProtocol,
+    /// PROXY protocol header sent on tunnelled upstream connections.
+    pub send_proxy_protocol: Option<ProxyVersion>,
 }
 
 /// A validated route.
@@ -532,6 +787,11 @@ impl RawConfig {
         if self.services.is_empty() {
             e.push("services: at least one service is needed".into());
         }
+        let tcp_services: Vec<String> = self
+            .listeners
+            .iter()
+            .filter_map(|l| l.tcp_service.clone())
+            .collect();
         let mut services = BTreeMap::new();
         for (name, s) in self.services {
             let key = format!("services.{name}");
@@ -549,7 +809,15 @@ impl RawConfig {
             for p in settings.problems() {
                 e.push(format!("{key}.settings.{p}"));
             }
-            let raw_routes = if s.routes.is_empty() {
+            for p in &s.sni {
+                if !valid_sni_pattern(p) {
+                    e.push(format!(
+                        "{key}.sni: {p:?} is not a server name (e.g. \"db.example\" or \"*.example\")"
+                    ));
+                }
+            }
+            let tcp_only = !s.sni.is_empty() || tcp_services.contains(&name);
+            let raw_routes = if s.routes.is_empty() && !tcp_only {
                 vec![RawRoute {
                     host: None,
                     path_prefix: format!("/{name}"),
@@ -609,6 +877,9 @@ impl RawConfig {
                     settings,
                     pool,
                     profile_sample_rate: s.profile_sample_rate,
+                    sni: s.sni.iter().map(|p| p.to_ascii_lowercase()).collect(),
+                    upstream_protocol: s.upstream_protocol,
+                    send_proxy_protocol: s.send_proxy_protocol,
                 },
             );
         }
@@ -630,6 +901,99 @@ impl RawConfig {
                 }
             }
         }
+        // Two services may not claim the same server name.
+        let mut names = BTreeMap::new();
+        for s in services.values() {
+            for p in &s.sni {
+                if let Some(other) = names.insert(p.clone(), s.name.clone()) {
+                    e.push(format!(
+                        "services.{}.sni: {p:?} is also claimed by service {other}",
+                        s.name
+                    ));
+                }
+            }
+        }
+        let mut listeners = vec![Listener {
+            name: "main".into(),
+            listen,
+            detect_timeout: Duration::from_millis(500),
+            http: true,
+            tcp_service: None,
+            proxy_trusted: Vec::new(),
+        }];
+        for (i, l) in self.listeners.iter().enumerate() {
+            let key = format!("listeners[{i}]");
+            if l.name.is_empty() || listeners.iter().any(|o| o.name == l.name) {
+                e.push(format!(
+                    "{key}.name = {:?} must be non-empty and unique (\"main\" is the listen address)",
+                    l.name
+                ));
+            }
+            if let Some(t) = &l.tcp_service
+                && !services.contains_key(t)
+            {
+                e.push(format!("{key}.tcp_service = {t:?} is not a service"));
+            }
+            let has_sni = services.values().any(|s| !s.sni.is_empty());
+            if !l.http && l.tcp_service.is_none() && !has_sni {
+                e.push(format!(
+                    "{key}: http = false needs a tcp_service (or services with sni) to serve"
+                ));
+            }
+            let mut proxy_trusted = Vec::new();
+            for b in &l.proxy_protocol_from {
+                match parse_cidr(b) {
+                    Some((ip, len)) => proxy_trusted.push((canonical_ip(ip), len)),
+                    None => e.push(format!(
+                        "{key}.proxy_protocol_from: {b:?} is not a CIDR block (e.g. \"10.0.0.0/8\")"
+                    )),
+                }
+            }
+            listeners.push(Listener {
+                name: l.name.clone(),
+                listen: addr(&mut e, &format!("{key}.listen"), &l.listen),
+                detect_timeout: dur(&mut e, &format!("{key}.detect_timeout"), &l.detect_timeout),
+                http: l.http,
+                tcp_service: l.tcp_service.clone(),
+                proxy_trusted,
+            });
+        }
+        let connect = self.connect.map(|c| {
+            let mut allow = Vec::new();
+            for a in &c.allow {
+                match parse_allow(a) {
+                    Some(r) => allow.push(r),
+                    None => e.push(format!(
+                        "connect.allow: {a:?} is not host:port (host a name, *.suffix, IP or CIDR; port a number, a-b or *)"
+                    )),
+                }
+            }
+            if services.contains_key("connect") {
+                e.push("services.connect: the name is taken by CONNECT tunnels ([connect])".into());
+            }
+            let settings = self.defaults.with(&c.settings);
+            for p in settings.problems() {
+                e.push(format!("connect.settings.{p}"));
+            }
+            Connect {
+                allow,
+                service: Service {
+                    name: "connect".into(),
+                    upstreams: Vec::new(),
+                    routes: Vec::new(),
+                    settings,
+                    pool: PoolLimits {
+                        max_per_upstream: 1,
+                        idle_timeout: Duration::ZERO,
+                        max_lifetime: Duration::ZERO,
+                    },
+                    profile_sample_rate: 1.0,
+                    sni: Vec::new(),
+                    upstream_protocol: UpstreamProtocol::Http1,
+                    send_proxy_protocol: None,
+                },
+            }
+        });
         let mut regions = Vec::new();
         for (name, blocks) in &self.regions {
             for b in blocks {
@@ -736,6 +1100,8 @@ impl RawConfig {
             return Err(e);
         }
         Ok(Config {
+            listeners,
+            connect,
             tracing,
             client_key_header,
             optimizer,

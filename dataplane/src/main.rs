@@ -44,15 +44,29 @@ async fn main() -> anyhow::Result<()> {
         Ok(n) => tracing::debug!(nofile = n, "open files limit"),
         Err(e) => tracing::warn!(error = %e, "could not raise the open files limit"),
     }
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("binding listen = {}", config.listen))?;
+    let mut listeners = Vec::new();
+    for (i, l) in config.listeners.iter().enumerate() {
+        let key = if i == 0 {
+            "listen".to_string()
+        } else {
+            format!("listeners[{}].listen", i - 1)
+        };
+        let bound = tokio::net::TcpListener::bind(l.listen)
+            .await
+            .with_context(|| format!("binding {key} = {}", l.listen))?;
+        listeners.push((l.name.clone(), bound));
+    }
     let admin = tokio::net::TcpListener::bind(config.admin_listen)
         .await
         .with_context(|| format!("binding admin_listen = {}", config.admin_listen))?;
+    let mut bound = String::new();
+    for (name, l) in &listeners {
+        bound.push_str(&format!("{name}={} ", l.local_addr()?));
+    }
     tracing::info!(
-        proxy = %listener.local_addr()?,
+        proxy = %listeners[0].1.local_addr()?,
         admin = %admin.local_addr()?,
+        listeners = bound.trim_end(),
         services = config.services.len(),
         "data plane listening"
     );
@@ -100,7 +114,7 @@ async fn main() -> anyhow::Result<()> {
             }
         });
     }
-    dp.serve(listener, admin, shutdown_signal()).await;
+    dp.serve(listeners, admin, shutdown_signal()).await;
     if let Some(w) = writer {
         w.finish(std::time::Duration::from_secs(10)).await;
     }

@@ -75,10 +75,33 @@ pub struct ConnInfo {
     pub guard: Arc<dyn std::any::Any + Send + Sync>,
     /// Per-request smuggling marks from the framing watcher under hyper.
     pub marks: crate::sniff::Marks,
+    /// The address the client connected to (the PROXY header's destination when sent on).
+    pub local: SocketAddr,
+    /// The listener's name.
+    pub listener: Arc<str>,
+}
+
+/// The client side of a tunnel.
+#[derive(Debug)]
+pub enum ClientLeg {
+    /// A TCP socket (HTTP/1.1 upgrades, CONNECT, raw TCP, TLS passthrough).
+    Tcp(TcpStream),
+    /// An HTTP/2 stream (RFC 8441 WebSocket): only `frame_aware` can serve it.
+    H2(TokioIo<hyper::upgrade::Upgraded>),
+}
+
+/// The TCP socket and every byte already read from it, from an upgraded HTTP/1.1 connection.
+fn into_tcp(parts: hyper::upgrade::Parts<TokioIo<crate::server::Http1Io>>) -> (TcpStream, Vec<u8>) {
+    let (tcp, rest) = parts.io.into_inner().into_inner().into_parts();
+    // hyper's buffer holds what it read past the request head; the detection head's unread
+    // part (if any) comes after it, then the socket.
+    let mut head = parts.read_buf.to_vec();
+    head.extend_from_slice(&rest);
+    (tcp, head)
 }
 
 /// Resolve (timed as DNS) and connect (timed as connect) to `host:port`, trying each address.
-async fn connect_upstream(
+pub(crate) async fn connect_upstream(
     upstream: &str,
     timeout: Duration,
     timings: &mut Timings,
@@ -238,6 +261,22 @@ impl Proxy {
                 _ => bad_request(&e.to_string()),
             });
         }
+        let extended_connect = req.method() == Method::CONNECT
+            && req.extensions().get::<hyper::ext::Protocol>().is_some();
+        if req.method() == Method::CONNECT && !extended_connect {
+            return Ok(self.connect(req, conn).await);
+        }
+        let mut req = req;
+        if req.version() == http::Version::HTTP_11 && wants_h2c(req.headers()) {
+            if request_has_body(req.headers()) {
+                // RFC 7540 §3.2: a server may ignore the upgrade; a body would have to be read
+                // before switching, so this request stays HTTP/1.1.
+                req.headers_mut().remove(header::UPGRADE);
+                req.headers_mut().remove("http2-settings");
+            } else {
+                return Ok(self.h2c_upgrade(req, conn));
+            }
+        }
         let routes = self.routes();
         let host = req
             .headers()
@@ -251,7 +290,7 @@ impl Proxy {
                 "no route for this host and path",
             ));
         };
-        if headers::wants_upgrade(req.headers()) {
+        if extended_connect || headers::wants_upgrade(req.headers()) {
             Ok(self.upgrade(req, conn, route, host, t0).await)
         } else {
             Ok(self.forward_http(req, conn, route, host).await)
@@ -421,7 +460,24 @@ impl Proxy {
         host: Option<String>,
         t0: Instant,
     ) -> Response<RespBody> {
-        let token_value = req.headers()[header::UPGRADE].clone();
+        // RFC 8441: WebSocket over an HTTP/2 stream (extended CONNECT with :protocol).
+        let h2 = req.version() == http::Version::HTTP_2;
+        let token_value = if h2 {
+            let p = req
+                .extensions()
+                .get::<hyper::ext::Protocol>()
+                .map(|p| p.as_str().to_ascii_lowercase())
+                .unwrap_or_default();
+            if p != "websocket" {
+                return full(
+                    StatusCode::NOT_IMPLEMENTED,
+                    "extended CONNECT supports only :protocol websocket",
+                );
+            }
+            HeaderValue::from_static("websocket")
+        } else {
+            req.headers()[header::UPGRADE].clone()
+        };
         let token = token_value
             .to_str()
             .unwrap_or("")
@@ -430,7 +486,7 @@ impl Proxy {
         let is_ws = token == "websocket";
         let client_key = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned();
         if is_ws {
-            if req.method() != Method::GET {
+            if req.method() != Method::GET && !h2 {
                 return bad_request("WebSocket upgrade must use GET");
             }
             let version_ok = req
@@ -448,7 +504,7 @@ impl Proxy {
                 );
                 return r;
             }
-            if !client_key.as_ref().is_some_and(valid_ws_key) {
+            if !h2 && !client_key.as_ref().is_some_and(valid_ws_key) {
                 return bad_request("missing or invalid Sec-WebSocket-Key");
             }
         }
@@ -488,6 +544,11 @@ impl Proxy {
         };
         let connection_id = uuid::Uuid::new_v4();
         let mut decision = applicable(self.source.decide(&ctx, &service, &connection_id));
+        if h2 {
+            // The client leg is an HTTP/2 stream, not a socket: nothing to splice, so frames
+            // are parsed. The profile records the mode applied.
+            decision.settings.mode = Mode::FrameAware;
+        }
         let frame_aware = is_ws && decision.settings.mode == Mode::FrameAware;
         // permessage-deflate toward the client, when decided and the client offers it. The
         // profile records what was applied: compression off when the client offered nothing
@@ -517,6 +578,15 @@ impl Proxy {
             }
         };
         let _ = tcp.set_nodelay(true);
+        let mut tcp = tcp;
+        if let Some(v) = service.send_proxy_protocol
+            && let Err(e) = send_proxy_header(&mut tcp, v, &conn).await
+        {
+            METRICS.upstream_error("send", false, Some(Duration::ZERO));
+            METRICS.finish(ctx.protocol.as_str(), "upstream_error");
+            tracing::warn!(side = "upstream", service = %service.name, %upstream, error = %e, "sending the PROXY header failed");
+            return full(StatusCode::BAD_GATEWAY, "upstream connect failed");
+        }
         let mut up_headers = req.headers().clone();
         let trace = TraceContext::from_headers(&up_headers);
         headers::strip_hop_by_hop(&mut up_headers);
@@ -525,6 +595,11 @@ impl Proxy {
         trace.inject(&mut up_headers);
         up_headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         up_headers.insert(header::UPGRADE, token_value.clone());
+        if !up_headers.contains_key(header::HOST)
+            && let Some(h) = host.as_deref().and_then(|h| HeaderValue::from_str(h).ok())
+        {
+            up_headers.insert(header::HOST, h);
+        }
         let up_key = if frame_aware {
             let k = generate_key();
             up_headers.insert(
@@ -632,9 +707,12 @@ impl Proxy {
         let mut client_headers = resp.headers().clone();
         headers::strip_hop_by_hop(&mut client_headers);
         headers::add_via(&mut client_headers, &self.via_token);
-        client_headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        client_headers.insert(header::UPGRADE, token_value);
-        if is_ws {
+        client_headers.remove(header::SEC_WEBSOCKET_ACCEPT);
+        if !h2 {
+            client_headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            client_headers.insert(header::UPGRADE, token_value);
+        }
+        if is_ws && !h2 {
             let k = client_key.as_ref().expect("validated above").as_bytes();
             client_headers.insert(
                 header::SEC_WEBSOCKET_ACCEPT,
@@ -664,19 +742,30 @@ impl Proxy {
                     return;
                 }
             };
-            let (Ok(c), Ok(u)) = (
-                c.downcast::<TokioIo<crate::sniff::Sniff<TcpStream>>>(),
-                u.downcast::<TokioIo<TcpStream>>(),
-            ) else {
-                tracing::error!("upgraded connection is not a TCP stream");
+            let Ok(u) = u.downcast::<TokioIo<TcpStream>>() else {
+                tracing::error!("upgraded upstream connection is not a TCP stream");
                 return;
+            };
+            let (client, client_head) = if h2 {
+                (ClientLeg::H2(TokioIo::new(c)), Vec::new())
+            } else {
+                match c.downcast::<TokioIo<crate::server::Http1Io>>() {
+                    Ok(c) => {
+                        let (tcp, head) = into_tcp(c);
+                        (ClientLeg::Tcp(tcp), head)
+                    }
+                    Err(_) => {
+                        tracing::error!("upgraded client connection is not a TCP stream");
+                        return;
+                    }
+                }
             };
             proxy
                 .tunnel(
-                    c.io.into_inner().into_inner(),
-                    c.read_buf,
+                    client,
+                    client_head,
                     u.io.into_inner(),
-                    u.read_buf,
+                    u.read_buf.to_vec(),
                     deflate,
                     connection_id,
                     ctx,
@@ -693,18 +782,294 @@ impl Proxy {
                 .map_err(|never: Infallible| match never {})
                 .boxed_unsync(),
         );
-        *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        *r.status_mut() = if h2 {
+            StatusCode::OK
+        } else {
+            StatusCode::SWITCHING_PROTOCOLS
+        };
         *r.headers_mut() = client_headers;
         r
+    }
+
+    /// Answer `Upgrade: h2c` (a request without a body): 101, then HTTP/2 on the connection,
+    /// the upgrade request answered on stream 1.
+    fn h2c_upgrade(
+        self: Arc<Self>,
+        mut req: Request<Incoming>,
+        conn: ConnInfo,
+    ) -> Response<RespBody> {
+        let authority = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("localhost")
+            .to_string();
+        let path = req
+            .uri()
+            .path_and_query()
+            .map_or("/", |pq| pq.as_str())
+            .to_string();
+        let frame =
+            match crate::h2c::upgrade_request_frame(req.method(), &path, &authority, req.headers())
+            {
+                Ok(f) => f,
+                Err(reason) => {
+                    return full(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, reason);
+                }
+            };
+        let on = hyper::upgrade::on(&mut req);
+        let proxy = self.clone();
+        tokio::spawn(async move {
+            let upgraded = match on.await {
+                Ok(u) => u,
+                Err(e) => {
+                    tracing::debug!(error = %e, "h2c upgrade did not complete");
+                    return;
+                }
+            };
+            let Ok(parts) = upgraded.downcast::<TokioIo<crate::server::Http1Io>>() else {
+                tracing::error!("upgraded client connection is not a TCP stream");
+                return;
+            };
+            METRICS.h2c_upgrades.fetch_add(1, Ordering::Relaxed);
+            let (tcp, head) = into_tcp(parts);
+            let stream =
+                crate::h2c::Upgraded::new(crate::prefixed::Prefixed::new(head, tcp), frame);
+            crate::server::serve_h2(proxy, stream, conn).await;
+        });
+        let mut r = Response::new(
+            Empty::new()
+                .map_err(|never: Infallible| match never {})
+                .boxed_unsync(),
+        );
+        *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        r.headers_mut()
+            .insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+        r
+    }
+
+    /// HTTP CONNECT: a byte tunnel to an allowed destination.
+    async fn connect(
+        self: Arc<Self>,
+        mut req: Request<Incoming>,
+        conn: ConnInfo,
+    ) -> Response<RespBody> {
+        let routes = self.routes();
+        let Some(connect) = routes.config.connect.clone() else {
+            METRICS.refused_connect.fetch_add(1, Ordering::Relaxed);
+            return full(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "CONNECT is not enabled on this proxy",
+            );
+        };
+        if req.version() != http::Version::HTTP_11 {
+            return full(
+                StatusCode::NOT_IMPLEMENTED,
+                "CONNECT is served over HTTP/1.1 only",
+            );
+        }
+        let Some((host, port)) = req
+            .uri()
+            .authority()
+            .and_then(|a| Some((a.host().to_string(), a.port_u16()?)))
+        else {
+            return bad_request("CONNECT needs host:port");
+        };
+        if !connect.allows(&host, port) {
+            METRICS.refused_connect.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(side = "client", peer = %conn.peer, %host, port, "CONNECT to a destination not on the allow-list refused");
+            return full(StatusCode::FORBIDDEN, "destination not allowed");
+        }
+        let started_at = chrono::Utc::now();
+        let ctx = self.tcp_context(
+            &connect.service.name,
+            "connect".into(),
+            None,
+            &conn,
+            req.headers(),
+            started_at,
+        );
+        let id = uuid::Uuid::new_v4();
+        let mut decision = applicable(self.source.decide(&ctx, &connect.service, &id));
+        decision.settings.mode = Mode::ZeroCopy;
+        decision.settings.compression = false;
+        let mut timings = Timings::default();
+        let target = format!("{}:{port}", req.uri().authority().map_or("", |a| a.host()));
+        let up = match connect_upstream(&target, routes.config.limits.connect_timeout, &mut timings)
+            .await
+        {
+            Ok(t) => t,
+            Err((status, reason, detail)) => {
+                METRICS.upstream_error("connect", false, None);
+                METRICS.finish("tcp", "upstream_error");
+                tracing::warn!(side = "upstream", service = "connect", %target, error = %detail, "CONNECT destination unreachable");
+                return full(status, reason);
+            }
+        };
+        let _ = up.set_nodelay(true);
+        let trace = TraceContext::from_headers(req.headers());
+        let on = hyper::upgrade::on(&mut req);
+        let proxy = self.clone();
+        tokio::spawn(async move {
+            let parts = match on
+                .await
+                .map(|u| u.downcast::<TokioIo<crate::server::Http1Io>>())
+            {
+                Ok(Ok(p)) => p,
+                _ => {
+                    tracing::debug!("CONNECT tunnel did not start");
+                    return;
+                }
+            };
+            let (tcp, head) = into_tcp(parts);
+            proxy
+                .tunnel(
+                    ClientLeg::Tcp(tcp),
+                    head,
+                    up,
+                    Vec::new(),
+                    None,
+                    id,
+                    ctx,
+                    decision,
+                    timings,
+                    started_at,
+                    conn,
+                    trace,
+                )
+                .await;
+        });
+        let mut r = Response::new(
+            Empty::new()
+                .map_err(|never: Infallible| match never {})
+                .boxed_unsync(),
+        );
+        headers::add_via(r.headers_mut(), &self.via_token);
+        r
+    }
+
+    /// The decision-time context of a raw byte tunnel (CONNECT, raw TCP, TLS passthrough).
+    fn tcp_context(
+        &self,
+        service: &str,
+        route: String,
+        subprotocol: Option<String>,
+        conn: &ConnInfo,
+        h: &http::HeaderMap,
+        started_at: chrono::DateTime<chrono::Utc>,
+    ) -> ConnectionContext {
+        let routes = self.routes();
+        let ua = h.get(header::USER_AGENT).and_then(|v| v.to_str().ok());
+        ConnectionContext {
+            service: service.to_string(),
+            route,
+            protocol: Protocol::Tcp,
+            subprotocol,
+            offers_deflate: false,
+            client_class: ClientClass::from_user_agent(ua),
+            client_region: routes.config.regions.lookup(conn.peer.ip()).to_string(),
+            hour_of_week: tuning::context::hour_of_week(started_at.timestamp()),
+            client_key: Some(
+                routes
+                    .config
+                    .client_key_header
+                    .as_ref()
+                    .and_then(|k| h.get(k))
+                    .and_then(|v| v.to_str().ok())
+                    .map(|v| v.trim().chars().take(128).collect::<String>())
+                    .filter(|v| !v.is_empty())
+                    .unwrap_or_else(|| conn.peer.ip().to_string()),
+            ),
+        }
+    }
+
+    /// A raw TCP or TLS passthrough connection: connect to the service and forward bytes
+    /// (`head` first) with `zero_copy`, profiled like any tunnel.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn raw_tunnel(
+        self: Arc<Self>,
+        mut client: TcpStream,
+        head: Vec<u8>,
+        service: &str,
+        route: String,
+        subprotocol: Option<String>,
+        conn: ConnInfo,
+        tls: bool,
+    ) {
+        let routes = self.routes();
+        let Some(service) = routes.config.services.get(service).cloned() else {
+            return;
+        };
+        let started_at = chrono::Utc::now();
+        let ctx = self.tcp_context(
+            &service.name,
+            route,
+            subprotocol,
+            &conn,
+            &http::HeaderMap::new(),
+            started_at,
+        );
+        let id = uuid::Uuid::new_v4();
+        let mut decision = applicable(self.source.decide(&ctx, &service, &id));
+        decision.settings.mode = Mode::ZeroCopy;
+        decision.settings.compression = false;
+        let upstream = self.pick_upstream(&service).to_string();
+        let mut timings = Timings::default();
+        let mut up = match connect_upstream(
+            &upstream,
+            routes.config.limits.connect_timeout,
+            &mut timings,
+        )
+        .await
+        {
+            Ok(t) => t,
+            Err((_, _, detail)) => {
+                METRICS.upstream_error("connect", false, None);
+                METRICS.finish("tcp", "upstream_error");
+                tracing::warn!(side = "upstream", service = %service.name, %upstream, error = %detail, "upstream connect failed");
+                if tls {
+                    use tokio::io::AsyncWriteExt;
+                    let _ = client.write_all(&crate::tls::ALERT_INTERNAL_ERROR).await;
+                }
+                return;
+            }
+        };
+        let _ = up.set_nodelay(true);
+        if let Some(v) = service.send_proxy_protocol
+            && let Err(e) = send_proxy_header(&mut up, v, &conn).await
+        {
+            METRICS.upstream_error("send", false, Some(Duration::ZERO));
+            METRICS.finish("tcp", "upstream_error");
+            tracing::warn!(side = "upstream", service = %service.name, %upstream, error = %e, "sending the PROXY header failed");
+            return;
+        }
+        let trace = TraceContext::from_headers(&http::HeaderMap::new());
+        self.tunnel(
+            ClientLeg::Tcp(client),
+            head,
+            up,
+            Vec::new(),
+            None,
+            id,
+            ctx,
+            decision,
+            timings,
+            started_at,
+            conn,
+            trace,
+        )
+        .await;
     }
 
     #[allow(clippy::too_many_arguments)]
     async fn tunnel(
         &self,
-        client: TcpStream,
-        client_head: Bytes,
+        client: ClientLeg,
+        client_head: Vec<u8>,
         upstream: TcpStream,
-        upstream_head: Bytes,
+        upstream_head: Vec<u8>,
         deflate: Option<crate::deflate::DeflateParams>,
         id: uuid::Uuid,
         ctx: ConnectionContext,
@@ -718,7 +1083,7 @@ impl Proxy {
         // Copy the bytes that came with the handshakes and let hyper's read buffers go: a
         // `Bytes` slice keeps its whole allocation (8 KiB or more per side) alive, which would
         // be held for the life of an idle connection.
-        let (client_head, upstream_head) = (detach(client_head), detach(upstream_head));
+        let (client_head, upstream_head) = (shrink(client_head), shrink(upstream_head));
         let limits = self.limits();
         let settings = decision.settings;
         let fl = ForwardLimits {
@@ -733,51 +1098,102 @@ impl Proxy {
         // Each mode's forwarding future is boxed at its own size: inlined here, every
         // connection's task would be as large as the largest mode's state (13 KiB measured),
         // held for the connection's whole life.
-        let forwarding: std::pin::Pin<Box<dyn std::future::Future<Output = Outcome> + Send + '_>> =
-            if let Some(params) = deflate {
-                let client =
-                    crate::deflate::DeflateStream::new(client, params, fl.max_message_bytes, 6)
-                        .with_prefix(&client_head);
-                Box::pin(forward::frame_aware::run(
-                    client,
-                    Vec::new(),
-                    upstream,
-                    upstream_head,
-                    &settings,
-                    fl,
-                    self.shutdown.clone(),
-                    drain_delay,
-                ))
-            } else if is_ws && settings.mode == Mode::FrameAware {
-                Box::pin(forward::frame_aware::run(
-                    client,
-                    client_head,
-                    upstream,
-                    upstream_head,
-                    &settings,
-                    fl,
-                    self.shutdown.clone(),
-                    drain_delay,
-                ))
-            } else {
-                let framing = if is_ws {
-                    forward::zero_copy::Framing::WebSocket
+        type Forwarding<'a> =
+            std::pin::Pin<Box<dyn std::future::Future<Output = Outcome> + Send + 'a>>;
+        let client = match client {
+            ClientLeg::Tcp(c) => c,
+            ClientLeg::H2(client) => {
+                let forwarding: Forwarding<'_> = if let Some(params) = deflate {
+                    let client =
+                        crate::deflate::DeflateStream::new(client, params, fl.max_message_bytes, 6)
+                            .with_prefix(&client_head);
+                    Box::pin(forward::frame_aware::run(
+                        client,
+                        Vec::new(),
+                        upstream,
+                        upstream_head,
+                        &settings,
+                        fl,
+                        self.shutdown.clone(),
+                        drain_delay,
+                    ))
                 } else {
-                    forward::zero_copy::Framing::Opaque
+                    Box::pin(forward::frame_aware::run(
+                        client,
+                        client_head,
+                        upstream,
+                        upstream_head,
+                        &settings,
+                        fl,
+                        self.shutdown.clone(),
+                        drain_delay,
+                    ))
                 };
-                Box::pin(forward::zero_copy::run(
-                    client,
-                    &client_head,
-                    upstream,
-                    &upstream_head,
-                    &settings,
-                    framing,
-                    fl,
-                    self.shutdown.clone(),
-                    drain_delay,
-                ))
+                let out = forwarding.await;
+                self.finish_tunnel(out, id, ctx, decision, timings, started_at, conn, trace);
+                return;
+            }
+        };
+        let forwarding: Forwarding<'_> = if let Some(params) = deflate {
+            let client =
+                crate::deflate::DeflateStream::new(client, params, fl.max_message_bytes, 6)
+                    .with_prefix(&client_head);
+            Box::pin(forward::frame_aware::run(
+                client,
+                Vec::new(),
+                upstream,
+                upstream_head,
+                &settings,
+                fl,
+                self.shutdown.clone(),
+                drain_delay,
+            ))
+        } else if is_ws && settings.mode == Mode::FrameAware {
+            Box::pin(forward::frame_aware::run(
+                client,
+                client_head,
+                upstream,
+                upstream_head,
+                &settings,
+                fl,
+                self.shutdown.clone(),
+                drain_delay,
+            ))
+        } else {
+            let framing = if is_ws {
+                forward::zero_copy::Framing::WebSocket
+            } else {
+                forward::zero_copy::Framing::Opaque
             };
+            Box::pin(forward::zero_copy::run(
+                client,
+                &client_head,
+                upstream,
+                &upstream_head,
+                &settings,
+                framing,
+                fl,
+                self.shutdown.clone(),
+                drain_delay,
+            ))
+        };
         let out: Outcome = forwarding.await;
+        self.finish_tunnel(out, id, ctx, decision, timings, started_at, conn, trace);
+    }
+
+    /// Count a finished tunnel and emit its profile.
+    #[allow(clippy::too_many_arguments)]
+    fn finish_tunnel(
+        &self,
+        out: Outcome,
+        id: uuid::Uuid,
+        ctx: ConnectionContext,
+        decision: Decision,
+        timings: Timings,
+        started_at: chrono::DateTime<chrono::Utc>,
+        conn: ConnInfo,
+        trace: TraceContext,
+    ) {
         METRICS.active_upgraded.fetch_sub(1, Ordering::Relaxed);
         let m = &METRICS;
         m.bytes[0].fetch_add(out.c2u.bytes, Ordering::Relaxed);
@@ -842,7 +1258,37 @@ impl Proxy {
     }
 }
 
-/// An owned copy of `b`, sized to its bytes; `b` (and the allocation it slices) is dropped.
-fn detach(b: Bytes) -> Vec<u8> {
-    b.to_vec()
+/// `b` without spare capacity (it may be held for the life of an idle connection).
+fn shrink(mut b: Vec<u8>) -> Vec<u8> {
+    b.shrink_to_fit();
+    b
+}
+
+/// Write the PROXY protocol header for this client first on an upstream connection.
+async fn send_proxy_header(
+    up: &mut TcpStream,
+    version: crate::config::ProxyVersion,
+    conn: &ConnInfo,
+) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let h = crate::proxy_protocol::encode(version, conn.peer, conn.local);
+    up.write_all(&h).await
+}
+
+/// Whether a request asks to upgrade to h2c (RFC 7540 §3.2: with an HTTP2-Settings header).
+fn wants_h2c(h: &http::HeaderMap) -> bool {
+    h.contains_key("http2-settings")
+        && h.get_all(header::UPGRADE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("h2c"))
+}
+
+/// Whether a request head announces a body.
+fn request_has_body(h: &http::HeaderMap) -> bool {
+    h.contains_key(header::TRANSFER_ENCODING)
+        || h.get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim() != "0")
 }

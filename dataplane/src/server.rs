@@ -17,12 +17,14 @@ use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 
 use crate::config::Config;
+use crate::detect::{Kind, Refused};
+use crate::prefixed::Prefixed;
 use crate::proxy::{ConnInfo, Proxy};
 use crate::source::{ProfileSink, SettingsSource};
 use crate::telemetry::METRICS;
@@ -61,10 +63,11 @@ impl DataPlane {
         tracing::info!("configuration reloaded");
     }
 
-    /// Serve on already-bound listeners until `shutdown` resolves, then drain.
+    /// Serve on already-bound listeners (by the names of the config's listeners) until
+    /// `shutdown` resolves, then drain.
     pub async fn serve(
         &self,
-        listener: TcpListener,
+        listeners: Vec<(String, TcpListener)>,
         admin: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) {
@@ -88,45 +91,25 @@ impl DataPlane {
             })
         };
         let refusals = Arc::new(Semaphore::new(256));
-        tokio::pin!(shutdown);
-        let mut backoff = Duration::from_millis(5);
-        loop {
-            let accepted = tokio::select! {
-                () = &mut shutdown => break,
-                r = listener.accept() => r,
-            };
-            let (stream, peer) = match accepted {
-                Ok(x) => {
-                    backoff = Duration::from_millis(5);
-                    x
-                }
-                Err(e) => {
-                    // EMFILE, ENFILE, ENOBUFS…: wait and try again; never end the loop.
-                    tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                    continue;
-                }
-            };
-            let _ = stream.set_nodelay(true);
-            let Ok(permit) = self.limit.clone().try_acquire_owned() else {
-                METRICS.refused_limit.fetch_add(1, Ordering::Relaxed);
-                if let Ok(p) = refusals.clone().try_acquire_owned() {
-                    tokio::spawn(async move {
-                        refuse(stream).await;
-                        drop(p);
-                    });
-                }
-                continue;
-            };
-            METRICS.active_connections.fetch_add(1, Ordering::Relaxed);
-            let proxy = self.proxy.clone();
-            tokio::spawn(async move {
-                let guard = Arc::new(ActiveGuard(permit));
-                serve_connection(proxy, stream, peer, guard).await;
-            });
+        let accepting: Vec<_> = listeners
+            .into_iter()
+            .map(|(name, l)| {
+                tokio::spawn(accept_loop(
+                    name,
+                    l,
+                    self.proxy.clone(),
+                    self.limit.clone(),
+                    refusals.clone(),
+                ))
+            })
+            .collect();
+        shutdown.await;
+        for a in &accepting {
+            a.abort();
         }
-        drop(listener);
+        for a in accepting {
+            let _ = a.await; // the listener closes when its task is gone
+        }
         let limits = self.proxy.routes().config.limits;
         tracing::info!(
             open = self.max_connections - self.limit.available_permits(),
@@ -146,6 +129,53 @@ impl DataPlane {
     }
 }
 
+async fn accept_loop(
+    name: String,
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    limit: Arc<Semaphore>,
+    refusals: Arc<Semaphore>,
+) {
+    let name: Arc<str> = name.into();
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        {
+            let accepted = listener.accept().await;
+            let (stream, peer) = match accepted {
+                Ok(x) => {
+                    backoff = Duration::from_millis(5);
+                    x
+                }
+                Err(e) => {
+                    // EMFILE, ENFILE, ENOBUFS…: wait and try again; never end the loop.
+                    tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let Ok(permit) = limit.clone().try_acquire_owned() else {
+                METRICS.refused_limit.fetch_add(1, Ordering::Relaxed);
+                if let Ok(p) = refusals.clone().try_acquire_owned() {
+                    tokio::spawn(async move {
+                        refuse(stream).await;
+                        drop(p);
+                    });
+                }
+                continue;
+            };
+            METRICS.active_connections.fetch_add(1, Ordering::Relaxed);
+            let proxy = proxy.clone();
+            let name = name.clone();
+            tokio::spawn(async move {
+                let guard = Arc::new(ActiveGuard(permit));
+                serve_connection(proxy, stream, peer, guard, name).await;
+            });
+        }
+    }
+}
+
 /// Releases the connection-limit permit and the gauge when the last holder drops.
 #[derive(Debug)]
 struct ActiveGuard(#[allow(dead_code)] tokio::sync::OwnedSemaphorePermit);
@@ -156,21 +186,144 @@ impl Drop for ActiveGuard {
     }
 }
 
+/// The client stream under hyper's HTTP/1.1 server (upgrades downcast to it).
+pub type Http1Io = crate::sniff::Sniff<Prefixed<TcpStream>>;
+
 async fn serve_connection(
     proxy: Arc<Proxy>,
-    stream: TcpStream,
+    mut stream: TcpStream,
     peer: std::net::SocketAddr,
     guard: Arc<ActiveGuard>,
+    listener: Arc<str>,
 ) {
+    let accepted = Instant::now();
+    let routes = proxy.routes();
+    let Some(l) = routes.config.listener(&listener).cloned() else {
+        return;
+    };
+    let local = stream.local_addr().unwrap_or(peer);
+    let detected = match crate::detect::detect(&mut stream, peer, &l, &routes.config).await {
+        Ok(d) => d,
+        Err(r) => {
+            METRICS.detect_refused(r.label());
+            let alert = match r {
+                Refused::UnknownSni(_) => Some(crate::tls::ALERT_UNRECOGNIZED_NAME),
+                Refused::BadHello(_) => Some(crate::tls::ALERT_DECODE_ERROR),
+                _ => None,
+            };
+            if !matches!(r, Refused::Closed) {
+                tracing::info!(side = "client", %peer, listener = %l.name, reason = %r, "connection refused during protocol detection");
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                if let Some(a) = alert {
+                    stream.write_all(&a).await?;
+                }
+                stream.shutdown().await
+            })
+            .await;
+            return;
+        }
+    };
+    drop(routes);
+    if detected.proxied {
+        METRICS.proxy_headers.fetch_add(1, Ordering::Relaxed);
+    }
+    let info = |marks| ConnInfo {
+        peer: detected.peer,
+        local,
+        accepted,
+        guard: guard.clone(),
+        marks,
+        listener: listener.clone(),
+    };
+    match detected.kind {
+        Kind::Http1 => {
+            METRICS.detected("http1");
+            let (stream, marks) = crate::sniff::Sniff::new(Prefixed::new(detected.head, stream));
+            serve_http1(proxy, stream, info(marks)).await;
+        }
+        Kind::H2 => {
+            METRICS.detected("h2");
+            serve_h2(
+                proxy,
+                Prefixed::new(detected.head, stream),
+                info(Default::default()),
+            )
+            .await;
+        }
+        Kind::Tls {
+            service,
+            pattern,
+            alpn,
+        } => {
+            METRICS.detected("tls");
+            proxy
+                .raw_tunnel(
+                    stream,
+                    detected.head,
+                    &service,
+                    pattern,
+                    alpn,
+                    info(Default::default()),
+                    true,
+                )
+                .await;
+        }
+        Kind::Tcp { service } => {
+            METRICS.detected("tcp");
+            proxy
+                .raw_tunnel(
+                    stream,
+                    detected.head,
+                    &service,
+                    l.name.clone(),
+                    None,
+                    info(Default::default()),
+                    false,
+                )
+                .await;
+        }
+    }
+}
+
+/// Serve HTTP/2 (prior knowledge, or after an h2c upgrade) on a client stream.
+pub async fn serve_h2<S>(proxy: Arc<Proxy>, stream: S, info: ConnInfo)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let limits = proxy.routes().config.limits;
     let mut shutdown = proxy.shutdown.clone();
-    let (stream, marks) = crate::sniff::Sniff::new(stream);
-    let info = ConnInfo {
-        peer,
-        accepted: Instant::now(),
-        guard,
-        marks,
+    let peer = info.peer;
+    let svc_proxy = proxy.clone();
+    let service = service_fn(move |req: Request<Incoming>| {
+        let p = svc_proxy.clone();
+        let mut info = info.clone();
+        info.accepted = Instant::now();
+        p.handle(req, info)
+    });
+    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .enable_connect_protocol()
+        .max_header_list_size(limits.max_head_bytes as u32)
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    let r = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = async { shutdown.wait_for(|v| *v).await.is_ok() } => {
+            conn.as_mut().graceful_shutdown();
+            conn.as_mut().await
+        }
     };
+    if let Err(e) = r {
+        tracing::debug!(side = "client", %peer, error = %e, "HTTP/2 client connection ended with an error");
+    }
+}
+
+async fn serve_http1(proxy: Arc<Proxy>, stream: Http1Io, info: ConnInfo) {
+    let limits = proxy.routes().config.limits;
+    let mut shutdown = proxy.shutdown.clone();
+    let peer = info.peer;
     let svc_proxy = proxy.clone();
     let service = service_fn(move |req: Request<Incoming>| {
         let p = svc_proxy.clone();

@@ -37,7 +37,19 @@ pub const OUTCOMES: [&str; 6] = [
     "proxy_closed",
 ];
 /// Protocols, for labels.
-pub const PROTOCOLS: [&str; 3] = ["http", "websocket", "upgrade"];
+pub const PROTOCOLS: [&str; 4] = ["http", "websocket", "upgrade", "tcp"];
+/// What protocol detection found on a connection.
+pub const DETECTED: [&str; 4] = ["http1", "h2", "tls", "tcp"];
+/// Why protocol detection refused a connection.
+pub const DETECT_REFUSALS: [&str; 7] = [
+    "closed",
+    "untrusted_proxy",
+    "bad_proxy",
+    "bad_client_hello",
+    "unknown_sni",
+    "unrecognized",
+    "io",
+];
 /// Upstream error kinds: no connection could be made, the pool was at its limit, or a request
 /// failed on a connection (new or reused from the pool).
 pub const UPSTREAM_ERRORS: [&str; 3] = ["connect", "saturated", "send"];
@@ -67,6 +79,16 @@ pub struct Metrics {
     pub refused_limit: AtomicU64,
     /// Requests refused as malformed (400/431) by the proxy.
     pub refused_bad_request: AtomicU64,
+    /// CONNECT requests to destinations not on the allow-list (or with CONNECT off).
+    pub refused_connect: AtomicU64,
+    /// Connections by detected protocol.
+    pub detected: [AtomicU64; DETECTED.len()],
+    /// Connections refused during detection, by reason.
+    pub detect_refused: [AtomicU64; DETECT_REFUSALS.len()],
+    /// HTTP/1.1 connections upgraded to h2c.
+    pub h2c_upgrades: AtomicU64,
+    /// Connections that arrived with a PROXY protocol header.
+    pub proxy_headers: AtomicU64,
     /// Upstream errors by kind × reused (0 new, 1 reused) × connection age bucket.
     pub upstream_errors: [[[AtomicU64; CONN_AGES.len()]; 2]; UPSTREAM_ERRORS.len()],
     /// Idempotent requests retried after a reused connection failed before sending.
@@ -113,6 +135,11 @@ impl Metrics {
             finished: [ZROW; PROTOCOLS.len()],
             refused_limit: Z,
             refused_bad_request: Z,
+            refused_connect: Z,
+            detected: [Z; DETECTED.len()],
+            detect_refused: [Z; DETECT_REFUSALS.len()],
+            h2c_upgrades: Z,
+            proxy_headers: Z,
             upstream_errors: [ZREUSED; UPSTREAM_ERRORS.len()],
             retries: Z,
             pool_reused: Z,
@@ -142,6 +169,20 @@ impl Metrics {
         if let Some(i) = UPSTREAM_ERRORS.iter().position(|x| *x == kind) {
             self.upstream_errors[i][usize::from(reused)][age_bucket(age)]
                 .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Count a detected protocol (a label of [`DETECTED`]).
+    pub fn detected(&self, kind: &str) {
+        if let Some(i) = DETECTED.iter().position(|x| *x == kind) {
+            self.detected[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Count a refusal during detection (a label of [`DETECT_REFUSALS`]).
+    pub fn detect_refused(&self, reason: &str) {
+        if let Some(i) = DETECT_REFUSALS.iter().position(|x| *x == reason) {
+            self.detect_refused[i].fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -214,6 +255,33 @@ impl Metrics {
         );
         let _ = writeln!(
             s,
+            "trimtab_dataplane_refused_total{{reason=\"connect_not_allowed\"}} {}",
+            g(&self.refused_connect)
+        );
+        let _ = writeln!(
+            s,
+            "# HELP trimtab_dataplane_detected_total Connections by the protocol detected from their first bytes.\n# TYPE trimtab_dataplane_detected_total counter"
+        );
+        for (i, k) in DETECTED.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "trimtab_dataplane_detected_total{{protocol=\"{k}\"}} {}",
+                g(&self.detected[i])
+            );
+        }
+        let _ = writeln!(
+            s,
+            "# HELP trimtab_dataplane_detect_refused_total Connections refused during protocol detection, by reason.\n# TYPE trimtab_dataplane_detect_refused_total counter"
+        );
+        for (i, k) in DETECT_REFUSALS.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "trimtab_dataplane_detect_refused_total{{reason=\"{k}\"}} {}",
+                g(&self.detect_refused[i])
+            );
+        }
+        let _ = writeln!(
+            s,
             "# HELP trimtab_dataplane_pool_requests_total Upstream HTTP requests by pooled connection reuse.\n# TYPE trimtab_dataplane_pool_requests_total counter"
         );
         let _ = writeln!(
@@ -254,6 +322,16 @@ impl Metrics {
                 "trimtab_dataplane_retries_total",
                 "Idempotent requests retried once after a reused connection failed before sending.",
                 &self.retries,
+            ),
+            (
+                "trimtab_dataplane_h2c_upgrades_total",
+                "HTTP/1.1 connections upgraded to HTTP/2 (Upgrade: h2c).",
+                &self.h2c_upgrades,
+            ),
+            (
+                "trimtab_dataplane_proxy_protocol_headers_total",
+                "Connections that arrived with a PROXY protocol header from a trusted source.",
+                &self.proxy_headers,
             ),
             (
                 "trimtab_dataplane_dead_peers_total",
