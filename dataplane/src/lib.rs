@@ -25,6 +25,7 @@ pub mod routing;
 pub mod server;
 pub mod sniff;
 pub mod source;
+pub mod sse;
 pub mod stats;
 pub mod telemetry;
 pub mod tls;

@@ -281,3 +281,59 @@ impl Body for PooledBody {
         self.inner.size_hint()
     }
 }
+
+/// HTTP/2 (h2c, prior knowledge) upstream connections: one multiplexed connection per
+/// upstream address, opened on first use and replaced when it closes.
+#[derive(Debug, Default)]
+pub struct H2Upstreams {
+    conns: Mutex<HashMap<String, hyper::client::conn::http2::SendRequest<ClientBody>>>,
+}
+
+impl H2Upstreams {
+    /// A ready sender to `upstream` (reused, or a new connection); the bool says reused.
+    pub async fn sender(
+        &self,
+        upstream: &str,
+        connect_timeout: Duration,
+    ) -> Result<(hyper::client::conn::http2::SendRequest<ClientBody>, bool), ConnectError> {
+        let existing = self
+            .conns
+            .lock()
+            .expect("h2 upstreams")
+            .get(upstream)
+            .cloned();
+        if let Some(mut s) = existing
+            && !s.is_closed()
+            && s.ready().await.is_ok()
+        {
+            return Ok((s, true));
+        }
+        let failed = |reason: String| ConnectError::Connect {
+            upstream: upstream.into(),
+            reason,
+        };
+        let mut timings = tuning::Timings::default();
+        let tcp = crate::proxy::connect_upstream(upstream, connect_timeout, &mut timings)
+            .await
+            .map_err(|(_, _, detail)| failed(detail))?;
+        let _ = tcp.set_nodelay(true);
+        let (sender, conn) =
+            hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .timer(hyper_util::rt::TokioTimer::new())
+                .keep_alive_interval(Some(Duration::from_secs(30)))
+                .handshake(TokioIo::new(tcp))
+                .await
+                .map_err(|e| failed(e.to_string()))?;
+        let up = upstream.to_string();
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(side = "upstream", upstream = %up, error = %e, "HTTP/2 upstream connection ended");
+            }
+        });
+        self.conns
+            .lock()
+            .expect("h2 upstreams")
+            .insert(upstream.to_string(), sender.clone());
+        Ok((sender, false))
+    }
+}

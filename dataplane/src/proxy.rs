@@ -56,6 +56,8 @@ pub struct Proxy {
     routes: RwLock<Arc<Routes>>,
     /// The upstream HTTP pool.
     pub pool: Arc<Pool>,
+    /// HTTP/2 upstream connections (services with `upstream_protocol = "h2c"`).
+    h2: crate::pool::H2Upstreams,
     source: Arc<dyn SettingsSource>,
     sink: Arc<dyn ProfileSink>,
     /// Turns true when the data plane starts draining.
@@ -217,6 +219,7 @@ impl Proxy {
         Proxy {
             routes: RwLock::new(Arc::new(Routes::new(config))),
             pool: Arc::new(Pool::default()),
+            h2: crate::pool::H2Upstreams::default(),
             source,
             sink,
             shutdown,
@@ -344,6 +347,19 @@ impl Proxy {
         let upstream = self.pick_upstream(&service).to_string();
         let mut retried = false;
         let t0 = std::time::Instant::now();
+        if service.upstream_protocol == crate::config::UpstreamProtocol::H2c {
+            return self
+                .forward_h2(
+                    req,
+                    &service,
+                    &upstream,
+                    host,
+                    trace,
+                    started_wall,
+                    body_failed,
+                )
+                .await;
+        }
         loop {
             let mut c = match self
                 .pool
@@ -404,7 +420,8 @@ impl Proxy {
                         t0.elapsed(),
                     );
                     let body = PooledBody::new(body, c, self.pool.clone(), service.pool);
-                    return Response::from_parts(parts, body.boxed_unsync());
+                    let body = event_stream(&parts.headers, body.boxed_unsync(), &service);
+                    return Response::from_parts(parts, body);
                 }
                 Err(mut e) => {
                     let unsent = e.take_message();
@@ -444,6 +461,100 @@ impl Proxy {
                                 started_wall,
                                 t0.elapsed(),
                             );
+                            return full(StatusCode::BAD_GATEWAY, "upstream request failed");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Plain HTTP to an HTTP/2 upstream: one multiplexed connection per upstream; trailers
+    /// (gRPC's status) pass through as they are.
+    #[allow(clippy::too_many_arguments)]
+    async fn forward_h2(
+        &self,
+        req: Request<ClientBody>,
+        service: &Service,
+        upstream: &str,
+        host: Option<String>,
+        trace: TraceContext,
+        started_wall: chrono::DateTime<chrono::Utc>,
+        body_failed: Arc<std::sync::atomic::AtomicBool>,
+    ) -> Response<RespBody> {
+        let t0 = Instant::now();
+        let (mut parts, body) = req.into_parts();
+        let method = parts.method.clone();
+        parts.headers.remove(header::HOST);
+        let authority = host.unwrap_or_else(|| upstream.to_string());
+        let pq = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
+        parts.uri = match format!("http://{authority}{pq}").parse() {
+            Ok(u) => u,
+            Err(_) => return bad_request("invalid authority or path"),
+        };
+        parts.version = http::Version::HTTP_2;
+        let mut req = Request::from_parts(parts, body);
+        let limits = self.limits();
+        let mut retried = false;
+        let finish = |status: u16, outcome: &str| {
+            METRICS.finish("http", outcome);
+            traces::request(
+                &trace,
+                &service.name,
+                &method,
+                Some(status),
+                started_wall,
+                t0.elapsed(),
+            );
+        };
+        loop {
+            let (mut sender, reused) = match self.h2.sender(upstream, limits.connect_timeout).await
+            {
+                Ok(s) => s,
+                Err(e) => {
+                    METRICS.upstream_error("connect", false, None);
+                    tracing::warn!(side = "upstream", service = %service.name, %upstream, error = %e, "HTTP/2 upstream unavailable");
+                    finish(502, "upstream_error");
+                    return full(StatusCode::BAD_GATEWAY, "upstream connect failed");
+                }
+            };
+            if reused {
+                METRICS.pool_reused.fetch_add(1, Ordering::Relaxed);
+            } else {
+                METRICS.pool_new.fetch_add(1, Ordering::Relaxed);
+            }
+            match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    let (mut parts, body) = resp.into_parts();
+                    headers::strip_hop_by_hop(&mut parts.headers);
+                    headers::add_via(&mut parts.headers, &self.via_token);
+                    crate::telemetry::HTTP.observe(&service.name, t0.elapsed().as_secs_f64());
+                    finish(parts.status.as_u16(), "ok");
+                    let body = event_stream(&parts.headers, body.boxed_unsync(), service);
+                    return Response::from_parts(parts, body);
+                }
+                Err(mut e) => {
+                    let unsent = e.take_message();
+                    let err = e.into_error();
+                    if body_failed.load(Ordering::Relaxed) {
+                        METRICS.finish("http", "client_error");
+                        return bad_request("malformed request body");
+                    }
+                    METRICS.upstream_error("send", reused, None);
+                    tracing::warn!(side = "upstream", service = %service.name, %upstream, %method, reused, error = %err, "HTTP/2 upstream request failed");
+                    match unsent {
+                        // Not sent (the connection went away): once more on a new connection.
+                        Some(r) if !retried => {
+                            retried = true;
+                            METRICS.retries.fetch_add(1, Ordering::Relaxed);
+                            req = r;
+                        }
+                        _ => {
+                            finish(502, "upstream_error");
                             return full(StatusCode::BAD_GATEWAY, "upstream request failed");
                         }
                     }
@@ -1256,6 +1367,21 @@ impl Proxy {
         }
         drop(conn);
     }
+}
+
+/// An event stream's body gets the service's idle and keep-alive handling; others pass as
+/// they are.
+fn event_stream(h: &http::HeaderMap, body: RespBody, service: &Service) -> RespBody {
+    if !crate::sse::is_event_stream(h) {
+        return body;
+    }
+    let s = service.settings;
+    crate::sse::SseBody::new(
+        body,
+        Duration::from_secs(u64::from(s.ping_interval)),
+        Duration::from_secs(u64::from(s.idle_timeout)),
+    )
+    .boxed_unsync()
 }
 
 /// `b` without spare capacity (it may be held for the life of an idle connection).

@@ -69,6 +69,8 @@ pub fn log_profile(p: &Profile) {
         service = %p.context.service,
         route = %p.context.route,
         protocol = p.context.protocol.as_str(),
+        subprotocol = p.context.subprotocol.as_deref(),
+        client = p.context.client_key.as_deref(),
         mode = p.decision.settings.mode.as_str(),
         compression = p.decision.settings.compression,
         reason = p.decision.reason.as_str(),

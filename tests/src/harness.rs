@@ -42,6 +42,8 @@ pub struct DataPlaneProc {
     pub proxy: SocketAddr,
     /// The admin endpoint's address.
     pub admin: SocketAddr,
+    /// Every listener's address by name (`main` is `proxy`).
+    pub listeners: std::collections::HashMap<String, SocketAddr>,
     /// Every log line so far.
     pub logs: Arc<Mutex<Vec<String>>>,
     /// The config file (rewrite it and send SIGHUP to reload).
@@ -110,10 +112,20 @@ impl DataPlaneProc {
                 .expect("address in the log line")
         };
         let (proxy, admin) = (addr("proxy"), addr("admin"));
+        let listeners = ready["listeners"]
+            .as_str()
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|kv| {
+                let (k, v) = kv.split_once('=')?;
+                Some((k.to_string(), v.parse().ok()?))
+            })
+            .collect();
         DataPlaneProc {
             child,
             proxy,
             admin,
+            listeners,
             logs,
             config_path,
         }

@@ -5,6 +5,7 @@ mod decisions;
 mod learning;
 mod observability;
 mod profiles;
+mod protocols;
 mod rollouts;
 
 use std::net::SocketAddr;

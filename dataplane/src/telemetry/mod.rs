@@ -89,6 +89,10 @@ pub struct Metrics {
     pub h2c_upgrades: AtomicU64,
     /// Connections that arrived with a PROXY protocol header.
     pub proxy_headers: AtomicU64,
+    /// Keep-alive comments sent on quiet event streams.
+    pub sse_pings: AtomicU64,
+    /// Event streams ended by the idle timeout.
+    pub sse_idle_closes: AtomicU64,
     /// Upstream errors by kind × reused (0 new, 1 reused) × connection age bucket.
     pub upstream_errors: [[[AtomicU64; CONN_AGES.len()]; 2]; UPSTREAM_ERRORS.len()],
     /// Idempotent requests retried after a reused connection failed before sending.
@@ -140,6 +144,8 @@ impl Metrics {
             detect_refused: [Z; DETECT_REFUSALS.len()],
             h2c_upgrades: Z,
             proxy_headers: Z,
+            sse_pings: Z,
+            sse_idle_closes: Z,
             upstream_errors: [ZREUSED; UPSTREAM_ERRORS.len()],
             retries: Z,
             pool_reused: Z,
@@ -332,6 +338,16 @@ impl Metrics {
                 "trimtab_dataplane_proxy_protocol_headers_total",
                 "Connections that arrived with a PROXY protocol header from a trusted source.",
                 &self.proxy_headers,
+            ),
+            (
+                "trimtab_dataplane_sse_pings_total",
+                "Keep-alive comments sent on quiet server-sent-event streams (ping_interval).",
+                &self.sse_pings,
+            ),
+            (
+                "trimtab_dataplane_sse_idle_closes_total",
+                "Server-sent-event streams ended by the idle timeout.",
+                &self.sse_idle_closes,
             ),
             (
                 "trimtab_dataplane_dead_peers_total",
