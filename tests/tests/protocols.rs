@@ -127,6 +127,14 @@ async fn h2c_by_prior_knowledge_and_by_upgrade_with_curl_nghttp_and_h2load() {
         .expect("write");
     let got = read_some(&mut s, 1 << 16, Duration::from_secs(5)).await;
     assert!(frame_types(&got).contains(&0x7), "no GOAWAY: {got:?}");
+    // An h2c upgrade followed by something that is not HTTP/2: closed, nothing else.
+    let mut s = TcpStream::connect(dp.proxy).await.expect("connect");
+    s.write_all(b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\nHELLO, NOT A PREFACE AT ALL\r\n")
+        .await
+        .expect("write");
+    let got = read_some(&mut s, 1 << 16, Duration::from_secs(5)).await;
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 101"), "{text}");
     // The process is still serving.
     let (ok, out, _) = run_async(curl(&["--http2-prior-knowledge", "-d", "still"])).await;
     assert!(ok && out.starts_with("still"), "{out}");
