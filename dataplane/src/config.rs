@@ -1182,6 +1182,111 @@ batch_interval = "often"
     }
 
     #[test]
+    fn protocol_keys_are_validated_by_name() {
+        let e = Config::from_toml(
+            r#"
+[services.a]
+upstreams = ["127.0.0.1:1"]
+sni = ["db.example", "bad*name"]
+[services.b]
+upstreams = ["127.0.0.1:2"]
+sni = ["db.example"]
+send_proxy_protocol = "v3"
+"#,
+        )
+        .unwrap_err();
+        assert!(
+            e[0].contains("send_proxy_protocol") && e[0].contains("v3"),
+            "{e:?}"
+        );
+        let e = Config::from_toml(
+            r#"
+[services.a]
+upstreams = ["127.0.0.1:1"]
+sni = ["db.example", "bad*name"]
+[services.b]
+upstreams = ["127.0.0.1:2"]
+sni = ["DB.example"]
+[[listeners]]
+name = "main"
+listen = "127.0.0.1:x"
+tcp_service = "nope"
+detect_timeout = "soon"
+proxy_protocol_from = ["10.0.0.0/40"]
+[[listeners]]
+name = "raw"
+listen = "127.0.0.1:0"
+http = false
+[connect]
+allow = ["example.com", "*.ok.example:443", "10.0.0.0/8:1-*"]
+"#,
+        )
+        .unwrap_err();
+        let all = e.join("\n");
+        for needle in [
+            "services.a.sni: \"bad*name\" is not a server name",
+            "services.b.sni: \"db.example\" is also claimed by service a",
+            "listeners[0].name = \"main\" must be non-empty and unique",
+            "listeners[0].listen = \"127.0.0.1:x\"",
+            "listeners[0].tcp_service = \"nope\" is not a service",
+            "listeners[0].detect_timeout = \"soon\"",
+            "listeners[0].proxy_protocol_from: \"10.0.0.0/40\"",
+            "connect.allow: \"example.com\" is not host:port",
+            "connect.allow: \"10.0.0.0/8:1-*\" is not host:port",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+        assert!(!all.contains("*.ok.example"), "{all}");
+        assert!(
+            !all.contains("listeners[1]"),
+            "sni services make an http = false listener useful: {all}"
+        );
+    }
+
+    #[test]
+    fn sni_and_connect_rules_match() {
+        let c = Config::from_toml(
+            r#"
+[services.a]
+upstreams = ["127.0.0.1:1"]
+sni = ["*.example", "db.example"]
+[services.b]
+upstreams = ["127.0.0.1:2"]
+sni = ["*.eu.example"]
+[connect]
+allow = ["api.example:443", "*.internal.example:8000-8100", "10.1.0.0/16:*", "[::1]:22"]
+"#,
+        )
+        .unwrap();
+        let svc = |n: &str| {
+            c.sni_service(n)
+                .map(|(s, p)| (s.name.clone(), p.to_string()))
+        };
+        assert_eq!(svc("DB.example."), Some(("a".into(), "db.example".into())));
+        assert_eq!(
+            svc("x.eu.example"),
+            Some(("b".into(), "*.eu.example".into()))
+        );
+        assert_eq!(svc("x.example"), Some(("a".into(), "*.example".into())));
+        assert_eq!(svc("example"), None);
+        assert_eq!(svc("other.test"), None);
+        assert!(
+            c.services["a"].routes.is_empty(),
+            "a TLS service gets no HTTP route"
+        );
+        let k = c.connect.as_ref().unwrap();
+        assert!(k.allows("API.example", 443));
+        assert!(!k.allows("api.example", 444));
+        assert!(!k.allows("evil-api.example", 443));
+        assert!(k.allows("a.internal.example", 8050));
+        assert!(!k.allows("internal.example", 8050));
+        assert!(k.allows("10.1.2.3", 5));
+        assert!(!k.allows("10.2.0.1", 5));
+        assert!(k.allows("[::1]", 22));
+        assert!(!k.allows("localhost", 22));
+    }
+
+    #[test]
     fn duplicate_routes_are_refused() {
         let e = Config::from_toml(
             r#"
