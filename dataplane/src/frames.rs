@@ -41,7 +41,8 @@ pub struct FrameTracker {
     offset: u64,
     /// Bytes of the data message being assembled across fragments.
     message_bytes: u64,
-    close_payload: [u8; 125],
+    /// Allocated at the first close frame (every live connection holds a tracker per direction).
+    close_payload: Option<Box<[u8; 125]>>,
     close_len: u8,
     close_seen: bool,
     /// The stream violated the framing (length > 2^63, control frame too long). Tracking stops.
@@ -59,7 +60,7 @@ impl Default for FrameTracker {
             mask: None,
             offset: 0,
             message_bytes: 0,
-            close_payload: [0; 125],
+            close_payload: None,
             close_len: 0,
             close_seen: false,
             broken: false,
@@ -110,8 +111,10 @@ impl FrameTracker {
     /// The code and reason of the last close frame seen, if any (1005 "no status" for a close
     /// frame without a code, as RFC 6455 §7.1.5 reports it).
     pub fn close(&self) -> Option<(u16, &[u8])> {
-        if self.close_len >= 2 {
-            let p = &self.close_payload[..usize::from(self.close_len)];
+        if self.close_len >= 2
+            && let Some(p) = &self.close_payload
+        {
+            let p = &p[..usize::from(self.close_len)];
             Some((u16::from_be_bytes([p[0], p[1]]), &p[2..]))
         } else if self.close_seen {
             Some((1005, &[]))
@@ -153,11 +156,12 @@ impl FrameTracker {
                 State::Payload { remaining } => {
                     let take = remaining.min(data.len() as u64) as usize;
                     if self.control == Some(0x8) {
+                        let payload = self.close_payload.get_or_insert_with(|| Box::new([0; 125]));
                         for (i, b) in data[..take].iter().enumerate() {
                             let off = self.offset + i as u64;
                             if off < 125 {
                                 let m = self.mask.map_or(0, |k| k[(off % 4) as usize]);
-                                self.close_payload[off as usize] = b ^ m;
+                                payload[off as usize] = b ^ m;
                             }
                         }
                     }

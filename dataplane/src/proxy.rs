@@ -83,6 +83,18 @@ pub struct ConnInfo {
     pub listener: Arc<str>,
 }
 
+/// What a tunnel keeps for its profile, boxed once.
+#[derive(Debug)]
+struct Tunnel {
+    id: uuid::Uuid,
+    ctx: ConnectionContext,
+    decision: Decision,
+    timings: Timings,
+    started_at: chrono::DateTime<chrono::Utc>,
+    conn: ConnInfo,
+    trace: TraceContext,
+}
+
 /// The client side of a tunnel.
 #[derive(Debug)]
 pub enum ClientLeg {
@@ -97,7 +109,7 @@ fn into_tcp(parts: hyper::upgrade::Parts<TokioIo<crate::server::Http1Io>>) -> (T
     let (tcp, rest) = parts.io.into_inner().into_inner().into_parts();
     // hyper's buffer holds what it read past the request head; the detection head's unread
     // part (if any) comes after it, then the socket.
-    let mut head = parts.read_buf.to_vec();
+    let mut head = detach(parts.read_buf);
     head.extend_from_slice(&rest);
     (tcp, head)
 }
@@ -840,6 +852,17 @@ impl Proxy {
         let up_on = hyper::upgrade::on(&mut resp);
         let client_on = hyper::upgrade::on(&mut req);
         let proxy = self.clone();
+        // One box for everything the tunnel keeps: captured loose, each value would be held
+        // twice for the connection's life (by this task and by the tunnel's own state).
+        let meta = Box::new(Tunnel {
+            id: connection_id,
+            ctx,
+            decision,
+            timings,
+            started_at,
+            conn,
+            trace,
+        });
         tokio::spawn(async move {
             let (c, u) = tokio::join!(client_on, up_on);
             let (c, u) = match (c, u) {
@@ -857,6 +880,10 @@ impl Proxy {
                 tracing::error!("upgraded upstream connection is not a TCP stream");
                 return;
             };
+            // Copy the bytes that came with the 101 and let hyper's read buffer go now: the
+            // `Bytes` keeps its whole allocation (8 KiB or more) alive, and anything left in
+            // scope here lives as long as the connection.
+            let (upstream, upstream_head) = (u.io.into_inner(), detach(u.read_buf));
             let (client, client_head) = if h2 {
                 (ClientLeg::H2(TokioIo::new(c)), Vec::new())
             } else {
@@ -872,20 +899,7 @@ impl Proxy {
                 }
             };
             proxy
-                .tunnel(
-                    client,
-                    client_head,
-                    u.io.into_inner(),
-                    u.read_buf.to_vec(),
-                    deflate,
-                    connection_id,
-                    ctx,
-                    decision,
-                    timings,
-                    started_at,
-                    conn,
-                    trace,
-                )
+                .tunnel(client, client_head, upstream, upstream_head, deflate, meta)
                 .await;
         });
         let mut r = Response::new(
@@ -1023,6 +1037,15 @@ impl Proxy {
         let trace = TraceContext::from_headers(req.headers());
         let on = hyper::upgrade::on(&mut req);
         let proxy = self.clone();
+        let meta = Box::new(Tunnel {
+            id,
+            ctx,
+            decision,
+            timings,
+            started_at,
+            conn,
+            trace,
+        });
         tokio::spawn(async move {
             let parts = match on
                 .await
@@ -1036,20 +1059,7 @@ impl Proxy {
             };
             let (tcp, head) = into_tcp(parts);
             proxy
-                .tunnel(
-                    ClientLeg::Tcp(tcp),
-                    head,
-                    up,
-                    Vec::new(),
-                    None,
-                    id,
-                    ctx,
-                    decision,
-                    timings,
-                    started_at,
-                    conn,
-                    trace,
-                )
+                .tunnel(ClientLeg::Tcp(tcp), head, up, Vec::new(), None, meta)
                 .await;
         });
         let mut r = Response::new(
@@ -1157,12 +1167,7 @@ impl Proxy {
             return;
         }
         let trace = TraceContext::from_headers(&http::HeaderMap::new());
-        self.tunnel(
-            ClientLeg::Tcp(client),
-            head,
-            up,
-            Vec::new(),
-            None,
+        let meta = Box::new(Tunnel {
             id,
             ctx,
             decision,
@@ -1170,8 +1175,9 @@ impl Proxy {
             started_at,
             conn,
             trace,
-        )
-        .await;
+        });
+        self.tunnel(ClientLeg::Tcp(client), head, up, Vec::new(), None, meta)
+            .await;
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1182,13 +1188,7 @@ impl Proxy {
         upstream: TcpStream,
         upstream_head: Vec<u8>,
         deflate: Option<crate::deflate::DeflateParams>,
-        id: uuid::Uuid,
-        ctx: ConnectionContext,
-        decision: Decision,
-        timings: Timings,
-        started_at: chrono::DateTime<chrono::Utc>,
-        conn: ConnInfo,
-        trace: TraceContext,
+        meta: Box<Tunnel>,
     ) {
         METRICS.active_upgraded.fetch_add(1, Ordering::Relaxed);
         // Copy the bytes that came with the handshakes and let hyper's read buffers go: a
@@ -1196,16 +1196,16 @@ impl Proxy {
         // be held for the life of an idle connection.
         let (client_head, upstream_head) = (shrink(client_head), shrink(upstream_head));
         let limits = self.limits();
-        let settings = decision.settings;
+        let settings = meta.decision.settings;
         let fl = ForwardLimits {
             stall_timeout: limits.stall_timeout,
             max_message_bytes: limits.max_message_bytes,
             close_grace: limits.drain_timeout.min(Duration::from_secs(5)),
         };
         // Spread shutdown closes over most of the drain window.
-        let slot = tuning::hash::unit(tuning::hash::stable_hash(&[id.as_bytes()]));
+        let slot = tuning::hash::unit(tuning::hash::stable_hash(&[meta.id.as_bytes()]));
         let drain_delay = limits.drain_timeout.mul_f64(0.5 * slot);
-        let is_ws = ctx.protocol == Protocol::Websocket;
+        let is_ws = meta.ctx.protocol == Protocol::Websocket;
         // Each mode's forwarding future is boxed at its own size: inlined here, every
         // connection's task would be as large as the largest mode's state (13 KiB measured),
         // held for the connection's whole life.
@@ -1241,7 +1241,7 @@ impl Proxy {
                     ))
                 };
                 let out = forwarding.await;
-                self.finish_tunnel(out, id, ctx, decision, timings, started_at, conn, trace);
+                self.finish_tunnel(out, meta);
                 return;
             }
         };
@@ -1289,22 +1289,20 @@ impl Proxy {
             ))
         };
         let out: Outcome = forwarding.await;
-        self.finish_tunnel(out, id, ctx, decision, timings, started_at, conn, trace);
+        self.finish_tunnel(out, meta);
     }
 
     /// Count a finished tunnel and emit its profile.
-    #[allow(clippy::too_many_arguments)]
-    fn finish_tunnel(
-        &self,
-        out: Outcome,
-        id: uuid::Uuid,
-        ctx: ConnectionContext,
-        decision: Decision,
-        timings: Timings,
-        started_at: chrono::DateTime<chrono::Utc>,
-        conn: ConnInfo,
-        trace: TraceContext,
-    ) {
+    fn finish_tunnel(&self, out: Outcome, meta: Box<Tunnel>) {
+        let Tunnel {
+            id,
+            ctx,
+            decision,
+            timings,
+            started_at,
+            conn,
+            trace,
+        } = *meta;
         METRICS.active_upgraded.fetch_sub(1, Ordering::Relaxed);
         let m = &METRICS;
         m.bytes[0].fetch_add(out.c2u.bytes, Ordering::Relaxed);
@@ -1382,6 +1380,11 @@ fn event_stream(h: &http::HeaderMap, body: RespBody, service: &Service) -> RespB
         Duration::from_secs(u64::from(s.idle_timeout)),
     )
     .boxed_unsync()
+}
+
+/// An owned copy of `b`, sized to its bytes; `b` (and the allocation it slices) is dropped.
+fn detach(b: Bytes) -> Vec<u8> {
+    b.to_vec()
 }
 
 /// `b` without spare capacity (it may be held for the life of an idle connection).

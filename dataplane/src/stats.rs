@@ -3,12 +3,39 @@
 use std::time::Instant;
 
 use tuning::DirectionStats;
+use tuning::profile::{HIST_BUCKETS, Hist};
+
+/// A histogram with the profile's buckets and 32-bit counts (half the size of [`Hist`]: it is
+/// held by every live connection, three per direction).
+#[derive(Debug, Clone, Copy)]
+struct Counts([u32; HIST_BUCKETS]);
+
+impl Counts {
+    #[inline]
+    fn record(&mut self, v: u64) {
+        let b = &mut self.0[Hist::bucket(v)];
+        *b = b.saturating_add(1);
+    }
+
+    fn widen(&self) -> Hist {
+        Hist(self.0.map(u64::from))
+    }
+}
 
 /// Statistics of one direction while the connection lives.
 #[derive(Debug, Clone)]
 pub struct DirStats {
-    /// What ends up in the profile.
-    pub s: DirectionStats,
+    /// Bytes read.
+    pub bytes: u64,
+    /// Complete messages.
+    pub messages: u64,
+    msg_sizes: Counts,
+    read_sizes: Counts,
+    gaps_ms: Counts,
+    max_gap_ms: u64,
+    sampled_in: u64,
+    sampled_out: u64,
+    first_message_us: Option<u64>,
     origin: Instant,
     last_msg: Option<Instant>,
 }
@@ -16,8 +43,17 @@ pub struct DirStats {
 impl DirStats {
     /// Start counting; `origin` is the moment the connection was upgraded.
     pub fn new(origin: Instant) -> DirStats {
+        let zero = Counts([0; HIST_BUCKETS]);
         DirStats {
-            s: DirectionStats::default(),
+            bytes: 0,
+            messages: 0,
+            msg_sizes: zero,
+            read_sizes: zero,
+            gaps_ms: zero,
+            max_gap_ms: 0,
+            sampled_in: 0,
+            sampled_out: 0,
+            first_message_us: None,
             origin,
             last_msg: None,
         }
@@ -26,25 +62,25 @@ impl DirStats {
     /// Bytes arrived in one read.
     #[inline]
     pub fn on_read(&mut self, n: usize) {
-        self.s.bytes += n as u64;
-        self.s.read_sizes.record(n as u64);
+        self.bytes += n as u64;
+        self.read_sizes.record(n as u64);
     }
 
     /// A complete message of `size` bytes passed at `now`.
     #[inline]
     pub fn on_message(&mut self, size: u64, now: Instant) {
-        self.s.messages += 1;
-        self.s.msg_sizes.record(size);
+        self.messages += 1;
+        self.msg_sizes.record(size);
         match self.last_msg {
             Some(l) => {
                 let gap = now.saturating_duration_since(l).as_millis() as u64;
-                self.s.gaps_ms.record(gap);
-                self.s.max_gap_ms = self.s.max_gap_ms.max(gap);
+                self.gaps_ms.record(gap);
+                self.max_gap_ms = self.max_gap_ms.max(gap);
             }
             None => {
                 let us = now.saturating_duration_since(self.origin).as_micros() as u64;
-                self.s.first_message_us = Some(us);
-                self.s.max_gap_ms = self.s.max_gap_ms.max(us / 1000);
+                self.first_message_us = Some(us);
+                self.max_gap_ms = self.max_gap_ms.max(us / 1000);
             }
         }
         self.last_msg = Some(now);
@@ -52,16 +88,25 @@ impl DirStats {
 
     /// A sampled message: `raw` bytes deflated to `compressed`.
     pub fn on_sample(&mut self, raw: u64, compressed: u64) {
-        self.s.sampled_in += raw;
-        self.s.sampled_out += compressed;
+        self.sampled_in += raw;
+        self.sampled_out += compressed;
     }
 
     /// Close the books at `end`: the trailing silence counts toward the longest gap.
-    pub fn finish(mut self, end: Instant) -> DirectionStats {
+    pub fn finish(self, end: Instant) -> DirectionStats {
         let since = self.last_msg.unwrap_or(self.origin);
         let tail = end.saturating_duration_since(since).as_millis() as u64;
-        self.s.max_gap_ms = self.s.max_gap_ms.max(tail);
-        self.s
+        DirectionStats {
+            bytes: self.bytes,
+            messages: self.messages,
+            msg_sizes: self.msg_sizes.widen(),
+            read_sizes: self.read_sizes.widen(),
+            gaps_ms: self.gaps_ms.widen(),
+            max_gap_ms: self.max_gap_ms.max(tail),
+            sampled_in: self.sampled_in,
+            sampled_out: self.sampled_out,
+            first_message_us: self.first_message_us,
+        }
     }
 }
 
