@@ -35,13 +35,13 @@ pub struct TraceContext {
 }
 
 fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+    s
 }
 
 fn unhex<const N: usize>(s: &str) -> Option<[u8; N]> {
@@ -82,15 +82,30 @@ pub fn parse_traceparent(v: &str) -> Option<([u8; 16], [u8; 8], u8)> {
     Some((trace, span, flags[0]))
 }
 
+/// Random trace and span ids from a per-thread splitmix64 generator seeded once from the OS:
+/// ids need to be unpredictable enough not to collide, not cryptographic, and a getrandom(2)
+/// call per request showed in the HTTP profile.
 fn random<const N: usize>() -> [u8; N] {
-    loop {
-        let u = uuid::Uuid::new_v4();
-        let mut out = [0u8; N];
-        out.copy_from_slice(&u.as_bytes()[..N]);
+    thread_local! {
+        static STATE: std::cell::Cell<u64> = std::cell::Cell::new({
+            let u = uuid::Uuid::new_v4();
+            u64::from_le_bytes(u.as_bytes()[..8].try_into().expect("8 bytes"))
+        });
+    }
+    let mut out = [0u8; N];
+    STATE.with(|s| loop {
+        for chunk in out.chunks_mut(8) {
+            let mut z = s.get().wrapping_add(0x9E37_79B9_7F4A_7C15);
+            s.set(z);
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            chunk.copy_from_slice(&z.to_le_bytes()[..chunk.len()]);
+        }
         if out != [0; N] {
             return out;
         }
-    }
+    })
 }
 
 impl TraceContext {
