@@ -55,6 +55,34 @@ fn parse_bits(v: Option<&str>) -> Result<Option<u8>, ()> {
     }
 }
 
+/// The parameters a server agreed to, from its `Sec-WebSocket-Extensions` answer (the client's
+/// side); `None` when it did not accept permessage-deflate or answered something malformed.
+pub fn accepted(answer: &str) -> Option<DeflateParams> {
+    let mut parts = answer.split(';').map(str::trim);
+    if !parts.next()?.eq_ignore_ascii_case("permessage-deflate") {
+        return None;
+    }
+    let mut p = DeflateParams {
+        server_no_context_takeover: false,
+        client_no_context_takeover: false,
+        server_max_window_bits: 15,
+        client_max_window_bits: 15,
+    };
+    for param in parts {
+        let (k, v) = param
+            .split_once('=')
+            .map_or((param, None), |(k, v)| (k.trim(), Some(v)));
+        match k.to_ascii_lowercase().as_str() {
+            "server_no_context_takeover" => p.server_no_context_takeover = true,
+            "client_no_context_takeover" => p.client_no_context_takeover = true,
+            "server_max_window_bits" => p.server_max_window_bits = parse_bits(v).ok()??,
+            "client_max_window_bits" => p.client_max_window_bits = parse_bits(v).ok()??,
+            _ => return None,
+        }
+    }
+    Some(p)
+}
+
 /// Choose the first acceptable permessage-deflate offer in the client's
 /// `Sec-WebSocket-Extensions` values; returns the agreed parameters and the response value.
 pub fn negotiate<'a>(offers: impl IntoIterator<Item = &'a str>) -> Option<(DeflateParams, String)> {
@@ -222,10 +250,13 @@ fn put_header(out: &mut BytesMut, first: u8, len: u64, mask: Option<[u8; 4]>) {
     }
 }
 
-/// The client stream with permessage-deflate applied in both directions.
+/// The client stream with permessage-deflate applied in both directions (or, with
+/// [`DeflateStream::client`], a client's stream toward a server that agreed to it).
 #[derive(Debug)]
 pub struct DeflateStream<S> {
     inner: S,
+    /// This end is the client: frames read are unmasked, frames written are masked.
+    client_role: bool,
     params: DeflateParams,
     max_message: usize,
     // read side: raw client bytes in, plain frames out
@@ -250,6 +281,7 @@ impl<S> DeflateStream<S> {
     pub fn new(inner: S, params: DeflateParams, max_message: usize, level: u32) -> Self {
         DeflateStream {
             inner,
+            client_role: false,
             params,
             max_message,
             raw: BytesMut::new(),
@@ -269,6 +301,21 @@ impl<S> DeflateStream<S> {
             stats: (0, 0),
             eof: false,
         }
+    }
+
+    /// The client's side: `params` as the server answered them; inflates the server's
+    /// compressed frames for a tungstenite client above, and compresses (and masks) what it
+    /// writes.
+    pub fn client(inner: S, params: DeflateParams, max_message: usize, level: u32) -> Self {
+        let mut d = DeflateStream::new(inner, params, max_message, level);
+        d.client_role = true;
+        d.inflater = Decompress::new_with_window_bits(false, params.server_max_window_bits.max(9));
+        d.deflater = Compress::new_with_window_bits(
+            Compression::new(level),
+            false,
+            params.client_max_window_bits.max(9),
+        );
+        d
     }
 
     /// Bytes the client sent before the stream was wrapped (right behind its request head).
@@ -313,24 +360,27 @@ impl<S> DeflateStream<S> {
                 return;
             }
             let frame = self.raw.split_to(total);
+            // Frames toward a server are masked, frames toward a client are not.
+            let well_masked = h.mask.is_some() != self.client_role;
             let compressed_start =
-                h.opcode != 0 && h.opcode < 8 && h.rsv1 && h.rsv23 == 0 && h.mask.is_some();
+                h.opcode != 0 && h.opcode < 8 && h.rsv1 && h.rsv23 == 0 && well_masked;
             let compressed_cont = h.opcode == 0 && !h.rsv1 && self.in_compressed;
             if h.opcode != 0 && h.opcode < 8 {
                 self.in_compressed = compressed_start;
                 self.in_message_bytes = 0;
             }
-            if !(compressed_start || compressed_cont) || h.mask.is_none() || h.rsv23 != 0 {
+            if !(compressed_start || compressed_cont) || !well_masked || h.rsv23 != 0 {
                 // Control frames, uncompressed messages and anything malformed reach
                 // tungstenite exactly as sent; it enforces the rest of RFC 6455.
                 self.plain.extend_from_slice(&frame);
                 continue;
             }
             // Unmask and inflate this frame's part of the compressed message.
-            let mask = h.mask.expect("checked");
             let mut payload = frame[h.header_len..].to_vec();
-            for (i, b) in payload.iter_mut().enumerate() {
-                *b ^= mask[i % 4];
+            if let Some(mask) = h.mask {
+                for (i, b) in payload.iter_mut().enumerate() {
+                    *b ^= mask[i % 4];
+                }
             }
             if h.fin {
                 payload.extend_from_slice(&TRAILER);
@@ -351,16 +401,22 @@ impl<S> DeflateStream<S> {
             }
             self.in_message_bytes += self.scratch.len() as u64;
             let first = (u8::from(h.fin) << 7) | h.opcode;
+            let plain_mask = (!self.client_role).then_some([0; 4]);
             put_header(
                 &mut self.plain,
                 first,
                 self.scratch.len() as u64,
-                Some([0; 4]),
+                plain_mask,
             );
             self.plain.extend_from_slice(&self.scratch);
             if h.fin {
                 self.in_compressed = false;
-                if self.params.client_no_context_takeover {
+                let peer_resets = if self.client_role {
+                    self.params.server_no_context_takeover
+                } else {
+                    self.params.client_no_context_takeover
+                };
+                if peer_resets {
                     self.inflater.reset(false);
                 }
             }
@@ -383,7 +439,18 @@ impl<S> DeflateStream<S> {
                 self.wire.extend_from_slice(&frame);
                 continue;
             }
-            let payload = &frame[h.header_len..];
+            let mut unmasked;
+            let payload = match h.mask {
+                // A client's frames come masked from tungstenite: compress the plain bytes.
+                Some(mask) => {
+                    unmasked = frame[h.header_len..].to_vec();
+                    for (i, b) in unmasked.iter_mut().enumerate() {
+                        *b ^= mask[i % 4];
+                    }
+                    &unmasked[..]
+                }
+                None => &frame[h.header_len..],
+            };
             if h.opcode != 0 {
                 self.out_compressed = true;
             }
@@ -399,9 +466,19 @@ impl<S> DeflateStream<S> {
             self.stats.1 += out.len() as u64;
             let rsv1 = if h.opcode != 0 { 0x40 } else { 0 };
             let first = (u8::from(h.fin) << 7) | rsv1 | h.opcode;
-            put_header(&mut self.wire, first, out.len() as u64, None);
+            put_header(&mut self.wire, first, out.len() as u64, h.mask);
+            if let Some(mask) = h.mask {
+                for (i, b) in out.iter_mut().enumerate() {
+                    *b ^= mask[i % 4];
+                }
+            }
             self.wire.extend_from_slice(&out);
-            if h.fin && self.params.server_no_context_takeover {
+            let we_reset = if self.client_role {
+                self.params.client_no_context_takeover
+            } else {
+                self.params.server_no_context_takeover
+            };
+            if h.fin && we_reset {
                 self.deflater.reset();
             }
         }
@@ -606,5 +683,68 @@ mod tests {
             Ok(false)
         );
         assert!(back.len() < (1 << 20), "stopped early: {}", back.len());
+    }
+
+    #[test]
+    fn a_server_answer_gives_the_client_its_parameters() {
+        let p =
+            accepted("permessage-deflate; server_no_context_takeover; client_max_window_bits=10")
+                .unwrap();
+        assert!(p.server_no_context_takeover && !p.client_no_context_takeover);
+        assert_eq!(
+            (p.server_max_window_bits, p.client_max_window_bits),
+            (15, 10)
+        );
+        assert_eq!(accepted("x-webkit-deflate-frame"), None);
+        assert_eq!(
+            accepted("permessage-deflate; server_max_window_bits=99"),
+            None
+        );
+        assert_eq!(accepted("permessage-deflate; unknown"), None);
+    }
+
+    /// A tungstenite client over the client role and a tungstenite server over the server
+    /// role, through a pipe: messages both ways arrive intact, compressed on the wire.
+    #[tokio::test]
+    async fn client_and_server_roles_talk_to_each_other() {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::WebSocketStream;
+        use tokio_tungstenite::tungstenite::Message;
+        use tokio_tungstenite::tungstenite::protocol::Role;
+        for offer in [
+            "permessage-deflate",
+            "permessage-deflate; server_no_context_takeover; client_no_context_takeover",
+        ] {
+            let (params, answer) = negotiate([offer]).unwrap();
+            let client_params = accepted(&answer).unwrap();
+            let (a, b) = tokio::io::duplex(1 << 16);
+            let server = DeflateStream::new(b, params, 1 << 20, 6);
+            let client = DeflateStream::client(a, client_params, 1 << 20, 6);
+            let mut s = WebSocketStream::from_raw_socket(server, Role::Server, None).await;
+            let mut c = WebSocketStream::from_raw_socket(client, Role::Client, None).await;
+            let text = "{\"type\":\"message\",\"text\":\"hello hello hello hello\"}".repeat(20);
+            for i in 0..5 {
+                c.send(Message::text(format!("{i}{text}"))).await.unwrap();
+                let got = s.next().await.unwrap().unwrap();
+                assert_eq!(got, Message::text(format!("{i}{text}")));
+                s.send(got).await.unwrap();
+                assert_eq!(
+                    c.next().await.unwrap().unwrap(),
+                    Message::text(format!("{i}{text}"))
+                );
+            }
+            let (raw, wire) = c.get_ref().stats;
+            assert!(
+                wire * 5 < raw,
+                "{offer}: {wire} bytes on the wire for {raw}"
+            );
+            let (raw, wire) = s.get_ref().stats;
+            assert!(
+                wire * 5 < raw,
+                "{offer}: {wire} bytes on the wire for {raw}"
+            );
+            c.close(None).await.unwrap();
+            assert!(matches!(s.next().await, Some(Ok(Message::Close(_)))));
+        }
     }
 }

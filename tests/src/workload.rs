@@ -9,10 +9,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::handshake::client::generate_key;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+
+/// A client's stream: plain TCP, or TCP under permessage-deflate.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 /// A kind of traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,6 +49,15 @@ impl Archetype {
         Archetype::Dashboard,
         Archetype::Terminal,
     ];
+
+    /// Whether its clients offer permessage-deflate: browsers and Python's `websockets` do;
+    /// the Go tool, the devices and the tunnel do not.
+    pub fn offers_deflate(self) -> bool {
+        matches!(
+            self,
+            Archetype::Chat | Archetype::Dashboard | Archetype::Feed
+        )
+    }
 
     /// Its path prefix (the demo config routes each to its own service).
     pub fn route(self) -> &'static str {
@@ -186,12 +203,7 @@ async fn session(
         Archetype::Dashboard => "?push=2&size=3000",
         _ => "",
     };
-    let mut req = format!("ws://{}{}/stream{query}", w.proxy, a.route()).into_client_request()?;
-    let h = req.headers_mut();
-    h.insert("user-agent", a.user_agent().parse()?);
-    h.insert("x-client-id", client.parse()?);
-    let tcp = TcpStream::connect(w.proxy).await?;
-    let (mut ws, _) = tokio_tungstenite::client_async(req, tcp).await?;
+    let mut ws = ws_handshake(w.proxy, &format!("{}/stream{query}", a.route()), a, client).await?;
     let end = Instant::now() + a.life(w.session);
     let (msg, gap): (Vec<u8>, Duration) = match a {
         Archetype::Chat => (
@@ -231,6 +243,67 @@ async fn session(
     ws.close(None).await?;
     while let Ok(Some(Ok(_))) = tokio::time::timeout(Duration::from_secs(2), ws.next()).await {}
     Ok(())
+}
+
+/// The WebSocket handshake as the archetype's client makes it (offering permessage-deflate
+/// when it does, and speaking it when the proxy agrees).
+async fn ws_handshake(
+    proxy: SocketAddr,
+    path: &str,
+    a: Archetype,
+    client: &str,
+) -> anyhow::Result<WebSocketStream<Box<dyn Io>>> {
+    let mut tcp = TcpStream::connect(proxy).await?;
+    let key = generate_key();
+    let mut head = format!(
+        "GET {path} HTTP/1.1\r\nHost: {proxy}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nUser-Agent: {}\r\nX-Client-Id: {client}\r\n",
+        a.user_agent()
+    );
+    if a.offers_deflate() {
+        head.push_str("Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n");
+    }
+    head.push_str("\r\n");
+    tcp.write_all(head.as_bytes()).await?;
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    let end = loop {
+        if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        anyhow::ensure!(got.len() < 16 << 10, "response head too large");
+        let n = tcp.read(&mut buf).await?;
+        anyhow::ensure!(n > 0, "closed during the handshake");
+        got.extend_from_slice(&buf[..n]);
+    };
+    let text = String::from_utf8_lossy(&got[..end]).into_owned();
+    anyhow::ensure!(text.starts_with("HTTP/1.1 101"), "no 101: {text}");
+    let header = |name: &str| {
+        text.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_string())
+        })
+    };
+    anyhow::ensure!(
+        header("sec-websocket-accept").as_deref()
+            == Some(derive_accept_key(key.as_bytes()).as_str()),
+        "wrong Sec-WebSocket-Accept"
+    );
+    let rest = got[end..].to_vec();
+    let io: Box<dyn Io> = match header("sec-websocket-extensions") {
+        Some(answer) => {
+            anyhow::ensure!(a.offers_deflate(), "an extension nobody offered: {answer}");
+            let params = dataplane::deflate::accepted(&answer)
+                .ok_or_else(|| anyhow::anyhow!("unusable extension answer {answer:?}"))?;
+            Box::new(
+                dataplane::deflate::DeflateStream::client(tcp, params, 64 << 20, 6)
+                    .with_prefix(&rest),
+            )
+        }
+        None => Box::new(dataplane::prefixed::Prefixed::new(rest, tcp)),
+    };
+    Ok(WebSocketStream::from_raw_socket(io, Role::Client, None).await)
 }
 
 async fn terminal(w: &Workload, client: &str, seed: &mut u64, stats: &Stats) -> anyhow::Result<()> {

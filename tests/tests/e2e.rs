@@ -883,6 +883,10 @@ async fn the_workload_generator_drives_every_archetype_into_profiles(pool: sqlx:
             "[services.{name}]\nupstreams = [\"{echo}\"]\nroutes = [{{ path_prefix = \"{}\" }}]\n",
             a.route()
         ));
+        if a == Archetype::Dashboard {
+            // Browsers offer permessage-deflate; here the proxy takes them up on it.
+            services.push_str("settings = { mode = \"frame_aware\", compression = true }\n");
+        }
     }
     let dp = DataPlaneProc::start(&format!(
         "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nclient_key_header = \"x-client-id\"\n\
@@ -919,6 +923,17 @@ async fn the_workload_generator_drives_every_archetype_into_profiles(pool: sqlx:
         by("feed").3 > by("chat").3,
         "the feed pushes more messages than chat: {rows:?}"
     );
+    let deflate: Vec<(String, bool, bool)> = sqlx::query_as(
+        "select distinct service, offers_deflate, compression from profiles order by service",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("deflate");
+    for (service, offered, compressed) in &deflate {
+        let browserish = ["chat", "dashboard", "feed"].contains(&service.as_str());
+        assert_eq!(*offered, browserish, "{deflate:?}");
+        assert_eq!(*compressed, service == "dashboard", "{deflate:?}");
+    }
     let classes: Vec<(String, String)> =
         sqlx::query_as("select distinct service, client_class from profiles order by service")
             .fetch_all(&pool)

@@ -93,17 +93,19 @@ fn random<const N: usize>() -> [u8; N] {
         });
     }
     let mut out = [0u8; N];
-    STATE.with(|s| loop {
-        for chunk in out.chunks_mut(8) {
-            let mut z = s.get().wrapping_add(0x9E37_79B9_7F4A_7C15);
-            s.set(z);
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            chunk.copy_from_slice(&z.to_le_bytes()[..chunk.len()]);
-        }
-        if out != [0; N] {
-            return out;
+    STATE.with(|s| {
+        loop {
+            for chunk in out.chunks_mut(8) {
+                let mut z = s.get().wrapping_add(0x9E37_79B9_7F4A_7C15);
+                s.set(z);
+                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                z ^= z >> 31;
+                chunk.copy_from_slice(&z.to_le_bytes()[..chunk.len()]);
+            }
+            if out != [0; N] {
+                return out;
+            }
         }
     })
 }
