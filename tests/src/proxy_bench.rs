@@ -38,6 +38,8 @@ pub struct Params {
     pub http_requests: usize,
     /// Measure the memory per idle WebSocket only.
     pub memory_only: bool,
+    /// The echo upstream's process, whose own CPU is the baseline of the CPU figure.
+    pub upstream_pid: Option<u32>,
 }
 
 impl Default for Params {
@@ -49,6 +51,7 @@ impl Default for Params {
             throughput_msgs: 1500,
             cpu_seconds: 5,
             http_requests: 1000,
+            upstream_pid: None,
             memory_only: false,
         }
     }
@@ -69,6 +72,8 @@ pub struct Figures {
     pub idle_kib: Option<f64>,
     /// CPU per 100 active connections (each 100 msgs/s of 64 B), % of one core.
     pub cpu_pct: Option<f64>,
+    /// The echo upstream's own CPU over the same window, % of one core.
+    pub upstream_cpu_pct: Option<f64>,
     /// HTTP GET p50 on one keep-alive connection, µs.
     pub http_p50: f64,
     /// HTTP GET rate on 50 keep-alive connections, requests/s.
@@ -397,15 +402,19 @@ async fn idle_memory(t: &Target, n: usize) -> anyhow::Result<Option<f64>> {
 }
 
 /// 100 connections each sending a 64 B message every 10 ms and reading its echo, for
-/// `seconds`; the proxy's CPU time over the wall time, % of one core.
-async fn cpu_per_100(t: &Target, seconds: u64) -> anyhow::Result<Option<f64>> {
-    let Some(pid) = t.pid else { return Ok(None) };
+/// `seconds`; the proxy's and the upstream's CPU time over the wall time, % of one core.
+async fn cpu_per_100(
+    t: &Target,
+    seconds: u64,
+    upstream: Option<u32>,
+) -> anyhow::Result<(Option<f64>, Option<f64>)> {
     let addr = t.addr;
     let mut conns = Vec::new();
     for _ in 0..100 {
         conns.push(ws(addr, "/active").await?);
     }
-    let cpu0 = tree_cpu(pid);
+    let cpu0 = t.pid.map(tree_cpu);
+    let up0 = upstream.map(tree_cpu);
     let t0 = Instant::now();
     let until = t0 + Duration::from_secs(seconds);
     let mut tasks = Vec::new();
@@ -427,8 +436,10 @@ async fn cpu_per_100(t: &Target, seconds: u64) -> anyhow::Result<Option<f64>> {
         task.await??;
     }
     let wall = t0.elapsed().as_secs_f64();
-    let cpu = (tree_cpu(pid) - cpu0).as_secs_f64();
-    Ok(Some(cpu / wall * 100.0))
+    let pct = |pid: Option<u32>, before: Option<Duration>| {
+        Some((tree_cpu(pid?) - before?).as_secs_f64() / wall * 100.0)
+    };
+    Ok((pct(t.pid, cpu0), pct(upstream, up0)))
 }
 
 async fn http_conn(
@@ -509,7 +520,8 @@ pub async fn run_once(t: &Target, p: &Params) -> anyhow::Result<Figures> {
     let (hp50, hrate) = within(limit, http(t.addr, p.http_requests)).await??;
     f.http_p50 = hp50;
     f.http_rate = hrate;
-    f.cpu_pct = within(limit, cpu_per_100(t, p.cpu_seconds)).await??;
+    (f.cpu_pct, f.upstream_cpu_pct) =
+        within(limit, cpu_per_100(t, p.cpu_seconds, p.upstream_pid)).await??;
     Ok(f)
 }
 
@@ -527,6 +539,7 @@ pub fn medians(runs: &[Figures]) -> Figures {
         throughput: m(&|f| f.throughput),
         idle_kib: mo(&|f| f.idle_kib),
         cpu_pct: mo(&|f| f.cpu_pct),
+        upstream_cpu_pct: mo(&|f| f.upstream_cpu_pct),
         http_p50: m(&|f| f.http_p50),
         http_rate: m(&|f| f.http_rate),
     }
@@ -536,7 +549,7 @@ pub fn medians(runs: &[Figures]) -> Figures {
 pub fn table(names: &[String], figs: &[Figures], memory_only: bool) -> String {
     use std::fmt::Write as _;
     type Row = (&'static str, fn(&Figures) -> Option<f64>, bool);
-    let rows: [Row; 8] = [
+    let rows: [Row; 10] = [
         ("WS round trip p50, 1 conn (µs)", |f| Some(f.rtt1_p50), true),
         (
             "WS round trip p50, 100 conns (µs)",
@@ -555,6 +568,16 @@ pub fn table(names: &[String], figs: &[Figures], memory_only: bool) -> String {
         ),
         ("memory per idle WS (KiB)", |f| f.idle_kib, false),
         ("CPU per 100 active WS (% core)", |f| f.cpu_pct, false),
+        (
+            "  echo upstream's own CPU meanwhile (%)",
+            |f| f.upstream_cpu_pct,
+            false,
+        ),
+        (
+            "  proxy CPU / upstream CPU",
+            |f| Some(f.cpu_pct? / f.upstream_cpu_pct?),
+            false,
+        ),
         ("HTTP GET p50, 1 conn (µs)", |f| Some(f.http_p50), true),
         (
             "HTTP GET rate, 50 conns (req/s)",

@@ -105,12 +105,13 @@ async fn main() -> anyhow::Result<()> {
 
 async fn proxy(runs: usize, idle_conns: usize, memory_only: bool) -> anyhow::Result<()> {
     use trimtab_tests::proxy_bench as pb;
+    let (upstream, upstream_proc) = pb::spawn_upstream().await?;
     let params = pb::Params {
         idle_conns,
         memory_only,
+        upstream_pid: Some(upstream_proc.pid()),
         ..pb::Params::default()
     };
-    let (upstream, _upstream_proc) = pb::spawn_upstream().await?;
     // Fresh proxy processes for every run: memory growth is only meaningful in a process that
     // has not already grown (and kept) its heap for an earlier run's connections.
     let start = || async {
