@@ -365,11 +365,17 @@ pub async fn run(db_url: &str, db: &sqlx::PgPool, p: Params) -> anyhow::Result<S
     let weights = CostWeights::default();
     let mut arms: BTreeMap<(String, usize), Arm> = BTreeMap::new();
     let mut pooled: Vec<Arm> = vec![Arm::default(); 3];
-    for (w, canary_arm) in [(&w1, 1usize), (&w2, 2usize)] {
+    // Each connection counts for the arm whose model decided it: at a phase's start the data
+    // plane's decision cache may still answer from the previous phase's model for a moment.
+    for (w, canary_arm, canary_model) in [
+        (&w1, 1usize, "best-static"),
+        (&w2, 2usize, trained.version.as_str()),
+    ] {
         for pr in trainer::load(db, w).await? {
+            let model = pr.decision.model_version.as_deref();
             let arm = match pr.decision.cohort {
-                tuning::Cohort::Canary => canary_arm,
-                tuning::Cohort::Control => 0,
+                tuning::Cohort::Canary if model == Some(canary_model) => canary_arm,
+                tuning::Cohort::Control if model == Some("shipped-defaults") => 0,
                 _ => continue,
             };
             arms.entry((pr.context.service.clone(), arm))
