@@ -1209,84 +1209,56 @@ impl Proxy {
         // Each mode's forwarding future is boxed at its own size: inlined here, every
         // connection's task would be as large as the largest mode's state (13 KiB measured),
         // held for the connection's whole life.
-        type Forwarding<'a> =
-            std::pin::Pin<Box<dyn std::future::Future<Output = Outcome> + Send + 'a>>;
-        let client = match client {
-            ClientLeg::Tcp(c) => c,
-            ClientLeg::H2(client) => {
-                let forwarding: Forwarding<'_> = if let Some(params) = deflate {
-                    let client =
-                        crate::deflate::DeflateStream::new(client, params, fl.max_message_bytes, 6)
-                            .with_prefix(&client_head);
-                    Box::pin(forward::frame_aware::run(
-                        client,
-                        Vec::new(),
-                        upstream,
-                        upstream_head,
-                        &settings,
-                        fl,
-                        self.shutdown.clone(),
-                        drain_delay,
-                    ))
-                } else {
-                    Box::pin(forward::frame_aware::run(
-                        client,
-                        client_head,
-                        upstream,
-                        upstream_head,
-                        &settings,
-                        fl,
-                        self.shutdown.clone(),
-                        drain_delay,
-                    ))
-                };
-                let out = forwarding.await;
-                self.finish_tunnel(out, meta);
-                return;
-            }
-        };
-        let forwarding: Forwarding<'_> = if let Some(params) = deflate {
-            let client =
-                crate::deflate::DeflateStream::new(client, params, fl.max_message_bytes, 6)
-                    .with_prefix(&client_head);
-            Box::pin(forward::frame_aware::run(
-                client,
-                Vec::new(),
-                upstream,
-                upstream_head,
-                &settings,
-                fl,
-                self.shutdown.clone(),
-                drain_delay,
-            ))
-        } else if is_ws && settings.mode == Mode::FrameAware {
-            Box::pin(forward::frame_aware::run(
+        let shutdown = self.shutdown.clone();
+        let forwarding: Forwarding<'_> = match client {
+            // An HTTP/2 stream is no socket: frames are parsed.
+            ClientLeg::H2(client) => frame_aware(
                 client,
                 client_head,
                 upstream,
                 upstream_head,
+                deflate,
                 &settings,
                 fl,
-                self.shutdown.clone(),
+                shutdown,
                 drain_delay,
-            ))
-        } else {
-            let framing = if is_ws {
-                forward::zero_copy::Framing::WebSocket
-            } else {
-                forward::zero_copy::Framing::Opaque
-            };
-            Box::pin(forward::zero_copy::run(
-                client,
-                &client_head,
-                upstream,
-                &upstream_head,
-                &settings,
-                framing,
-                fl,
-                self.shutdown.clone(),
-                drain_delay,
-            ))
+            ),
+            ClientLeg::Tcp(client)
+                if deflate.is_some() || (is_ws && settings.mode == Mode::FrameAware) =>
+            {
+                frame_aware(
+                    client,
+                    client_head,
+                    upstream,
+                    upstream_head,
+                    deflate,
+                    &settings,
+                    fl,
+                    shutdown,
+                    drain_delay,
+                )
+            }
+            ClientLeg::Tcp(client) => {
+                let framing = if is_ws {
+                    forward::zero_copy::Framing::WebSocket
+                } else {
+                    forward::zero_copy::Framing::Opaque
+                };
+                Box::pin(async move {
+                    forward::zero_copy::run(
+                        client,
+                        &client_head,
+                        upstream,
+                        &upstream_head,
+                        &settings,
+                        framing,
+                        fl,
+                        shutdown,
+                        drain_delay,
+                    )
+                    .await
+                })
+            }
         };
         let out: Outcome = forwarding.await;
         self.finish_tunnel(out, meta);
@@ -1364,6 +1336,54 @@ impl Proxy {
             self.sink.emit(profile);
         }
         drop(conn);
+    }
+}
+
+/// A boxed forwarding future (each mode's at its own size).
+type Forwarding<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Outcome> + Send + 'a>>;
+
+/// `frame_aware` forwarding of a client leg, under permessage-deflate when it was agreed.
+#[allow(clippy::too_many_arguments)]
+fn frame_aware<'a, C>(
+    client: C,
+    client_head: Vec<u8>,
+    upstream: TcpStream,
+    upstream_head: Vec<u8>,
+    deflate: Option<crate::deflate::DeflateParams>,
+    settings: &'a tuning::Settings,
+    fl: ForwardLimits,
+    shutdown: watch::Receiver<bool>,
+    drain_delay: Duration,
+) -> Forwarding<'a>
+where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'a,
+{
+    match deflate {
+        Some(params) => {
+            let client =
+                crate::deflate::DeflateStream::new(client, params, fl.max_message_bytes, 6)
+                    .with_prefix(&client_head);
+            Box::pin(forward::frame_aware::run(
+                client,
+                Vec::new(),
+                upstream,
+                upstream_head,
+                settings,
+                fl,
+                shutdown,
+                drain_delay,
+            ))
+        }
+        None => Box::pin(forward::frame_aware::run(
+            client,
+            client_head,
+            upstream,
+            upstream_head,
+            settings,
+            fl,
+            shutdown,
+            drain_delay,
+        )),
     }
 }
 
