@@ -41,6 +41,25 @@ async fn run_async(mut cmd: Command) -> (bool, String, String) {
         .expect("join")
 }
 
+/// The data plane's profile log lines that `keep` selects, once there are `at_least` of them
+/// (within 5 s).
+async fn profiles(
+    dp: &DataPlaneProc,
+    at_least: usize,
+    keep: impl Fn(&serde_json::Value) -> bool,
+) -> Option<Vec<serde_json::Value>> {
+    let keep = &keep;
+    eventually(Duration::from_secs(5), || async move {
+        let rows: Vec<_> = dp
+            .closed_connections()
+            .into_iter()
+            .filter(|r| keep(r))
+            .collect();
+        (rows.len() >= at_least).then_some(rows)
+    })
+    .await
+}
+
 fn base(echo: SocketAddr, extra: &str) -> String {
     format!(
         r#"
@@ -485,12 +504,7 @@ async fn connect_tunnels_only_to_allowed_destinations() {
         Some(1.0)
     );
     // The tunnel was profiled as a raw TCP connection of the pseudo-service `connect`.
-    let rows = eventually(Duration::from_secs(5), || async {
-        let rows = dp.closed_connections();
-        (!rows.is_empty()).then_some(rows)
-    })
-    .await
-    .expect("a profile");
+    let rows = profiles(&dp, 1, |_| true).await.expect("a profile");
     assert_eq!(rows[0]["service"], "connect");
     assert_eq!(rows[0]["protocol"], "tcp");
     assert!(rows[0]["c2u_bytes"].as_u64().unwrap_or(0) > 18);
@@ -624,16 +638,9 @@ tcp_service = "banner"
     assert!(ok, "{err}");
     assert_eq!(out, "http here");
     // Profiles: raw TCP, routed by listener name.
-    let rows = eventually(Duration::from_secs(5), || async {
-        let rows: Vec<_> = dp
-            .closed_connections()
-            .into_iter()
-            .filter(|r| r["service"] == "banner")
-            .collect();
-        (rows.len() >= 3).then_some(rows)
-    })
-    .await
-    .expect("three banner profiles");
+    let rows = profiles(&dp, 3, |r| r["service"] == "banner")
+        .await
+        .expect("three banner profiles");
     assert!(
         rows.iter()
             .all(|r| r["protocol"] == "tcp" && r["mode"] == "zero_copy")
@@ -793,16 +800,9 @@ sni = ["*.b.example"]
     })
     .await;
     assert!(ok && out == "plain", "{out}");
-    let rows = eventually(Duration::from_secs(5), || async {
-        let rows: Vec<_> = dp
-            .closed_connections()
-            .into_iter()
-            .filter(|r| r["protocol"] == "tcp")
-            .collect();
-        (rows.len() >= 3).then_some(rows)
-    })
-    .await
-    .expect("tls profiles");
+    let rows = profiles(&dp, 3, |r| r["protocol"] == "tcp")
+        .await
+        .expect("tls profiles");
     assert!(
         rows.iter()
             .any(|r| r["service"] == "b" && r["route"] == "*.b.example")
@@ -868,14 +868,10 @@ proxy_protocol_from = ["127.0.0.0/8"]
     assert!(got.starts_with("HTTP/1.1 200"), "{got}");
     assert!(got.contains("2001:db8::9"), "X-Forwarded-For: {got}");
     // The profile of the TCP connection carries the client from the header.
-    let rows = eventually(Duration::from_secs(5), || async {
-        dp.closed_connections()
-            .into_iter()
-            .find(|r| r["service"] == "behind")
-    })
-    .await
-    .expect("profile");
-    assert_eq!(rows["client"], "203.0.113.7");
+    let rows = profiles(&dp, 1, |r| r["service"] == "behind")
+        .await
+        .expect("profile");
+    assert_eq!(rows[0]["client"], "203.0.113.7");
     // From an untrusted source (the main listener trusts nobody) a header is refused.
     let mut s = TcpStream::connect(dp.proxy).await.expect("connect");
     s.write_all(b"PROXY TCP4 203.0.113.7 127.0.0.1 51000 443\r\nGET / HTTP/1.1\r\n\r\n")
@@ -986,16 +982,9 @@ async fn websocket_over_http2_extended_connect() {
         .await
         .expect("answer");
     assert_eq!(resp.status(), StatusCode::NOT_IMPLEMENTED);
-    let rows = eventually(Duration::from_secs(5), || async {
-        let rows: Vec<_> = dp
-            .closed_connections()
-            .into_iter()
-            .filter(|r| r["protocol"] == "websocket")
-            .collect();
-        (rows.len() >= 2).then_some(rows)
-    })
-    .await
-    .expect("profiles");
+    let rows = profiles(&dp, 2, |r| r["protocol"] == "websocket")
+        .await
+        .expect("profiles");
     assert!(rows.iter().all(|r| r["mode"] == "frame_aware"), "{rows:?}");
     assert!(
         rows.iter()
