@@ -76,8 +76,7 @@ pub(crate) mod tests {
     #[test]
     fn a_model_for_another_feature_schema_is_refused() {
         let rt = Runtime::init(None).expect("ONNX Runtime");
-        let smoke =
-            std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../models/smoke.onnx")).unwrap();
+        let smoke = std::fs::read(tuning::checkout_path("models/smoke.onnx")).unwrap();
         let e = LoadedModel::load(rt, "smoke", &smoke).unwrap_err();
         assert!(e.to_string().contains("input \"features\" must be"), "{e}");
         let e = LoadedModel::load(rt, "junk", b"not onnx").unwrap_err();

@@ -36,8 +36,8 @@ pub struct Params {
     pub cpu_seconds: u64,
     /// HTTP requests on one connection (latency) and per connection of 50 (rate).
     pub http_requests: usize,
-    /// Measure the memory per idle WebSocket only.
-    pub memory_only: bool,
+    /// Which figures to measure (all by default).
+    pub figures: &'static [Figure],
     /// The echo upstream's process, whose own CPU is the baseline of the CPU figure.
     pub upstream_pid: Option<u32>,
 }
@@ -48,13 +48,39 @@ impl Default for Params {
             idle_conns: 9000,
             rtt_single: 2000,
             rtt_per_conn: 100,
-            throughput_msgs: 1500,
+            throughput_msgs: 10_000,
             cpu_seconds: 5,
-            http_requests: 1000,
+            http_requests: 3000,
             upstream_pid: None,
-            memory_only: false,
+            figures: Figure::ALL,
         }
     }
+}
+
+/// A group of figures, measurable on its own (`--figures`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Figure {
+    /// Memory per idle WebSocket.
+    Memory,
+    /// WebSocket round trips, 1 and 100 connections.
+    Rtt,
+    /// WebSocket throughput, 16 KiB messages.
+    Throughput,
+    /// HTTP GET latency and rate.
+    Http,
+    /// CPU per 100 active WebSockets, beside the upstream's own.
+    Cpu,
+}
+
+impl Figure {
+    /// Every figure, in the order they are measured.
+    pub const ALL: &'static [Figure] = &[
+        Figure::Memory,
+        Figure::Rtt,
+        Figure::Throughput,
+        Figure::Http,
+        Figure::Cpu,
+    ];
 }
 
 /// One target's figures from one run.
@@ -178,6 +204,10 @@ buffer_size = "16KiB"
 idle_timeout = "15m"
 ping_interval = "off"
 compression = false
+[services.bulk]
+upstreams = ["{upstream}"]
+routes = [{{ path_prefix = "/bulk" }}]
+settings = {{ buffer_size = "256KiB" }}
 [services.echo]
 upstreams = ["{upstream}"]
 routes = [{{ path_prefix = "/" }}]
@@ -366,7 +396,9 @@ async fn ws(addr: SocketAddr, path: &str) -> anyhow::Result<crate::load::Ws> {
 /// Open `n` WebSockets (each echoes one message, so both legs exist), hold them, and return
 /// the RSS growth of the process tree per connection, KiB.
 async fn idle_memory(t: &Target, n: usize) -> anyhow::Result<Option<f64>> {
-    let Some(pid) = t.pid else { return Ok(None) };
+    let Some(pid) = t.pid.filter(|_| n > 0) else {
+        return Ok(None);
+    };
     // Let the previous step's connections go away first.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = tree_rss_kib(pid);
@@ -499,29 +531,33 @@ pub async fn run_once(t: &Target, p: &Params) -> anyhow::Result<Figures> {
     let limit = Duration::from_secs(180);
     // Memory first, while the proxy process is fresh (a heap grown by earlier steps would
     // absorb the idle connections and hide their cost).
-    let mut f = Figures {
-        idle_kib: within(limit, idle_memory(t, p.idle_conns)).await??,
-        ..Figures::default()
-    };
-    if p.memory_only {
-        return Ok(f);
+    let mut f = Figures::default();
+    let on = |g| p.figures.contains(&g);
+    if on(Figure::Memory) {
+        f.idle_kib = within(limit, idle_memory(t, p.idle_conns)).await??;
     }
-    let l = latency(within(limit, ws_round_trips(t.addr, 1, p.rtt_single, 64)).await??);
-    f.rtt1_p50 = l.p50.as_secs_f64() * 1e6;
-    let l = latency(within(limit, ws_round_trips(t.addr, 100, p.rtt_per_conn, 64)).await??);
-    f.rtt100_p50 = l.p50.as_secs_f64() * 1e6;
-    f.rtt100_p99 = l.p99.as_secs_f64() * 1e6;
-    f.throughput = within(
-        limit,
-        ws_throughput(t.addr, 8, p.throughput_msgs, 16 << 10, 8),
-    )
-    .await??
-        / (1 << 20) as f64;
-    let (hp50, hrate) = within(limit, http(t.addr, p.http_requests)).await??;
-    f.http_p50 = hp50;
-    f.http_rate = hrate;
-    (f.cpu_pct, f.upstream_cpu_pct) =
-        within(limit, cpu_per_100(t, p.cpu_seconds, p.upstream_pid)).await??;
+    if on(Figure::Rtt) {
+        let l = latency(within(limit, ws_round_trips(t.addr, 1, p.rtt_single, 64)).await??);
+        f.rtt1_p50 = l.p50.as_secs_f64() * 1e6;
+        let l = latency(within(limit, ws_round_trips(t.addr, 100, p.rtt_per_conn, 64)).await??);
+        f.rtt100_p50 = l.p50.as_secs_f64() * 1e6;
+        f.rtt100_p99 = l.p99.as_secs_f64() * 1e6;
+    }
+    if on(Figure::Throughput) {
+        f.throughput = within(
+            limit,
+            ws_throughput(t.addr, 8, p.throughput_msgs, 16 << 10, 8),
+        )
+        .await??
+            / (1 << 20) as f64;
+    }
+    if on(Figure::Http) {
+        (f.http_p50, f.http_rate) = within(limit, http(t.addr, p.http_requests)).await??;
+    }
+    if on(Figure::Cpu) {
+        (f.cpu_pct, f.upstream_cpu_pct) =
+            within(limit, cpu_per_100(t, p.cpu_seconds, p.upstream_pid)).await??;
+    }
     Ok(f)
 }
 
@@ -546,40 +582,66 @@ pub fn medians(runs: &[Figures]) -> Figures {
 }
 
 /// The table: one row per figure, one column per target, each with its ratio to direct.
-pub fn table(names: &[String], figs: &[Figures], memory_only: bool) -> String {
+pub fn table(names: &[String], figs: &[Figures], measured: &[Figure]) -> String {
     use std::fmt::Write as _;
-    type Row = (&'static str, fn(&Figures) -> Option<f64>, bool);
+    type Row = (Figure, &'static str, fn(&Figures) -> Option<f64>, bool);
     let rows: [Row; 10] = [
-        ("WS round trip p50, 1 conn (µs)", |f| Some(f.rtt1_p50), true),
         (
+            Figure::Rtt,
+            "WS round trip p50, 1 conn (µs)",
+            |f| Some(f.rtt1_p50),
+            true,
+        ),
+        (
+            Figure::Rtt,
             "WS round trip p50, 100 conns (µs)",
             |f| Some(f.rtt100_p50),
             true,
         ),
         (
+            Figure::Rtt,
             "WS round trip p99, 100 conns (µs)",
             |f| Some(f.rtt100_p99),
             true,
         ),
         (
+            Figure::Throughput,
             "WS throughput 16 KiB, 8 conns (MiB/s)",
             |f| Some(f.throughput),
             true,
         ),
-        ("memory per idle WS (KiB)", |f| f.idle_kib, false),
-        ("CPU per 100 active WS (% core)", |f| f.cpu_pct, false),
         (
+            Figure::Memory,
+            "memory per idle WS (KiB)",
+            |f| f.idle_kib,
+            false,
+        ),
+        (
+            Figure::Cpu,
+            "CPU per 100 active WS (% core)",
+            |f| f.cpu_pct,
+            false,
+        ),
+        (
+            Figure::Cpu,
             "  echo upstream's own CPU meanwhile (%)",
             |f| f.upstream_cpu_pct,
             false,
         ),
         (
+            Figure::Cpu,
             "  proxy CPU / upstream CPU",
             |f| Some(f.cpu_pct? / f.upstream_cpu_pct?),
             false,
         ),
-        ("HTTP GET p50, 1 conn (µs)", |f| Some(f.http_p50), true),
         (
+            Figure::Http,
+            "HTTP GET p50, 1 conn (µs)",
+            |f| Some(f.http_p50),
+            true,
+        ),
+        (
+            Figure::Http,
             "HTTP GET rate, 50 conns (req/s)",
             |f| Some(f.http_rate),
             true,
@@ -591,8 +653,8 @@ pub fn table(names: &[String], figs: &[Figures], memory_only: bool) -> String {
         let _ = write!(out, "{n:>22}");
     }
     out.push('\n');
-    for (label, get, ratio) in rows {
-        if memory_only && !label.starts_with("memory") {
+    for (figure, label, get, ratio) in rows {
+        if !measured.contains(&figure) {
             continue;
         }
         let _ = write!(out, "{label:<40}");

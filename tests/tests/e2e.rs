@@ -709,9 +709,9 @@ async fn autobahn_cases_pass_through_both_modes_as_they_do_directly() {
     let zc = DataPlaneProc::start(&config(echo, "zero_copy", "", ""));
     let fa = DataPlaneProc::start(&config(echo, "frame_aware", "", ""));
     let fz = DataPlaneProc::start(&config(echo, "frame_aware", ", compression = true", ""));
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/conformance/autobahn.py");
+    let script = tuning::checkout_path("tests/conformance/autobahn.py");
     let out = tokio::process::Command::new(&py)
-        .arg(script)
+        .arg(&script)
         .arg("--direct")
         .arg(echo.to_string())
         .arg("--through")
@@ -732,7 +732,7 @@ async fn autobahn_cases_pass_through_both_modes_as_they_do_directly() {
     );
     assert!(stdout.contains("direct"), "{stdout}");
     let out = tokio::process::Command::new(&py)
-        .arg(script)
+        .arg(&script)
         .arg("--compressed")
         .arg(format!("frame_aware+deflate={}", fz.proxy))
         .arg("--cases")

@@ -55,7 +55,7 @@ async fn metrics_text(admin: std::net::SocketAddr) -> String {
 /// Every `trimtab_<prefix>…` metric the Grafana dashboard (`dashboards/trimtab.json`) queries,
 /// by family name (`_bucket`, `_sum`, `_count` taken off).
 fn dashboard_metrics(prefix: &str) -> Vec<String> {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../dashboards/trimtab.json");
+    let path = tuning::checkout_path("dashboards/trimtab.json");
     let d: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(path).expect("dashboard")).expect("JSON");
     let mut out = Vec::new();

@@ -27,3 +27,14 @@ pub use decision::{
 pub use features::{ContextAggregates, encode, feature_len, feature_names, schema_hash};
 pub use profile::{ClosedBy, DirectionStats, Hist, PingStats, Profile, Timings};
 pub use settings::{Mode, PartialSettings, Settings, SettingsError, Target};
+
+/// A file of this checkout, by its path from the workspace root, for tests. The crate's
+/// directory comes from `CARGO_MANIFEST_DIR` at run time (cargo and nextest set it): a test
+/// binary reused from a build directory shared between checkouts then reads the checkout it
+/// runs for, not the one it was first compiled in (a path baked in with `env!` would).
+pub fn checkout_path(rel: &str) -> std::path::PathBuf {
+    let crate_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into());
+    crate_dir.join("..").join(rel)
+}

@@ -292,8 +292,8 @@ mod tests {
     #[test]
     fn onnx_runtime_runs_the_committed_smoke_model() {
         let rt = Runtime::init(None).expect("ONNX Runtime (./dev sets ORT_DYLIB_PATH)");
-        let bytes = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../models/smoke.onnx"))
-            .expect("models/smoke.onnx");
+        let bytes =
+            std::fs::read(crate::checkout_path("models/smoke.onnx")).expect("models/smoke.onnx");
         let mut s = rt.session(&bytes).expect("session");
         assert_eq!(s.inputs()[0].name(), "features");
         let labels =

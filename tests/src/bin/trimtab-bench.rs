@@ -9,6 +9,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use trimtab_tests::harness::DataPlaneProc;
 use trimtab_tests::load::{latency, median, within, ws_churn, ws_round_trips};
+use trimtab_tests::proxy_bench::Figure;
 use trimtab_tests::upstream::spawn_echo;
 
 #[derive(Debug, Parser)]
@@ -28,9 +29,13 @@ enum Bench {
         /// Idle WebSockets for the memory figure.
         #[arg(long, default_value_t = 9000)]
         idle_conns: usize,
-        /// Measure only the memory per idle WebSocket (a quick check).
-        #[arg(long)]
-        memory_only: bool,
+        /// Which figures to measure (a quick check of one: `--figures memory`).
+        #[arg(long, value_enum, value_delimiter = ',', default_values_t = Figure::ALL.to_vec())]
+        figures: Vec<Figure>,
+        /// Only the targets whose name contains one of these (direct, zero_copy,
+        /// frame_aware, nginx, haproxy); all by default.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
     },
     /// Learned vs static, live: collect profiles under the shipped defaults with 5 %
     /// exploration, train, roll out the best static config and the learned candidate at 50 %,
@@ -80,8 +85,9 @@ async fn main() -> anyhow::Result<()> {
         Bench::Proxy {
             runs,
             idle_conns,
-            memory_only,
-        } => proxy(runs, idle_conns, memory_only).await,
+            figures,
+            only,
+        } => proxy(runs, idle_conns, figures, &only).await,
         Bench::Learn {
             collect_s,
             compare_s,
@@ -103,12 +109,17 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn proxy(runs: usize, idle_conns: usize, memory_only: bool) -> anyhow::Result<()> {
+async fn proxy(
+    runs: usize,
+    idle_conns: usize,
+    figures: Vec<Figure>,
+    only: &[String],
+) -> anyhow::Result<()> {
     use trimtab_tests::proxy_bench as pb;
     let (upstream, upstream_proc) = pb::spawn_upstream().await?;
     let params = pb::Params {
         idle_conns,
-        memory_only,
+        figures: figures.leak(),
         upstream_pid: Some(upstream_proc.pid()),
         ..pb::Params::default()
     };
@@ -127,13 +138,22 @@ async fn proxy(runs: usize, idle_conns: usize, memory_only: bool) -> anyhow::Res
                 Err(why) => skipped.push(why),
             }
         }
+        let wanted = |t: &pb::Target| {
+            let name = t.name.to_lowercase();
+            only.is_empty() || only.iter().any(|o| name.contains(&o.to_lowercase()))
+        };
+        targets.retain(wanted);
         (targets, skipped)
     };
     let (mut targets, skipped) = start().await;
+    let memory = if params.figures.contains(&Figure::Memory) {
+        format!("; {} idle WebSockets for memory", params.idle_conns)
+    } else {
+        String::new()
+    };
     println!(
-        "== proxy benchmark: {} targets, {runs} runs, medians (ratio to direct); {} idle WebSockets for memory",
+        "== proxy benchmark: {} targets, {runs} runs, medians (ratio to direct){memory}",
         targets.len(),
-        params.idle_conns
     );
     let mut results: Vec<Vec<pb::Figures>> = vec![Vec::new(); targets.len()];
     for run in 0..runs {
@@ -151,7 +171,7 @@ async fn proxy(runs: usize, idle_conns: usize, memory_only: bool) -> anyhow::Res
     }
     let names: Vec<String> = targets.iter().map(|t| t.name.clone()).collect();
     let figs: Vec<pb::Figures> = results.iter().map(|r| pb::medians(r)).collect();
-    print!("{}", pb::table(&names, &figs, memory_only));
+    print!("{}", pb::table(&names, &figs, params.figures));
     for s in skipped {
         println!("skipped: {s}");
     }
