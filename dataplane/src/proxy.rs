@@ -1223,21 +1223,35 @@ impl Proxy {
                 shutdown,
                 drain_delay,
             ),
+            // Two sockets and no deflate: the proxy's own frame forwarder.
             ClientLeg::Tcp(client)
-                if deflate.is_some() || (is_ws && settings.mode == Mode::FrameAware) =>
+                if deflate.is_none() && is_ws && settings.mode == Mode::FrameAware =>
             {
-                frame_aware(
-                    client,
-                    client_head,
-                    upstream,
-                    upstream_head,
-                    deflate,
-                    &settings,
-                    fl,
-                    shutdown,
-                    drain_delay,
-                )
+                Box::pin(async move {
+                    forward::frame_tcp::run(
+                        client,
+                        &client_head,
+                        upstream,
+                        &upstream_head,
+                        &settings,
+                        fl,
+                        shutdown,
+                        drain_delay,
+                    )
+                    .await
+                })
             }
+            ClientLeg::Tcp(client) if deflate.is_some() => frame_aware(
+                client,
+                client_head,
+                upstream,
+                upstream_head,
+                deflate,
+                &settings,
+                fl,
+                shutdown,
+                drain_delay,
+            ),
             ClientLeg::Tcp(client) => {
                 let framing = if is_ws {
                     forward::zero_copy::Framing::WebSocket

@@ -34,20 +34,20 @@ enum Leg {
 
 /// Ping bookkeeping for one leg.
 #[derive(Debug, Default)]
-struct Pings {
-    next_id: u64,
-    outstanding: Option<(u64, Instant)>,
-    consecutive_missed: u32,
-    sent: u64,
+pub(super) struct Pings {
+    pub(super) next_id: u64,
+    pub(super) outstanding: Option<(u64, Instant)>,
+    pub(super) consecutive_missed: u32,
+    pub(super) sent: u64,
     answered: u64,
-    missed: u64,
+    pub(super) missed: u64,
     rtt_min: Option<u64>,
     rtt_max: Option<u64>,
     rtts: Hist,
 }
 
 impl Pings {
-    fn on_pong(&mut self, payload: &[u8]) {
+    pub(super) fn on_pong(&mut self, payload: &[u8]) {
         let Ok(id) = <[u8; 8]>::try_from(payload).map(u64::from_be_bytes) else {
             return;
         };
@@ -64,7 +64,7 @@ impl Pings {
         }
     }
 
-    fn stats(&self) -> PingStats {
+    pub(super) fn stats(&self) -> PingStats {
         PingStats {
             sent: self.sent,
             answered: self.answered,

@@ -2,6 +2,7 @@
 //! buffer pool, close requests, and the outcome recorded in the profile.
 
 pub mod frame_aware;
+pub mod frame_tcp;
 pub mod zero_copy;
 
 use std::sync::Mutex;

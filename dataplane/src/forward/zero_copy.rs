@@ -90,7 +90,7 @@ fn close_frame(code: u16, reason: &str, masked: bool) -> ([u8; 133], usize) {
 
 /// Write all of `data`, waiting for the destination when it is full; a destination that
 /// accepts nothing for `stall` is an error of kind `TimedOut`.
-async fn write_all(
+pub(super) async fn write_all(
     dst: &TcpStream,
     mut data: &[u8],
     stall: Duration,
@@ -119,7 +119,7 @@ async fn write_all(
 /// straight to the reactor instead of costing one more read that can only say EAGAIN (a third
 /// of the syscalls of a small-message round trip). Clearing is race-free: tokio clears only
 /// the readiness observed before the read, never an event the reactor recorded after it.
-fn read_draining(src: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+pub(super) fn read_draining(src: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
     use std::io::Read as _;
     let len = buf.len();
     let mut read = None;
@@ -595,7 +595,7 @@ pub fn set_keepalive(s: &TcpStream, ping_interval: u32) {
     }
 }
 
-async fn idle_expired(activity: &AtomicU64, origin: Instant, idle: Duration) {
+pub(super) async fn idle_expired(activity: &AtomicU64, origin: Instant, idle: Duration) {
     loop {
         let last = origin + Duration::from_nanos(activity.load(Ordering::Relaxed));
         let deadline = last + idle;
