@@ -1035,3 +1035,306 @@ pub async fn run(
     out.ping_upstream = stats(UPSTREAM);
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tuning::Mode;
+
+    fn limits(max: usize) -> ForwardLimits {
+        ForwardLimits {
+            stall_timeout: Duration::from_secs(5),
+            max_message_bytes: max,
+            close_grace: Duration::from_secs(2),
+        }
+    }
+
+    fn settings(ping: u32) -> Settings {
+        Settings {
+            ping_interval: ping,
+            idle_timeout: 900,
+            mode: Mode::FrameAware,
+            ..Settings::default()
+        }
+    }
+
+    /// Two connected sockets: (the peer's end, the proxy's end).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (b, _) = l.accept().await.unwrap();
+        a.set_nodelay(true).unwrap();
+        b.set_nodelay(true).unwrap();
+        (a, b)
+    }
+
+    /// A frame with this first byte and payload, masked with `mask` when given.
+    fn frame(first: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+        let mut f = vec![first];
+        let m = if mask.is_some() { 0x80 } else { 0 };
+        match payload.len() {
+            n if n < 126 => f.push(m | n as u8),
+            n if n < 65536 => {
+                f.push(m | 126);
+                f.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                f.push(m | 127);
+                f.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        match mask {
+            Some(k) => {
+                f.extend_from_slice(&k);
+                f.extend(payload.iter().enumerate().map(|(i, b)| b ^ k[i % 4]));
+            }
+            None => f.extend_from_slice(payload),
+        }
+        f
+    }
+
+    /// Read exactly `n` bytes (or fail after 5 s).
+    async fn read_n(s: &mut TcpStream, n: usize) -> Vec<u8> {
+        let mut v = vec![0u8; n];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut v))
+            .await
+            .expect("bytes in time")
+            .expect("read");
+        v
+    }
+
+    /// Read one unmasked frame: (first byte, payload).
+    async fn read_frame(s: &mut TcpStream) -> (u8, Vec<u8>) {
+        let h = read_n(s, 2).await;
+        let masked = h[1] & 0x80 != 0;
+        let len = match h[1] & 0x7f {
+            126 => u16::from_be_bytes(read_n(s, 2).await.try_into().unwrap()) as usize,
+            127 => u64::from_be_bytes(read_n(s, 8).await.try_into().unwrap()) as usize,
+            l => l as usize,
+        };
+        let key = if masked {
+            Some(read_n(s, 4).await)
+        } else {
+            None
+        };
+        let mut p = read_n(s, len).await;
+        if let Some(k) = key {
+            for (i, b) in p.iter_mut().enumerate() {
+                *b ^= k[i % 4];
+            }
+        }
+        (h[0], p)
+    }
+
+    #[test]
+    fn utf8_is_checked_across_any_split() {
+        let text = "h€llo wörld 𝄞!".as_bytes();
+        for cut in 0..=text.len() {
+            let mut u = Utf8::default();
+            assert!(u.feed(&text[..cut]) && u.feed(&text[cut..]), "cut at {cut}");
+            assert!(u.complete());
+        }
+        // U+110000 (0xf4 0x90 …) is refused in the piece where its second byte arrives.
+        let mut u = Utf8::default();
+        assert!(u.feed(b"ok \xf4"));
+        assert!(!u.feed(b"\x90\x80\x80"));
+        // A message may not end inside a character.
+        let mut u = Utf8::default();
+        assert!(u.feed(b"ok \xe2\x82"));
+        assert!(!u.complete());
+    }
+
+    #[test]
+    fn headers_parse_only_when_whole_and_refuse_reserved_bits_and_opcodes() {
+        let f = frame(0x82, &[0u8; 300], Some([1, 2, 3, 4]));
+        for cut in 0..8 {
+            assert!(matches!(parse_head(&f[..cut]), Ok(None)), "cut {cut}");
+        }
+        let (h, n) = parse_head(&f).unwrap().unwrap();
+        assert_eq!((h.opcode, h.fin, h.len, n), (2, true, 300, 8));
+        assert_eq!(h.mask, Some([1, 2, 3, 4]));
+        assert_eq!(parse_head(&[0xc2, 0]).unwrap_err(), PumpEnd::Protocol);
+        assert_eq!(parse_head(&[0x83, 0]).unwrap_err(), PumpEnd::Protocol);
+        let mut huge = vec![0x82, 127];
+        huge.extend_from_slice(&u64::MAX.to_be_bytes());
+        assert_eq!(parse_head(&huge).unwrap_err(), PumpEnd::Protocol);
+    }
+
+    /// Frames written one byte at a time (every header and payload split across reads), a
+    /// fragmented text message with a ping between its fragments: the upstream receives the
+    /// data frames byte for byte (still masked), the ping is answered by the proxy and not
+    /// forwarded, and the upstream's reply reaches the client.
+    #[tokio::test]
+    async fn frames_split_across_reads_are_forwarded_whole_and_pings_answered() {
+        let (mut client, proxy_c) = pair().await;
+        let (proxy_u, mut upstream) = pair().await;
+        let (_tx, rx) = watch::channel(false);
+        let s = settings(0);
+        let fwd = tokio::spawn(async move {
+            run(
+                proxy_c,
+                &[],
+                proxy_u,
+                &[],
+                &s,
+                limits(1 << 20),
+                rx,
+                Duration::ZERO,
+            )
+            .await
+        });
+        let k = [9, 8, 7, 6];
+        let first = frame(0x01, "h€l".as_bytes(), Some(k));
+        let ping = frame(0x89, b"are you there", Some(k));
+        let last = frame(0x80, "lo".as_bytes(), Some(k));
+        for b in first.iter().chain(&ping).chain(&last) {
+            client.write_all(&[*b]).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let mut want = first.clone();
+        want.extend_from_slice(&last);
+        assert_eq!(read_n(&mut upstream, want.len()).await, want);
+        assert_eq!(
+            read_frame(&mut client).await,
+            (0x8a, b"are you there".to_vec())
+        );
+        upstream
+            .write_all(&frame(0x82, &[5u8; 70_000], None))
+            .await
+            .unwrap();
+        assert_eq!(read_frame(&mut client).await, (0x82, vec![5u8; 70_000]));
+        // The client closes; the upstream gets the same code and answers.
+        let mut close = 1000u16.to_be_bytes().to_vec();
+        close.extend_from_slice(b"bye");
+        client
+            .write_all(&frame(0x88, &close, Some(k)))
+            .await
+            .unwrap();
+        assert_eq!(read_frame(&mut upstream).await, (0x88, close.clone()));
+        upstream
+            .write_all(&frame(0x88, &close, None))
+            .await
+            .unwrap();
+        assert_eq!(read_frame(&mut client).await, (0x88, close));
+        let out = tokio::time::timeout(Duration::from_secs(5), fwd)
+            .await
+            .expect("ends after the close handshake")
+            .unwrap();
+        assert_eq!(out.closed_by, Some(ClosedBy::Client));
+        assert_eq!(out.close_code, Some(1000));
+        assert_eq!(out.c2u.messages, 1);
+        assert_eq!(out.u2c.messages, 1);
+        assert_eq!(out.error_class, None);
+    }
+
+    /// A message over the limit: the upstream gets 1001 before any of it, the client 1009
+    /// once the upstream has closed.
+    #[tokio::test]
+    async fn a_message_over_the_limit_is_refused_with_1009() {
+        let (mut client, proxy_c) = pair().await;
+        let (proxy_u, mut upstream) = pair().await;
+        let (_tx, rx) = watch::channel(false);
+        let s = settings(0);
+        let fwd = tokio::spawn(async move {
+            run(
+                proxy_c,
+                &[],
+                proxy_u,
+                &[],
+                &s,
+                limits(1000),
+                rx,
+                Duration::ZERO,
+            )
+            .await
+        });
+        let k = [1, 2, 3, 4];
+        client
+            .write_all(&frame(0x82, &[1u8; 500], Some(k)))
+            .await
+            .unwrap();
+        client
+            .write_all(&frame(0x82, &[2u8; 2000], Some(k)))
+            .await
+            .unwrap();
+        assert_eq!(read_frame(&mut upstream).await, (0x82, vec![1u8; 500]));
+        let (op, p) = read_frame(&mut upstream).await;
+        assert_eq!((op, &p[..2]), (0x88, &1001u16.to_be_bytes()[..]));
+        upstream.write_all(&frame(0x88, &p, None)).await.unwrap();
+        let (op, p) = read_frame(&mut client).await;
+        assert_eq!((op, &p[..2]), (0x88, &1009u16.to_be_bytes()[..]));
+        let out = tokio::time::timeout(Duration::from_secs(5), fwd)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(out.error_class, Some("client_message_too_big"));
+    }
+
+    /// The proxy pings both legs; the upstream answers, the client does not and is declared
+    /// dead after three missed pongs.
+    #[tokio::test]
+    async fn a_client_that_stops_answering_pings_is_declared_dead() {
+        let (_client, proxy_c) = pair().await;
+        let (proxy_u, mut upstream) = pair().await;
+        let (_tx, rx) = watch::channel(false);
+        let s = settings(1);
+        let t0 = Instant::now();
+        let fwd = tokio::spawn(async move {
+            run(
+                proxy_c,
+                &[],
+                proxy_u,
+                &[],
+                &s,
+                limits(1 << 20),
+                rx,
+                Duration::ZERO,
+            )
+            .await
+        });
+        let answer = tokio::spawn(async move {
+            loop {
+                let (op, p) = read_frame(&mut upstream).await;
+                if op == 0x89 {
+                    upstream.write_all(&frame(0x8a, &p, None)).await.unwrap();
+                } else {
+                    return (op, p);
+                }
+            }
+        });
+        let out = tokio::time::timeout(Duration::from_secs(10), fwd)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(out.dead_peer);
+        assert_eq!(out.error_class, Some("client_dead"));
+        assert_eq!(out.ping_client.missed, 3);
+        assert!(out.ping_upstream.answered >= 3, "{:?}", out.ping_upstream);
+        assert!(t0.elapsed() >= Duration::from_secs(4), "{:?}", t0.elapsed());
+        let (op, p) = answer.await.unwrap();
+        assert_eq!((op, &p[..2]), (0x88, &1001u16.to_be_bytes()[..]));
+    }
+
+    /// What an idle connection holds is the future of `run` (about 4 KiB: two directions'
+    /// statistics and parsers, the waits and timers), never a buffer.
+    #[tokio::test]
+    async fn the_idle_forwarding_state_stays_small() {
+        let (_c, proxy_c) = pair().await;
+        let (proxy_u, _u) = pair().await;
+        let (_tx, rx) = watch::channel(false);
+        let s = settings(30);
+        let f = run(
+            proxy_c,
+            &[],
+            proxy_u,
+            &[],
+            &s,
+            limits(1 << 20),
+            rx,
+            Duration::ZERO,
+        );
+        let size = std::mem::size_of_val(&f);
+        assert!(size <= 4608, "frame_tcp::run's state grew to {size} bytes");
+    }
+}
