@@ -38,7 +38,7 @@ use tuning::{ClosedBy, Settings};
 
 use super::frame_aware::Pings;
 use super::zero_copy::{idle_expired, read_draining, write_all};
-use super::{BUFFERS, CloseRequest, ForwardLimits, Outcome};
+use super::{BUFFERS, CloseRequest, ForwardLimits, Outcome, Paused};
 use crate::stats::DirStats;
 
 const CLIENT: usize = 0;
@@ -246,7 +246,7 @@ struct Parser {
 struct Dir {
     stats: DirStats,
     parser: Parser,
-    paused: Duration,
+    paused: Paused,
     /// The destination's stream is inside a data frame the proxy has partly written: no
     /// control frame may go out before that frame is complete.
     out_mid_frame: bool,
@@ -267,7 +267,7 @@ impl Dir {
                 message_bytes: 0,
                 utf8: Utf8::default(),
             },
-            paused: Duration::ZERO,
+            paused: Paused::default(),
             out_mid_frame: false,
             reads: 0,
         }
@@ -377,8 +377,7 @@ impl Shared {
                 .extend_from_slice(&f);
             self.signal[leg].raise();
         } else {
-            let mut paused = Duration::ZERO;
-            let _ = write_all(sock, &f, grace, &mut paused).await;
+            let _ = write_all(sock, &f, grace, &mut Paused::default()).await;
         }
     }
 }
@@ -826,6 +825,7 @@ pub async fn run(
     let socks = [&client, &upstream];
     let mut error_class: Option<&'static str> = None;
     let (mut dead_peer, mut idle_timeout_fired) = (false, false);
+    let mut client_stalled = false;
     {
         let mut a = pin!(pump(
             &mut c2u,
@@ -925,6 +925,7 @@ pub async fn run(
                             decide = Some((1011, "upstream sent invalid UTF-8", 1007, "invalid UTF-8"));
                         }
                         PumpEnd::Write(why) => {
+                            client_stalled |= why == "stalled";
                             error_class.get_or_insert(if why == "stalled" { "client_stalled" } else { "client_io" });
                             decide = Some((0, "", 1001, "client not reading"));
                             if why == "stalled" { sh.record_close(ClosedBy::Proxy, 1008, "client stalled"); }
@@ -1006,12 +1007,21 @@ pub async fn run(
             }
         }
     }
+    // An upstream that stopped reading while the client was not reading its replies either
+    // is backpressure from the client, not a stall of its own.
+    if error_class == Some("upstream_stalled") && (client_stalled || u2c.paused.since.is_some()) {
+        error_class = Some("client_stalled");
+        let mut first = sh.first_close.lock().expect("close lock");
+        if let Some((ClosedBy::Proxy, 1008, reason)) = first.as_mut() {
+            *reason = "client stalled".into();
+        }
+    }
     let end = Instant::now();
     let mut out = Outcome {
         error_class,
         dead_peer,
         idle_timeout_fired,
-        paused: c2u.paused + u2c.paused,
+        paused: c2u.paused.total + u2c.paused.total,
         ..Outcome::default()
     };
     if let Some((by, code, reason)) = sh.first_close.lock().expect("close lock").take() {

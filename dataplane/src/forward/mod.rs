@@ -39,6 +39,30 @@ pub(crate) fn deflated_size(payload: &[u8]) -> (u64, u64) {
 /// seen by the proxy and not sampled.
 pub const ZERO_COPY_SAMPLE_EVERY: u64 = 64;
 
+/// Time a direction waited for its destination to accept bytes.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Paused {
+    /// All waits so far.
+    pub total: Duration,
+    /// Since when the current wait runs; still set when the direction was stopped waiting.
+    pub since: Option<std::time::Instant>,
+}
+
+impl Paused {
+    /// A wait begins.
+    pub fn begin(&mut self) -> std::time::Instant {
+        let t = std::time::Instant::now();
+        self.since = Some(t);
+        t
+    }
+
+    /// The wait that began at `t` ended.
+    pub fn end(&mut self, t: std::time::Instant) {
+        self.total += t.elapsed();
+        self.since = None;
+    }
+}
+
 /// Why the proxy itself asks a connection to close.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloseRequest {

@@ -23,7 +23,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tuning::{ClosedBy, Settings};
 
-use super::{BUFFERS, CloseRequest, ForwardLimits, Outcome};
+use super::{BUFFERS, CloseRequest, ForwardLimits, Outcome, Paused};
 use crate::frames::{FrameEvent, FrameTracker};
 use crate::stats::DirStats;
 
@@ -40,7 +40,7 @@ pub enum Framing {
 struct Dir {
     stats: DirStats,
     tracker: Option<FrameTracker>,
-    paused: Duration,
+    paused: Paused,
     /// The destination is the upstream: frames we insert must be masked.
     to_upstream: bool,
     closed_by_proxy: bool,
@@ -94,15 +94,15 @@ pub(super) async fn write_all(
     dst: &TcpStream,
     mut data: &[u8],
     stall: Duration,
-    paused: &mut Duration,
+    paused: &mut Paused,
 ) -> io::Result<()> {
     while !data.is_empty() {
         match dst.try_write(data) {
             Ok(n) => data = &data[n..],
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                let t = Instant::now();
+                let t = paused.begin();
                 let r = tokio::time::timeout(stall, dst.writable()).await;
-                *paused += t.elapsed();
+                paused.end(t);
                 match r {
                     Ok(r) => r?,
                     Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "stalled")),
@@ -413,7 +413,7 @@ mod splice {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     use std::sync::Mutex;
     use std::sync::atomic::{AtomicBool, Ordering};
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     use tokio::io::Interest;
     use tokio::net::TcpStream;
@@ -516,7 +516,7 @@ mod splice {
         want: usize,
         size: usize,
         stall: Duration,
-        paused: &mut Duration,
+        paused: &mut super::Paused,
     ) -> Step {
         let pipe = match take(size) {
             Ok(p) => p,
@@ -557,9 +557,9 @@ mod splice {
                 Ok(k) => left -= k,
                 // The pipe holds bytes, so EAGAIN means the socket is full: wait for it.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    let t = Instant::now();
+                    let t = paused.begin();
                     let ready = tokio::time::timeout(stall, dst.writable()).await;
-                    *paused += t.elapsed();
+                    paused.end(t);
                     match ready {
                         Ok(Ok(())) => {}
                         Ok(Err(e)) => return Step::WriteError(e),
@@ -634,7 +634,7 @@ pub async fn run(
     let mut c2u = Dir {
         stats: DirStats::new(origin),
         tracker: tracker(),
-        paused: Duration::ZERO,
+        paused: Paused::default(),
         to_upstream: true,
         closed_by_proxy: false,
         reads: 0,
@@ -642,7 +642,7 @@ pub async fn run(
     let mut u2c = Dir {
         stats: DirStats::new(origin),
         tracker: tracker(),
-        paused: Duration::ZERO,
+        paused: Paused::default(),
         to_upstream: false,
         closed_by_proxy: false,
         reads: 0,
@@ -718,7 +718,7 @@ pub async fn run(
     let end = Instant::now();
     let mut out = Outcome {
         idle_timeout_fired,
-        paused: c2u.paused + u2c.paused,
+        paused: c2u.paused.total + u2c.paused.total,
         ..Outcome::default()
     };
     // Close code: whichever side sent a close frame first is the one we can name; prefer the
@@ -759,7 +759,10 @@ pub async fn run(
                 End::Eof | End::ProxyClosed => {}
                 End::Stalled => {
                     out.closed_by = Some(ClosedBy::Proxy);
-                    out.error_class = Some(if from_client {
+                    // An upstream that stops reading while the client is not reading its
+                    // replies either is backpressure from the client, not a stall of its own.
+                    let client_too = u2c.paused.since.is_some();
+                    out.error_class = Some(if from_client && !client_too {
                         "upstream_stalled"
                     } else {
                         "client_stalled"
