@@ -9,11 +9,11 @@
 //!
 //! | target | terms |
 //! |---|---|
-//! | `buffer_size` | read syscalls (`⌈size / buffer⌉` per message) + buffer memory-time (pooled in `zero_copy`: only while a message is in flight; held for the whole connection in `frame_aware`) |
+//! | `buffer_size` | read syscalls (`⌈size / buffer⌉` per message) + buffer memory-time (pooled: only while a message is in flight; held for the whole connection when compression runs, under tungstenite) |
 //! | `ping_interval` | pings sent (two legs) + dead-peer detection delay (3 intervals; "off" = until the idle timeout) for connections whose peer died |
 //! | `idle_timeout` | a premature close (a gap longer than the timeout: the client must reconnect) + memory held by a connection whose peer vanished (until the timeout) |
 //! | `compression` | deflate CPU per byte + deflate context memory-time, against bytes saved on the wire (sampled ratio, server → client); nothing for a client that offered no permessage-deflate |
-//! | `mode` | per-message parsing and held buffers of `frame_aware`, which compression requires |
+//! | `mode` | per-message parsing of `frame_aware`, which compression requires (and with it held buffers) |
 //!
 //! Censoring: when our own idle timeout closed a connection, its real idle gap is unknown beyond
 //! that timeout; every longer timeout is then scored as if the gap had ended right after it
@@ -157,11 +157,15 @@ pub fn cost_terms(p: &Profile, s: &Settings, w: &CostWeights) -> CostTerms {
         .map(|d| reads_for(&d.msg_sizes, s.buffer_size))
         .sum();
     let kib = f64::from(s.buffer_size) / 1024.0;
-    let held_s = match s.mode {
-        // pooled: a buffer per direction only while a message is in flight (~50 µs each)
-        Mode::ZeroCopy => messages * 50e-6,
-        // tungstenite's read and write buffers on both legs for the whole connection
-        Mode::FrameAware => 4.0 * secs,
+    let compressing = s.compression && p.context.offers_deflate;
+    let held_s = if s.mode == Mode::FrameAware && compressing {
+        // deflate runs under tungstenite: its read and write buffers on both legs for the
+        // whole connection
+        4.0 * secs
+    } else {
+        // pooled (`zero_copy`, and `frame_aware` between two sockets): a buffer per direction
+        // only while a message is in flight (~50 µs each)
+        messages * 50e-6
     };
     t.cpu += reads * w.syscall;
     t.buffer_memory += kib * held_s * w.kib_second;
@@ -201,7 +205,7 @@ pub fn cost_terms(p: &Profile, s: &Settings, w: &CostWeights) -> CostTerms {
     // compress, and `compression = true` runs as plain `frame_aware`.
     let out_kib = p.upstream_to_client.bytes as f64 / 1024.0;
     let all_kib = bytes / 1024.0;
-    let wire_kib = if s.compression && p.context.offers_deflate {
+    let wire_kib = if compressing {
         let ratio = compress_ratio(p).unwrap_or(1.0).min(1.0);
         t.cpu += out_kib * w.deflate_kib;
         t.buffer_memory += w.deflate_context_kib * secs * w.kib_second;

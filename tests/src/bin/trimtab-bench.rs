@@ -156,24 +156,48 @@ async fn proxy(
         targets.len(),
     );
     let mut results: Vec<Vec<pb::Figures>> = vec![Vec::new(); targets.len()];
+    let mut failed: Vec<String> = Vec::new();
     for run in 0..runs {
         if run > 0 {
             drop(targets);
             targets = start().await.0;
         }
         for (i, t) in targets.iter().enumerate() {
-            let f = pb::run_once(t, &params)
-                .await
-                .with_context(|| format!("{} (run {})", t.name, run + 1))?;
-            eprintln!("  run {} {}: {f:?}", run + 1, t.name);
-            results[i].push(f);
+            // A target that fails a run is reported and left out of that run's medians; the
+            // other targets go on.
+            match pb::run_once(t, &params).await {
+                Ok(f) => {
+                    // The upstream's open files after the run: connections a proxy left open
+                    // would show here (and starve the next target of the 20,000 allowed).
+                    let fds = std::fs::read_dir(format!("/proc/{}/fd", upstream_proc.pid()))
+                        .map(|d| d.count())
+                        .unwrap_or(0);
+                    eprintln!(
+                        "  run {} {} (upstream fds after: {fds}): {f:?}",
+                        run + 1,
+                        t.name
+                    );
+                    results[i].push(f);
+                }
+                Err(e) => {
+                    eprintln!("  run {} {}: failed: {e:#}", run + 1, t.name);
+                    failed.push(format!("{} (run {}): {e:#}", t.name, run + 1));
+                }
+            }
         }
     }
+    anyhow::ensure!(
+        results.iter().all(|r| !r.is_empty()),
+        "a target failed every run: {failed:?}"
+    );
     let names: Vec<String> = targets.iter().map(|t| t.name.clone()).collect();
     let figs: Vec<pb::Figures> = results.iter().map(|r| pb::medians(r)).collect();
     print!("{}", pb::table(&names, &figs, params.figures));
     for s in skipped {
         println!("skipped: {s}");
+    }
+    for f in failed {
+        println!("failed, left out of the medians: {f}");
     }
     Ok(())
 }
