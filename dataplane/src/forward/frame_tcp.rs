@@ -44,6 +44,9 @@ use crate::stats::DirStats;
 const CLIENT: usize = 0;
 const UPSTREAM: usize = 1;
 
+/// Pongs are queued for a leg only while its queue of control frames is shorter than this.
+const OUTBOX_PONGS_UNTIL: usize = 1024;
+
 /// Longest frame header: 2 + 8 (length) + 4 (mask).
 const MAX_HEAD: usize = 14;
 
@@ -371,10 +374,14 @@ impl Shared {
         }
         let f = control_frame(opcode, payload, leg == UPSTREAM);
         if self.writer_alive[leg].load(Ordering::Relaxed) {
-            self.outbox[leg]
-                .lock()
-                .expect("outbox lock")
-                .extend_from_slice(&f);
+            let mut out = self.outbox[leg].lock().expect("outbox lock");
+            // A peer that pings while not reading gets no queue of pongs: past a few frames,
+            // pongs are dropped (answering only the latest ping is what RFC 6455 allows).
+            if opcode == 10 && out.len() >= OUTBOX_PONGS_UNTIL {
+                return;
+            }
+            out.extend_from_slice(&f);
+            drop(out);
             self.signal[leg].raise();
         } else {
             let _ = write_all(sock, &f, grace, &mut Paused::default()).await;
@@ -1324,6 +1331,43 @@ mod tests {
         assert!(t0.elapsed() >= Duration::from_secs(4), "{:?}", t0.elapsed());
         let (op, p) = answer.await.unwrap();
         assert_eq!((op, &p[..2]), (0x88, &1001u16.to_be_bytes()[..]));
+    }
+
+    /// A peer that floods pings and never reads cannot grow the queue of pongs toward it.
+    #[tokio::test]
+    async fn pongs_for_a_peer_that_does_not_read_are_bounded() {
+        let (_peer, sock) = pair().await;
+        let sh = Shared {
+            origin: Instant::now(),
+            activity: AtomicU64::new(0),
+            outbox: [Mutex::new(Vec::new()), Mutex::new(Vec::new())],
+            signal: [Signal::default(), Signal::default()],
+            writer_alive: [AtomicBool::new(true), AtomicBool::new(true)],
+            broken: [AtomicBool::new(false), AtomicBool::new(false)],
+            close_sent: [AtomicBool::new(false), AtomicBool::new(false)],
+            closing: AtomicBool::new(false),
+            first_close: Mutex::new(None),
+            pings: [Mutex::new(None), Mutex::new(None)],
+        };
+        for _ in 0..10_000 {
+            sh.send(CLIENT, &sock, 10, &[7u8; 125], Duration::from_secs(1))
+                .await;
+        }
+        let queued = sh.outbox[CLIENT].lock().unwrap().len();
+        assert!(
+            queued < OUTBOX_PONGS_UNTIL + 128,
+            "{queued} bytes of pongs queued"
+        );
+        // A close still gets through.
+        sh.send(
+            CLIENT,
+            &sock,
+            8,
+            &close_payload(1001, "bye"),
+            Duration::from_secs(1),
+        )
+        .await;
+        assert!(sh.outbox[CLIENT].lock().unwrap().len() > queued);
     }
 
     /// What an idle connection holds is the future of `run` (about 4 KiB: two directions'
