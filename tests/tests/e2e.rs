@@ -727,7 +727,8 @@ async fn autobahn_cases_pass_through_both_modes_as_they_do_directly() {
     println!("{stdout}");
     assert!(
         out.status.success(),
-        "{stdout}\n{}",
+        "{}\n{stdout}\n{}",
+        out.status,
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("direct"), "{stdout}");
@@ -744,7 +745,8 @@ async fn autobahn_cases_pass_through_both_modes_as_they_do_directly() {
     println!("{stdout}");
     assert!(
         out.status.success(),
-        "{stdout}\n{}",
+        "{}\n{stdout}\n{}",
+        out.status,
         String::from_utf8_lossy(&out.stderr)
     );
 }

@@ -424,7 +424,7 @@ async fn flush_outbox(
 }
 
 /// A control frame is complete: answer a ping, match a pong, or take in a close.
-/// `Some(end)` when the direction is over.
+/// `Err` ends the direction: a close (`Closed`) or a broken close frame.
 async fn on_control(
     d: &mut Dir,
     opcode: u8,
@@ -561,10 +561,15 @@ async fn process(
                     }
                 }
             };
-            // Everything before this header is whole frames: out it goes.
-            forward(d, dst, &data[run..i], stall).await?;
-            d.out_mid_frame = false;
-            run = i;
+            // A data frame's header joins the run; anything else ends it here (everything
+            // before this header is whole frames).
+            let joins_run =
+                matches!(parsed, Ok(Some((h, _))) if !h.is_control() && held == 0) && bad.is_none();
+            if !joins_run {
+                forward(d, dst, &data[run..i], stall).await?;
+                d.out_mid_frame = false;
+                run = i;
+            }
             if let Some(e) = bad {
                 return Err(e);
             }
