@@ -194,6 +194,75 @@ asyncio.run(main())
     }
 }
 
+/// `frame_aware` over two sockets pings both legs every `ping_interval` through the real
+/// binary: Python's client and the echo upstream answer, each leg's round trip reaches the
+/// metrics, and messages keep flowing around the pings.
+#[tokio::test]
+async fn frame_aware_pings_both_legs_and_measures_their_round_trips() {
+    let Some(py) = std::env::var_os("TRIMTAB_PYTHON") else {
+        panic!("TRIMTAB_PYTHON is not set: run the suite with ./dev test");
+    };
+    let echo = spawn_echo().await;
+    let dp = DataPlaneProc::start(&config(
+        echo,
+        "frame_aware",
+        r#", ping_interval = "15s", idle_timeout = "60s""#,
+        "",
+    ));
+    let script = format!(
+        r#"
+import asyncio, websockets
+async def main():
+    async with websockets.connect("ws://{}/pings", ping_interval=None, compression=None) as c:
+        await c.send("before")
+        assert await c.recv() == "before"
+        await asyncio.sleep(16.5)
+        await c.send("after")
+        assert await c.recv() == "after"
+    print("ok")
+asyncio.run(main())
+"#,
+        dp.proxy
+    );
+    let out = tokio::process::Command::new(&py)
+        .arg("-c")
+        .arg(&script)
+        .output()
+        .await
+        .expect("run python");
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "ok",
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let count = |body: &str, leg: &str| -> f64 {
+        body.lines()
+            .filter(|l| {
+                l.starts_with("trimtab_dataplane_ping_rtt_seconds_count{")
+                    && l.contains(&format!("leg=\"{leg}\""))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let body = eventually(Duration::from_secs(5), || async {
+        let body = reqwest_metrics(dp.admin).await;
+        (count(&body, "client") >= 1.0 && count(&body, "upstream") >= 1.0).then_some(body)
+    })
+    .await
+    .unwrap_or_else(|| panic!("no ping round trips in the metrics\n{}", dp.log_text()));
+    assert_eq!(
+        count(&body, "client"),
+        1.0,
+        "one connection's median, client leg"
+    );
+    assert_eq!(
+        count(&body, "upstream"),
+        1.0,
+        "one connection's median, upstream leg"
+    );
+}
+
 #[tokio::test]
 async fn upstream_close_code_and_reason_reach_the_client_in_both_modes() {
     for mode in ["zero_copy", "frame_aware"] {
