@@ -1,4 +1,7 @@
-//! `frame_aware` mode: WebSocket messages are parsed on both legs (tokio-tungstenite), so the
+//! `frame_aware` mode for client legs that are not a plain socket — permessage-deflate toward
+//! the client, an HTTP/2 stream under RFC 8441 (two sockets go through [`super::frame_tcp`]).
+//!
+//! WebSocket messages are parsed on both legs (tokio-tungstenite), so the
 //! proxy can ping each peer itself, detect a dead one, enforce the maximum message size with
 //! close 1009, propagate close codes both ways and close cleanly on idle timeout or shutdown.
 //!
