@@ -22,15 +22,12 @@
 //! Legs that are not plain TCP (permessage-deflate toward the client, an HTTP/2 stream under
 //! RFC 8441) go through [`super::frame_aware`].
 
-use std::future::poll_fn;
 use std::io;
 use std::pin::pin;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use futures_util::task::AtomicWaker;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -38,7 +35,7 @@ use tuning::{ClosedBy, Settings};
 
 use super::frame_aware::Pings;
 use super::zero_copy::{idle_expired, read_draining, write_all};
-use super::{BUFFERS, CloseRequest, ForwardLimits, Outcome, Paused};
+use super::{BUFFERS, CloseRequest, ForwardLimits, Outcome, Paused, Signal};
 use crate::stats::DirStats;
 
 const CLIENT: usize = 0;
@@ -282,35 +279,6 @@ impl Dir {
         } else {
             UPSTREAM
         }
-    }
-}
-
-/// A wake-up for a leg's writer: set, then wake whoever waits.
-#[derive(Debug, Default)]
-struct Signal {
-    set: AtomicBool,
-    waker: AtomicWaker,
-}
-
-impl Signal {
-    fn raise(&self) {
-        self.set.store(true, Ordering::Release);
-        self.waker.wake();
-    }
-
-    async fn wait(&self) {
-        poll_fn(|cx| {
-            if self.set.swap(false, Ordering::AcqRel) {
-                return Poll::Ready(());
-            }
-            self.waker.register(cx.waker());
-            if self.set.swap(false, Ordering::AcqRel) {
-                Poll::Ready(())
-            } else {
-                Poll::Pending
-            }
-        })
-        .await
     }
 }
 

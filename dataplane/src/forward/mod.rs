@@ -6,8 +6,11 @@ pub mod frame_tcp;
 pub mod zero_copy;
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::Poll;
 use std::time::Duration;
 
+use futures_util::task::AtomicWaker;
 use tuning::{ClosedBy, DirectionStats, PingStats};
 
 /// `frame_aware`: one message in this many (the first, the 17th, …) is deflated to measure
@@ -60,6 +63,35 @@ impl Paused {
     pub fn end(&mut self, t: std::time::Instant) {
         self.total += t.elapsed();
         self.since = None;
+    }
+}
+
+/// A wake-up for one waiter: set, then wake it (an atomic and an `AtomicWaker`, no lock).
+#[derive(Debug, Default)]
+pub(crate) struct Signal {
+    set: AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl Signal {
+    pub(crate) fn raise(&self) {
+        self.set.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    pub(crate) async fn wait(&self) {
+        std::future::poll_fn(|cx| {
+            if self.set.swap(false, Ordering::AcqRel) {
+                return Poll::Ready(());
+            }
+            self.waker.register(cx.waker());
+            if self.set.swap(false, Ordering::AcqRel) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
     }
 }
 

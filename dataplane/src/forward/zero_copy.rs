@@ -185,7 +185,7 @@ async fn pump(
     activity: &AtomicU64,
     closes: &Closes,
     origin: Instant,
-    close_rx: watch::Receiver<Option<CloseRequest>>,
+    close: &CloseCell,
 ) -> End {
     let touch = || activity.store(origin.elapsed().as_nanos() as u64, Ordering::Relaxed);
     let bit = if dir.to_upstream { 1 } else { 2 };
@@ -204,7 +204,7 @@ async fn pump(
     // One close wait for the connection's life: a `changed()` made afresh per readiness event
     // would lock the channel's waiter list twice per message (register, then deregister when
     // the bytes won the select).
-    let mut close_req = pin!(close_requested(close_rx));
+    let mut close_req = pin!(close.requested(usize::from(!dir.to_upstream)));
     loop {
         if let Some((req, since)) = closing {
             let at_boundary = dir.tracker.as_ref().is_none_or(|t| t.at_frame_boundary());
@@ -245,14 +245,33 @@ async fn pump(
     }
 }
 
-/// The first close request; never, if the sender goes away without one.
-async fn close_requested(mut rx: watch::Receiver<Option<CloseRequest>>) -> CloseRequest {
-    loop {
-        if rx.changed().await.is_err() {
-            return std::future::pending().await;
-        }
-        if let Some(req) = *rx.borrow_and_update() {
-            return req;
+/// The proxy's request to close, for both directions: set once, each direction woken by its own
+/// signal (polling it costs an atomic, not a lock, on every wake of the connection).
+#[derive(Debug, Default)]
+struct CloseCell {
+    /// 0: none; 1: idle timeout; 2: shutdown.
+    req: AtomicU8,
+    signal: [super::Signal; 2],
+}
+
+impl CloseCell {
+    fn request(&self, r: CloseRequest) {
+        let v = match r {
+            CloseRequest::Idle => 1,
+            CloseRequest::Shutdown => 2,
+        };
+        self.req.store(v, Ordering::Release);
+        self.signal.iter().for_each(super::Signal::raise);
+    }
+
+    /// The request, once there is one (`dir`: 0 client → upstream, 1 upstream → client).
+    async fn requested(&self, dir: usize) -> CloseRequest {
+        loop {
+            match self.req.load(Ordering::Acquire) {
+                1 => return CloseRequest::Idle,
+                2 => return CloseRequest::Shutdown,
+                _ => self.signal[dir].wait().await,
+            }
         }
     }
 }
@@ -627,7 +646,7 @@ pub async fn run(
     let origin = Instant::now();
     let activity = AtomicU64::new(0);
     let closes = Closes::default();
-    let (close_tx, close_rx) = watch::channel(None::<CloseRequest>);
+    let close = CloseCell::default();
     set_keepalive(&client, settings.ping_interval);
     set_keepalive(&upstream, settings.ping_interval);
     let tracker = || (framing == Framing::WebSocket).then(FrameTracker::default);
@@ -663,7 +682,7 @@ pub async fn run(
             &activity,
             &closes,
             origin,
-            close_rx.clone()
+            &close
         ));
         let mut b = pin!(pump(
             &mut u2c,
@@ -675,7 +694,7 @@ pub async fn run(
             &activity,
             &closes,
             origin,
-            close_rx
+            &close
         ));
         let mut a_done = false;
         let mut b_done = false;
@@ -699,14 +718,14 @@ pub async fn run(
                 _ = idle_expired(&activity, origin, idle), if !close_sent => {
                     close_sent = true;
                     idle_timeout_fired = true;
-                    let _ = close_tx.send(Some(CloseRequest::Idle));
+                    close.request(CloseRequest::Idle);
                 }
                 r = async { shutdown.wait_for(|v| *v).await.is_ok() }, if !draining && !close_sent => {
                     draining = true;
                     if r {
                         tokio::time::sleep(drain_delay).await;
                         close_sent = true;
-                        let _ = close_tx.send(Some(CloseRequest::Shutdown));
+                        close.request(CloseRequest::Shutdown);
                     }
                 }
             }
