@@ -25,7 +25,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tuning::{ClosedBy, Hist, PingStats, Settings};
 
-use super::{CloseRequest, ForwardLimits, Outcome, SAMPLE_EVERY, deflated_size};
+use super::{CloseRequest, Failure, ForwardLimits, Outcome, SAMPLE_EVERY, deflated_size, verdict};
 use crate::stats::DirStats;
 
 /// Which leg.
@@ -81,7 +81,7 @@ impl Pings {
 }
 
 /// What ended a reader.
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 enum ReadEnd {
     /// The peer closed (close frame, then end of stream).
     Closed,
@@ -93,6 +93,19 @@ enum ReadEnd {
     Protocol,
     /// The peer sent a text message that is not UTF-8.
     InvalidUtf8,
+}
+
+impl ReadEnd {
+    /// The failure, unless the peer closed.
+    fn failure(self) -> Option<Failure> {
+        match self {
+            ReadEnd::Closed => None,
+            ReadEnd::Abnormal(why) => Some(Failure::Abnormal(why)),
+            ReadEnd::TooBig => Some(Failure::TooBig),
+            ReadEnd::Protocol => Some(Failure::Protocol),
+            ReadEnd::InvalidUtf8 => Some(Failure::InvalidUtf8),
+        }
+    }
 }
 
 /// State shared by the futures of one connection (all polled by one task).
@@ -422,28 +435,12 @@ where
             tokio::select! {
                 e = &mut r_client, if !rc_done => {
                     rc_done = true;
-                    match e {
-                        ReadEnd::Closed => {}
-                        ReadEnd::Abnormal(why) => {
-                            shared.record_close(ClosedBy::Client, 1006, "");
-                            error_class.get_or_insert(if why == "io" { "client_io" } else { "client_gone" });
-                            decide = Some((0, "", 1001, "client went away"));
-                        }
-                        ReadEnd::TooBig => {
-                            error_class.get_or_insert("client_message_too_big");
-                            decide = Some((1009, "message too big", 1001, "client sent a message too big"));
-                            defer_client = true;
-                        }
-                        ReadEnd::Protocol => {
-                            error_class.get_or_insert("client_protocol");
-                            decide = Some((1002, "protocol error", 1001, "client protocol error"));
-                            defer_client = true;
-                        }
-                        ReadEnd::InvalidUtf8 => {
-                            error_class.get_or_insert("client_invalid_utf8");
-                            decide = Some((1007, "invalid UTF-8", 1001, "client sent invalid UTF-8"));
-                            defer_client = true;
-                        }
+                    if let Some(f) = e.failure() {
+                        let v = verdict(true, f);
+                        if let Some((by, c, r)) = v.record { shared.record_close(by, c, r); }
+                        error_class.get_or_insert(v.class);
+                        decide = Some(v.close);
+                        defer_client = v.defer_client;
                     }
                 }
                 e = &mut r_upstream, if !ru_done => {
@@ -451,41 +448,29 @@ where
                     if let Some(m) = deferred_client.take() {
                         to_client.get_or_insert(m);
                     }
-                    match e {
-                        ReadEnd::Closed => {}
-                        ReadEnd::Abnormal(why) => {
-                            shared.record_close(ClosedBy::Upstream, 1006, "");
-                            error_class.get_or_insert(if why == "io" { "upstream_io" } else { "upstream_gone" });
-                            decide = Some((1011, "upstream went away", 0, ""));
-                        }
-                        ReadEnd::TooBig => {
-                            error_class.get_or_insert("upstream_message_too_big");
-                            decide = Some((1011, "upstream sent a message too big", 1009, "message too big"));
-                        }
-                        ReadEnd::Protocol => {
-                            error_class.get_or_insert("upstream_protocol");
-                            decide = Some((1011, "upstream protocol error", 1002, "protocol error"));
-                        }
-                        ReadEnd::InvalidUtf8 => {
-                            error_class.get_or_insert("upstream_invalid_utf8");
-                            decide = Some((1011, "upstream sent invalid UTF-8", 1007, "invalid UTF-8"));
-                        }
+                    if let Some(f) = e.failure() {
+                        let v = verdict(false, f);
+                        if let Some((by, c, r)) = v.record { shared.record_close(by, c, r); }
+                        error_class.get_or_insert(v.class);
+                        decide = Some(v.close);
                     }
                 }
                 r = &mut w_client, if !wc_done => {
                     wc_done = true;
                     if let Err(why) = r {
-                        error_class.get_or_insert(if why == "stalled" { "client_stalled" } else { "client_io" });
-                        decide = Some((0, "", 1001, "client not reading"));
-                        if why == "stalled" { shared.record_close(ClosedBy::Proxy, 1008, "client stalled"); }
+                        let v = verdict(true, Failure::Write(why));
+                        if let Some((by, c, r)) = v.record { shared.record_close(by, c, r); }
+                        error_class.get_or_insert(v.class);
+                        decide = Some(v.close);
                     }
                 }
                 r = &mut w_upstream, if !wu_done => {
                     wu_done = true;
                     if let Err(why) = r {
-                        error_class.get_or_insert(if why == "stalled" { "upstream_stalled" } else { "upstream_io" });
-                        decide = Some((1011, "upstream not reading", 0, ""));
-                        if why == "stalled" { shared.record_close(ClosedBy::Proxy, 1008, "upstream stalled"); }
+                        let v = verdict(false, Failure::Write(why));
+                        if let Some((by, c, r)) = v.record { shared.record_close(by, c, r); }
+                        error_class.get_or_insert(v.class);
+                        decide = Some(v.close);
                     }
                 }
                 () = &mut p_client => {

@@ -35,7 +35,7 @@ use tuning::{ClosedBy, Settings};
 
 use super::frame_aware::Pings;
 use super::zero_copy::{idle_expired, read_draining, write_all};
-use super::{BUFFERS, CloseRequest, ForwardLimits, Outcome, Paused, Signal};
+use super::{BUFFERS, CloseRequest, Failure, ForwardLimits, Outcome, Paused, Signal, verdict};
 use crate::stats::DirStats;
 
 const CLIENT: usize = 0;
@@ -47,21 +47,13 @@ const OUTBOX_PONGS_UNTIL: usize = 1024;
 /// Longest frame header: 2 + 8 (length) + 4 (mask).
 const MAX_HEAD: usize = 14;
 
-/// Why a direction stopped.
+/// Why a direction stopped: the source's close frame, or a failure of either leg.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum PumpEnd {
     /// The source sent its close frame.
     Closed,
-    /// The source's stream ended without a close frame ("eof") or failed ("io").
-    Abnormal(&'static str),
-    /// The source sent a message over the limit.
-    TooBig,
-    /// The source broke the protocol.
-    Protocol,
-    /// The source sent a text message (or close reason) that is not UTF-8.
-    InvalidUtf8,
-    /// Writing the destination failed: "stalled" or "io".
-    Write(&'static str),
+    /// Reading the source failed, or writing the destination (`Failure::Write`).
+    Failed(Failure),
 }
 
 /// A frame header.
@@ -87,11 +79,11 @@ fn parse_head(b: &[u8]) -> Result<Option<(Head, usize)>, PumpEnd> {
         return Ok(None);
     }
     if b[0] & 0x70 != 0 {
-        return Err(PumpEnd::Protocol);
+        return Err(PumpEnd::Failed(Failure::Protocol));
     }
     let opcode = b[0] & 0x0f;
     if !matches!(opcode, 0 | 1 | 2 | 8 | 9 | 10) {
-        return Err(PumpEnd::Protocol);
+        return Err(PumpEnd::Failed(Failure::Protocol));
     }
     let masked = b[1] & 0x80 != 0;
     let (len, mut at) = match b[1] & 0x7f {
@@ -107,7 +99,7 @@ fn parse_head(b: &[u8]) -> Result<Option<(Head, usize)>, PumpEnd> {
             }
             let l = u64::from_be_bytes(b[2..10].try_into().expect("8 bytes"));
             if l >> 63 != 0 {
-                return Err(PumpEnd::Protocol);
+                return Err(PumpEnd::Failed(Failure::Protocol));
             }
             (l, 10)
         }
@@ -371,11 +363,11 @@ async fn forward(
     write_all(dst, bytes, stall, &mut d.paused)
         .await
         .map_err(|e| {
-            PumpEnd::Write(if e.kind() == io::ErrorKind::TimedOut {
+            PumpEnd::Failed(Failure::Write(if e.kind() == io::ErrorKind::TimedOut {
                 "stalled"
             } else {
                 "io"
-            })
+            }))
         })
 }
 
@@ -418,11 +410,11 @@ async fn on_control(
         _ => {
             let (code, reason) = match payload.len() {
                 0 => (1005, String::new()),
-                1 => return Err(PumpEnd::Protocol),
+                1 => return Err(PumpEnd::Failed(Failure::Protocol)),
                 _ => {
                     let code = u16::from_be_bytes([payload[0], payload[1]]);
                     let Ok(reason) = std::str::from_utf8(&payload[2..]) else {
-                        return Err(PumpEnd::InvalidUtf8);
+                        return Err(PumpEnd::Failed(Failure::InvalidUtf8));
                     };
                     if CloseCode::from(code).is_allowed() {
                         (code, reason.to_string())
@@ -516,14 +508,14 @@ async fn process(
                 Ok(Some((head, _))) => {
                     let p = &d.parser;
                     if head.mask.is_some() != p.from_client {
-                        Some(PumpEnd::Protocol)
+                        Some(PumpEnd::Failed(Failure::Protocol))
                     } else if head.is_control() {
-                        (!head.fin || head.len > 125).then_some(PumpEnd::Protocol)
+                        (!head.fin || head.len > 125).then_some(PumpEnd::Failed(Failure::Protocol))
                     } else if (head.opcode == 0) != p.message.is_some() {
                         // A continuation outside a message, or a new message inside one.
-                        Some(PumpEnd::Protocol)
+                        Some(PumpEnd::Failed(Failure::Protocol))
                     } else if head.len > max || p.message_bytes + head.len > max {
-                        Some(PumpEnd::TooBig)
+                        Some(PumpEnd::Failed(Failure::TooBig))
                     } else {
                         None
                     }
@@ -654,7 +646,7 @@ async fn refuse_frame(
         }
         _ => d.out_mid_frame = true,
     }
-    PumpEnd::InvalidUtf8
+    PumpEnd::Failed(Failure::InvalidUtf8)
 }
 
 /// Read what `src` has and forward it. `None`: go on; `Some`: this direction is over.
@@ -670,7 +662,7 @@ async fn transfer(
     let n = match read_draining(src, &mut buf[..buffer_size]) {
         Ok(0) => {
             BUFFERS.put(buf);
-            return Some(PumpEnd::Abnormal("eof"));
+            return Some(PumpEnd::Failed(Failure::Abnormal("eof")));
         }
         Ok(n) => n,
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -679,7 +671,7 @@ async fn transfer(
         }
         Err(_) => {
             BUFFERS.put(buf);
-            return Some(PumpEnd::Abnormal("io"));
+            return Some(PumpEnd::Failed(Failure::Abnormal("io")));
         }
     };
     sh.touch();
@@ -720,7 +712,7 @@ async fn pump(
                 r = src.readable() => r,
             };
             if ready.is_err() {
-                break 'run PumpEnd::Abnormal("io");
+                break 'run PumpEnd::Failed(Failure::Abnormal("io"));
             }
             // Boxed: the state of moving bytes exists only while bytes are in flight.
             if let Some(e) = Box::pin(transfer(d, src, dst, buffer_size, sh, limits)).await {
@@ -728,7 +720,7 @@ async fn pump(
             }
         }
     };
-    if matches!(end, PumpEnd::Write(_)) || d.out_mid_frame {
+    if matches!(end, PumpEnd::Failed(Failure::Write(_))) || d.out_mid_frame {
         // No close frame can reach that peer now: end its stream instead, so that it closes.
         sh.broken[to].store(true, Ordering::Relaxed);
         let _ = socket2::SockRef::from(dst).shutdown(std::net::Shutdown::Write);
@@ -851,33 +843,13 @@ pub async fn run(
             tokio::select! {
                 e = &mut a, if !a_done => {
                     a_done = true;
-                    match e {
-                        PumpEnd::Closed => {}
-                        PumpEnd::Abnormal(why) => {
-                            sh.record_close(ClosedBy::Client, 1006, "");
-                            error_class.get_or_insert(if why == "io" { "client_io" } else { "client_gone" });
-                            decide = Some((0, "", 1001, "client went away"));
-                        }
-                        PumpEnd::TooBig => {
-                            error_class.get_or_insert("client_message_too_big");
-                            decide = Some((1009, "message too big", 1001, "client sent a message too big"));
-                            defer_client = true;
-                        }
-                        PumpEnd::Protocol => {
-                            error_class.get_or_insert("client_protocol");
-                            decide = Some((1002, "protocol error", 1001, "client protocol error"));
-                            defer_client = true;
-                        }
-                        PumpEnd::InvalidUtf8 => {
-                            error_class.get_or_insert("client_invalid_utf8");
-                            decide = Some((1007, "invalid UTF-8", 1001, "client sent invalid UTF-8"));
-                            defer_client = true;
-                        }
-                        PumpEnd::Write(why) => {
-                            error_class.get_or_insert(if why == "stalled" { "upstream_stalled" } else { "upstream_io" });
-                            decide = Some((1011, "upstream not reading", 0, ""));
-                            if why == "stalled" { sh.record_close(ClosedBy::Proxy, 1008, "upstream stalled"); }
-                        }
+                    // Reading the client, or writing the upstream, failed.
+                    if let PumpEnd::Failed(f) = e {
+                        let v = verdict(!matches!(f, Failure::Write(_)), f);
+                        if let Some((by, c, r)) = v.record { sh.record_close(by, c, r); }
+                        error_class.get_or_insert(v.class);
+                        decide = Some(v.close);
+                        defer_client = v.defer_client;
                     }
                 }
                 e = &mut b, if !b_done => {
@@ -885,31 +857,13 @@ pub async fn run(
                     if let Some((c, r)) = deferred_client.take() {
                         sh.send(CLIENT, &client, 8, &close_payload(c, r), limits.close_grace).await;
                     }
-                    match e {
-                        PumpEnd::Closed => {}
-                        PumpEnd::Abnormal(why) => {
-                            sh.record_close(ClosedBy::Upstream, 1006, "");
-                            error_class.get_or_insert(if why == "io" { "upstream_io" } else { "upstream_gone" });
-                            decide = Some((1011, "upstream went away", 0, ""));
-                        }
-                        PumpEnd::TooBig => {
-                            error_class.get_or_insert("upstream_message_too_big");
-                            decide = Some((1011, "upstream sent a message too big", 1009, "message too big"));
-                        }
-                        PumpEnd::Protocol => {
-                            error_class.get_or_insert("upstream_protocol");
-                            decide = Some((1011, "upstream protocol error", 1002, "protocol error"));
-                        }
-                        PumpEnd::InvalidUtf8 => {
-                            error_class.get_or_insert("upstream_invalid_utf8");
-                            decide = Some((1011, "upstream sent invalid UTF-8", 1007, "invalid UTF-8"));
-                        }
-                        PumpEnd::Write(why) => {
-                            client_stalled |= why == "stalled";
-                            error_class.get_or_insert(if why == "stalled" { "client_stalled" } else { "client_io" });
-                            decide = Some((0, "", 1001, "client not reading"));
-                            if why == "stalled" { sh.record_close(ClosedBy::Proxy, 1008, "client stalled"); }
-                        }
+                    // Reading the upstream, or writing the client, failed.
+                    if let PumpEnd::Failed(f) = e {
+                        let v = verdict(matches!(f, Failure::Write(_)), f);
+                        if let Some((by, c, r)) = v.record { sh.record_close(by, c, r); }
+                        client_stalled |= f == Failure::Write("stalled");
+                        error_class.get_or_insert(v.class);
+                        decide = Some(v.close);
                     }
                 }
                 () = tick(ping_c.as_mut()) => {
@@ -1144,11 +1098,20 @@ mod tests {
         let (h, n) = parse_head(&f).unwrap().unwrap();
         assert_eq!((h.opcode, h.fin, h.len, n), (2, true, 300, 8));
         assert_eq!(h.mask, Some([1, 2, 3, 4]));
-        assert_eq!(parse_head(&[0xc2, 0]).unwrap_err(), PumpEnd::Protocol);
-        assert_eq!(parse_head(&[0x83, 0]).unwrap_err(), PumpEnd::Protocol);
+        assert_eq!(
+            parse_head(&[0xc2, 0]).unwrap_err(),
+            PumpEnd::Failed(Failure::Protocol)
+        );
+        assert_eq!(
+            parse_head(&[0x83, 0]).unwrap_err(),
+            PumpEnd::Failed(Failure::Protocol)
+        );
         let mut huge = vec![0x82, 127];
         huge.extend_from_slice(&u64::MAX.to_be_bytes());
-        assert_eq!(parse_head(&huge).unwrap_err(), PumpEnd::Protocol);
+        assert_eq!(
+            parse_head(&huge).unwrap_err(),
+            PumpEnd::Failed(Failure::Protocol)
+        );
     }
 
     /// Frames written one byte at a time (every header and payload split across reads), a

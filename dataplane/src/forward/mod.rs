@@ -95,6 +95,134 @@ impl Signal {
     }
 }
 
+/// How one leg of a `frame_aware` connection failed (both forwarders).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Failure {
+    /// Its stream ended without a close frame ("eof") or failed ("io").
+    Abnormal(&'static str),
+    /// It sent a message over the limit.
+    TooBig,
+    /// It broke the protocol.
+    Protocol,
+    /// It sent a text message (or close reason) that is not UTF-8.
+    InvalidUtf8,
+    /// Writing to it failed: "stalled" or "io".
+    Write(&'static str),
+}
+
+/// What the proxy does about a failed leg.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Verdict {
+    /// The profile's error class.
+    pub class: &'static str,
+    /// (code to the client, reason, code to the upstream, reason); code 0 sends nothing.
+    pub close: (u16, &'static str, u16, &'static str),
+    /// The client's close waits until the upstream has closed, so that every message the
+    /// upstream already sent reaches the client first.
+    pub defer_client: bool,
+    /// The close to record as the connection's, when the failure is one.
+    pub record: Option<(ClosedBy, u16, &'static str)>,
+}
+
+/// The one table of `frame_aware`'s answers to a failed leg (`client`: the failed leg is the
+/// client's).
+pub(crate) fn verdict(client: bool, f: Failure) -> Verdict {
+    let v = |class, close, defer_client, record| Verdict {
+        class,
+        close,
+        defer_client,
+        record,
+    };
+    match (client, f) {
+        (true, Failure::Abnormal(why)) => v(
+            if why == "io" {
+                "client_io"
+            } else {
+                "client_gone"
+            },
+            (0, "", 1001, "client went away"),
+            false,
+            Some((ClosedBy::Client, 1006, "")),
+        ),
+        (true, Failure::TooBig) => v(
+            "client_message_too_big",
+            (
+                1009,
+                "message too big",
+                1001,
+                "client sent a message too big",
+            ),
+            true,
+            None,
+        ),
+        (true, Failure::Protocol) => v(
+            "client_protocol",
+            (1002, "protocol error", 1001, "client protocol error"),
+            true,
+            None,
+        ),
+        (true, Failure::InvalidUtf8) => v(
+            "client_invalid_utf8",
+            (1007, "invalid UTF-8", 1001, "client sent invalid UTF-8"),
+            true,
+            None,
+        ),
+        (true, Failure::Write(why)) => v(
+            if why == "stalled" {
+                "client_stalled"
+            } else {
+                "client_io"
+            },
+            (0, "", 1001, "client not reading"),
+            false,
+            (why == "stalled").then_some((ClosedBy::Proxy, 1008, "client stalled")),
+        ),
+        (false, Failure::Abnormal(why)) => v(
+            if why == "io" {
+                "upstream_io"
+            } else {
+                "upstream_gone"
+            },
+            (1011, "upstream went away", 0, ""),
+            false,
+            Some((ClosedBy::Upstream, 1006, "")),
+        ),
+        (false, Failure::TooBig) => v(
+            "upstream_message_too_big",
+            (
+                1011,
+                "upstream sent a message too big",
+                1009,
+                "message too big",
+            ),
+            false,
+            None,
+        ),
+        (false, Failure::Protocol) => v(
+            "upstream_protocol",
+            (1011, "upstream protocol error", 1002, "protocol error"),
+            false,
+            None,
+        ),
+        (false, Failure::InvalidUtf8) => v(
+            "upstream_invalid_utf8",
+            (1011, "upstream sent invalid UTF-8", 1007, "invalid UTF-8"),
+            false,
+            None,
+        ),
+        (false, Failure::Write(why)) => v(
+            if why == "stalled" {
+                "upstream_stalled"
+            } else {
+                "upstream_io"
+            },
+            (1011, "upstream not reading", 0, ""),
+            false,
+            (why == "stalled").then_some((ClosedBy::Proxy, 1008, "upstream stalled")),
+        ),
+    }
+}
+
 /// Why the proxy itself asks a connection to close.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloseRequest {
