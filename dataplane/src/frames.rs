@@ -238,10 +238,11 @@ impl FrameTracker {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn frame(fin: bool, opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+    /// A frame, masked with `mask` when given (the tests of other modules build theirs here).
+    pub(crate) fn frame(fin: bool, opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
         let mut v = vec![(u8::from(fin) << 7) | opcode];
         let m = if mask.is_some() { 0x80 } else { 0 };
         match payload.len() {

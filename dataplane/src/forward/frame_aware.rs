@@ -437,9 +437,7 @@ where
                     rc_done = true;
                     if let Some(f) = e.failure() {
                         let v = verdict(true, f);
-                        if let Some((by, c, r)) = v.record { shared.record_close(by, c, r); }
-                        error_class.get_or_insert(v.class);
-                        decide = Some(v.close);
+                        decide = Some(v.apply(&mut error_class, |by, c, r| shared.record_close(by, c, r)));
                         defer_client = v.defer_client;
                     }
                 }
@@ -450,27 +448,21 @@ where
                     }
                     if let Some(f) = e.failure() {
                         let v = verdict(false, f);
-                        if let Some((by, c, r)) = v.record { shared.record_close(by, c, r); }
-                        error_class.get_or_insert(v.class);
-                        decide = Some(v.close);
+                        decide = Some(v.apply(&mut error_class, |by, c, r| shared.record_close(by, c, r)));
                     }
                 }
                 r = &mut w_client, if !wc_done => {
                     wc_done = true;
                     if let Err(why) = r {
                         let v = verdict(true, Failure::Write(why));
-                        if let Some((by, c, r)) = v.record { shared.record_close(by, c, r); }
-                        error_class.get_or_insert(v.class);
-                        decide = Some(v.close);
+                        decide = Some(v.apply(&mut error_class, |by, c, r| shared.record_close(by, c, r)));
                     }
                 }
                 r = &mut w_upstream, if !wu_done => {
                     wu_done = true;
                     if let Err(why) = r {
                         let v = verdict(false, Failure::Write(why));
-                        if let Some((by, c, r)) = v.record { shared.record_close(by, c, r); }
-                        error_class.get_or_insert(v.class);
-                        decide = Some(v.close);
+                        decide = Some(v.apply(&mut error_class, |by, c, r| shared.record_close(by, c, r)));
                     }
                 }
                 () = &mut p_client => {

@@ -34,7 +34,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tuning::{ClosedBy, Settings};
 
 use super::frame_aware::Pings;
-use super::zero_copy::{idle_expired, read_draining, write_all};
+use super::zero_copy::{Pooled, idle_expired, read_pooled, write_all};
 use super::{BUFFERS, CloseRequest, Failure, ForwardLimits, Outcome, Paused, Signal, verdict};
 use crate::stats::DirStats;
 
@@ -658,21 +658,11 @@ async fn transfer(
     sh: &Shared,
     limits: ForwardLimits,
 ) -> Option<PumpEnd> {
-    let mut buf = BUFFERS.get(buffer_size);
-    let n = match read_draining(src, &mut buf[..buffer_size]) {
-        Ok(0) => {
-            BUFFERS.put(buf);
-            return Some(PumpEnd::Failed(Failure::Abnormal("eof")));
-        }
-        Ok(n) => n,
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-            BUFFERS.put(buf);
-            return None;
-        }
-        Err(_) => {
-            BUFFERS.put(buf);
-            return Some(PumpEnd::Failed(Failure::Abnormal("io")));
-        }
+    let (buf, n) = match read_pooled(src, buffer_size) {
+        Ok(Pooled::Bytes(buf, n)) => (buf, n),
+        Ok(Pooled::Eof) => return Some(PumpEnd::Failed(Failure::Abnormal("eof"))),
+        Ok(Pooled::Nothing) => return None,
+        Err(_) => return Some(PumpEnd::Failed(Failure::Abnormal("io"))),
     };
     sh.touch();
     let r = process(d, &buf[..n], src, dst, sh, limits).await;
@@ -846,9 +836,7 @@ pub async fn run(
                     // Reading the client, or writing the upstream, failed.
                     if let PumpEnd::Failed(f) = e {
                         let v = verdict(!matches!(f, Failure::Write(_)), f);
-                        if let Some((by, c, r)) = v.record { sh.record_close(by, c, r); }
-                        error_class.get_or_insert(v.class);
-                        decide = Some(v.close);
+                        decide = Some(v.apply(&mut error_class, |by, c, r| sh.record_close(by, c, r)));
                         defer_client = v.defer_client;
                     }
                 }
@@ -860,10 +848,8 @@ pub async fn run(
                     // Reading the upstream, or writing the client, failed.
                     if let PumpEnd::Failed(f) = e {
                         let v = verdict(matches!(f, Failure::Write(_)), f);
-                        if let Some((by, c, r)) = v.record { sh.record_close(by, c, r); }
+                        decide = Some(v.apply(&mut error_class, |by, c, r| sh.record_close(by, c, r)));
                         client_stalled |= f == Failure::Write("stalled");
-                        error_class.get_or_insert(v.class);
-                        decide = Some(v.close);
                     }
                 }
                 () = tick(ping_c.as_mut()) => {
@@ -1013,29 +999,23 @@ mod tests {
         (a, b)
     }
 
-    /// A frame with this first byte and payload, masked with `mask` when given.
+    /// `run` between two socket pairs: (the client's end, the upstream's end, the forwarding).
+    async fn forwarding(
+        s: Settings,
+        l: ForwardLimits,
+    ) -> (TcpStream, TcpStream, tokio::task::JoinHandle<Outcome>) {
+        let (client, proxy_c) = pair().await;
+        let (proxy_u, upstream) = pair().await;
+        let fwd = tokio::spawn(async move {
+            let (_tx, rx) = watch::channel(false);
+            run(proxy_c, &[], proxy_u, &[], &s, l, rx, Duration::ZERO).await
+        });
+        (client, upstream, fwd)
+    }
+
+    /// A frame with this first byte (FIN and opcode) and payload, masked with `mask` when given.
     fn frame(first: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
-        let mut f = vec![first];
-        let m = if mask.is_some() { 0x80 } else { 0 };
-        match payload.len() {
-            n if n < 126 => f.push(m | n as u8),
-            n if n < 65536 => {
-                f.push(m | 126);
-                f.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                f.push(m | 127);
-                f.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        match mask {
-            Some(k) => {
-                f.extend_from_slice(&k);
-                f.extend(payload.iter().enumerate().map(|(i, b)| b ^ k[i % 4]));
-            }
-            None => f.extend_from_slice(payload),
-        }
-        f
+        crate::frames::tests::frame(first & 0x80 != 0, first & 0x0f, payload, mask)
     }
 
     /// Read exactly `n` bytes (or fail after 5 s).
@@ -1120,23 +1100,7 @@ mod tests {
     /// forwarded, and the upstream's reply reaches the client.
     #[tokio::test]
     async fn frames_split_across_reads_are_forwarded_whole_and_pings_answered() {
-        let (mut client, proxy_c) = pair().await;
-        let (proxy_u, mut upstream) = pair().await;
-        let (_tx, rx) = watch::channel(false);
-        let s = settings(0);
-        let fwd = tokio::spawn(async move {
-            run(
-                proxy_c,
-                &[],
-                proxy_u,
-                &[],
-                &s,
-                limits(1 << 20),
-                rx,
-                Duration::ZERO,
-            )
-            .await
-        });
+        let (mut client, mut upstream, fwd) = forwarding(settings(0), limits(1 << 20)).await;
         let k = [9, 8, 7, 6];
         let first = frame(0x01, "h€l".as_bytes(), Some(k));
         let ping = frame(0x89, b"are you there", Some(k));
@@ -1185,23 +1149,7 @@ mod tests {
     /// once the upstream has closed.
     #[tokio::test]
     async fn a_message_over_the_limit_is_refused_with_1009() {
-        let (mut client, proxy_c) = pair().await;
-        let (proxy_u, mut upstream) = pair().await;
-        let (_tx, rx) = watch::channel(false);
-        let s = settings(0);
-        let fwd = tokio::spawn(async move {
-            run(
-                proxy_c,
-                &[],
-                proxy_u,
-                &[],
-                &s,
-                limits(1000),
-                rx,
-                Duration::ZERO,
-            )
-            .await
-        });
+        let (mut client, mut upstream, fwd) = forwarding(settings(0), limits(1000)).await;
         let k = [1, 2, 3, 4];
         client
             .write_all(&frame(0x82, &[1u8; 500], Some(k)))
@@ -1228,24 +1176,8 @@ mod tests {
     /// dead after three missed pongs.
     #[tokio::test]
     async fn a_client_that_stops_answering_pings_is_declared_dead() {
-        let (_client, proxy_c) = pair().await;
-        let (proxy_u, mut upstream) = pair().await;
-        let (_tx, rx) = watch::channel(false);
-        let s = settings(1);
         let t0 = Instant::now();
-        let fwd = tokio::spawn(async move {
-            run(
-                proxy_c,
-                &[],
-                proxy_u,
-                &[],
-                &s,
-                limits(1 << 20),
-                rx,
-                Duration::ZERO,
-            )
-            .await
-        });
+        let (_client, mut upstream, fwd) = forwarding(settings(1), limits(1 << 20)).await;
         let answer = tokio::spawn(async move {
             loop {
                 let (op, p) = read_frame(&mut upstream).await;

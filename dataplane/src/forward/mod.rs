@@ -124,6 +124,22 @@ pub(crate) struct Verdict {
     pub record: Option<(ClosedBy, u16, &'static str)>,
 }
 
+impl Verdict {
+    /// Record the failure (its error class unless one is already set, its close through
+    /// `record`) and give the closes to send.
+    pub fn apply(
+        self,
+        error_class: &mut Option<&'static str>,
+        record: impl FnOnce(ClosedBy, u16, &'static str),
+    ) -> (u16, &'static str, u16, &'static str) {
+        if let Some((by, code, reason)) = self.record {
+            record(by, code, reason);
+        }
+        error_class.get_or_insert(self.class);
+        self.close
+    }
+}
+
 /// The one table of `frame_aware`'s answers to a failed leg (`client`: the failed leg is the
 /// client's).
 pub(crate) fn verdict(client: bool, f: Failure) -> Verdict {

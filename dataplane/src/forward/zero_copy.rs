@@ -119,7 +119,7 @@ pub(super) async fn write_all(
 /// straight to the reactor instead of costing one more read that can only say EAGAIN (a third
 /// of the syscalls of a small-message round trip). Clearing is race-free: tokio clears only
 /// the readiness observed before the read, never an event the reactor recorded after it.
-pub(super) fn read_draining(src: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+fn read_draining(src: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
     use std::io::Read as _;
     let len = buf.len();
     let mut read = None;
@@ -135,6 +135,34 @@ pub(super) fn read_draining(src: &TcpStream, buf: &mut [u8]) -> io::Result<usize
     match (r, read) {
         (_, Some(n)) => Ok(n),
         (r, None) => r,
+    }
+}
+
+/// What one read into a pooled buffer found.
+pub(super) enum Pooled {
+    /// This many bytes, in a buffer taken from [`BUFFERS`] (the caller gives it back).
+    Bytes(Box<[u8]>, usize),
+    /// The source finished (FIN).
+    Eof,
+    /// Nothing after all (readiness cleared).
+    Nothing,
+}
+
+/// Read what `src` has into a pooled buffer of `size` bytes ([`read_draining`]); the buffer
+/// goes back to the pool at once unless bytes came.
+pub(super) fn read_pooled(src: &TcpStream, size: usize) -> io::Result<Pooled> {
+    let mut buf = BUFFERS.get(size);
+    let r = read_draining(src, &mut buf[..size]);
+    match r {
+        Ok(n) if n > 0 => Ok(Pooled::Bytes(buf, n)),
+        r => {
+            BUFFERS.put(buf);
+            match r {
+                Ok(_) => Ok(Pooled::Eof),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Pooled::Nothing),
+                Err(e) => Err(e),
+            }
+        }
     }
 }
 
@@ -338,22 +366,14 @@ async fn transfer(
             }
         }
     }
-    let mut buf = BUFFERS.get(buffer_size);
-    let n = match read_draining(src, &mut buf[..buffer_size]) {
-        Ok(0) => {
-            BUFFERS.put(buf);
+    let (buf, n) = match read_pooled(src, buffer_size) {
+        Ok(Pooled::Bytes(buf, n)) => (buf, n),
+        Ok(Pooled::Eof) => {
             let _ = socket2::SockRef::from(dst).shutdown(Shutdown::Write);
             return Some(End::Eof);
         }
-        Ok(n) => n,
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-            BUFFERS.put(buf);
-            return None;
-        }
-        Err(e) => {
-            BUFFERS.put(buf);
-            return Some(End::ReadError(e));
-        }
+        Ok(Pooled::Nothing) => return None,
+        Err(e) => return Some(End::ReadError(e)),
     };
     touch();
     let close = track(dir, &buf[..n], Instant::now());
