@@ -757,10 +757,10 @@ async fn ping(sh: &Shared, leg: usize, sock: &TcpStream, grace: Duration) -> boo
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
     client: TcpStream,
-    client_head: &[u8],
+    client_head: Vec<u8>,
     upstream: TcpStream,
-    upstream_head: &[u8],
-    settings: &Settings,
+    upstream_head: Vec<u8>,
+    settings: Settings,
     limits: ForwardLimits,
     mut shutdown: watch::Receiver<bool>,
     drain_delay: Duration,
@@ -793,7 +793,7 @@ pub async fn run(
             &mut c2u,
             &client,
             &upstream,
-            client_head,
+            &client_head,
             bs,
             &sh,
             limits
@@ -802,7 +802,7 @@ pub async fn run(
             &mut u2c,
             &upstream,
             &client,
-            upstream_head,
+            &upstream_head,
             bs,
             &sh,
             limits
@@ -1008,7 +1008,17 @@ mod tests {
         let (proxy_u, upstream) = pair().await;
         let fwd = tokio::spawn(async move {
             let (_tx, rx) = watch::channel(false);
-            run(proxy_c, &[], proxy_u, &[], &s, l, rx, Duration::ZERO).await
+            run(
+                proxy_c,
+                Vec::new(),
+                proxy_u,
+                Vec::new(),
+                s,
+                l,
+                rx,
+                Duration::ZERO,
+            )
+            .await
         });
         (client, upstream, fwd)
     }
@@ -1248,10 +1258,10 @@ mod tests {
         let s = settings(30);
         let f = run(
             proxy_c,
-            &[],
+            Vec::new(),
             proxy_u,
-            &[],
-            &s,
+            Vec::new(),
+            s,
             limits(1 << 20),
             rx,
             Duration::ZERO,

@@ -17,6 +17,7 @@ use std::io;
 use std::net::Shutdown;
 use std::pin::pin;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
@@ -202,122 +203,103 @@ impl Closes {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn pump(
-    dir: &mut Dir,
-    src: &TcpStream,
-    dst: &TcpStream,
-    head: &[u8],
+/// What both directions of one connection share (borrowed by both pumps).
+#[derive(Debug)]
+struct Shared {
     buffer_size: usize,
     limits: ForwardLimits,
-    activity: &AtomicU64,
-    closes: &Closes,
+    /// The moment of the upgrade; `activity` counts from it.
     origin: Instant,
-    close: &CloseCell,
-) -> End {
-    let touch = || activity.store(origin.elapsed().as_nanos() as u64, Ordering::Relaxed);
-    let bit = if dir.to_upstream { 1 } else { 2 };
-    if !head.is_empty() {
-        let close = track(dir, head, Instant::now());
-        let w = Box::pin(write_all(dst, head, limits.stall_timeout, &mut dir.paused)).await;
-        if let Err(e) = w {
-            return write_end(e);
-        }
-        if close {
-            closes.forwarded(bit);
-        }
-        touch();
-    }
-    let mut closing: Option<(CloseRequest, Instant)> = None;
-    // One close wait for the connection's life: a `changed()` made afresh per readiness event
-    // would lock the channel's waiter list twice per message (register, then deregister when
-    // the bytes won the select).
-    let mut close_req = pin!(close.requested(usize::from(!dir.to_upstream)));
-    loop {
-        if let Some((req, since)) = closing {
-            let at_boundary = dir.tracker.as_ref().is_none_or(|t| t.at_frame_boundary());
-            if at_boundary || since.elapsed() > limits.close_grace {
-                // Boxed: the closing path's state (a close frame, a scratch buffer) is only
-                // allocated when a connection closes, not held by every idle one.
-                return Box::pin(close_direction(dir, src, dst, req, at_boundary, limits)).await;
-            }
-        }
-        let ready = tokio::select! {
-            biased;
-            req = &mut close_req, if closing.is_none() => {
-                closing = Some((req, Instant::now()));
-                continue;
-            }
-            r = src.readable() => r,
-        };
-        if let Err(e) = ready {
-            return End::ReadError(e);
-        }
-        // Boxed: the state of moving bytes (splice and write futures with their stall timers,
-        // a borrowed buffer) exists only while bytes are in flight, not in every idle
-        // connection's future.
-        let moved = Box::pin(transfer(
-            dir,
-            src,
-            dst,
-            buffer_size,
-            limits,
-            activity,
-            closes,
-            origin,
-        ))
-        .await;
-        if let Some(end) = moved {
-            return end;
-        }
-    }
+    /// Nanoseconds from `origin` to the last forwarded bytes.
+    activity: AtomicU64,
+    closes: Closes,
+    /// The proxy's close request: 0 none, 1 idle timeout, 2 shutdown.
+    close: AtomicU8,
 }
 
-/// The proxy's request to close, for both directions: set once, each direction woken by its own
-/// signal (polling it costs an atomic, not a lock, on every wake of the connection).
-#[derive(Debug, Default)]
-struct CloseCell {
-    /// 0: none; 1: idle timeout; 2: shutdown.
-    req: AtomicU8,
-    signal: [super::Signal; 2],
-}
+impl Shared {
+    fn touch(&self) {
+        self.activity
+            .store(self.origin.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    }
 
-impl CloseCell {
-    fn request(&self, r: CloseRequest) {
+    /// Ask both directions to close. They see it the next time they are polled, which `run`
+    /// does right after asking (both are polled by the same task), so no waker is needed.
+    fn request_close(&self, r: CloseRequest) {
         let v = match r {
             CloseRequest::Idle => 1,
             CloseRequest::Shutdown => 2,
         };
-        self.req.store(v, Ordering::Release);
-        self.signal.iter().for_each(super::Signal::raise);
+        self.close.store(v, Ordering::Relaxed);
     }
 
-    /// The request, once there is one (`dir`: 0 client → upstream, 1 upstream → client).
-    async fn requested(&self, dir: usize) -> CloseRequest {
-        loop {
-            match self.req.load(Ordering::Acquire) {
-                1 => return CloseRequest::Idle,
-                2 => return CloseRequest::Shutdown,
-                _ => self.signal[dir].wait().await,
+    fn close_requested(&self) -> Option<CloseRequest> {
+        match self.close.load(Ordering::Relaxed) {
+            1 => Some(CloseRequest::Idle),
+            2 => Some(CloseRequest::Shutdown),
+            _ => None,
+        }
+    }
+}
+
+/// One direction: forward what `src` sends to `dst` until it ends. While idle its whole state
+/// is a few references: the wait for readability is a `poll_read_ready` (the waker lives in
+/// the socket's registration), and the bytes-moving and closing paths are boxed, so they exist
+/// only while bytes are in flight or the connection closes.
+async fn pump(dir: &mut Dir, src: &TcpStream, dst: &TcpStream, head: &[u8], sh: &Shared) -> End {
+    let bit = if dir.to_upstream { 1 } else { 2 };
+    if !head.is_empty() {
+        let close = track(dir, head, Instant::now());
+        let w = Box::pin(write_all(
+            dst,
+            head,
+            sh.limits.stall_timeout,
+            &mut dir.paused,
+        ))
+        .await;
+        if let Err(e) = w {
+            return write_end(e);
+        }
+        if close {
+            sh.closes.forwarded(bit);
+        }
+        sh.touch();
+    }
+    let mut closing: Option<(CloseRequest, Instant)> = None;
+    loop {
+        if let Some((req, since)) = closing {
+            let at_boundary = dir.tracker.as_ref().is_none_or(|t| t.at_frame_boundary());
+            if at_boundary || since.elapsed() > sh.limits.close_grace {
+                return Box::pin(close_direction(dir, src, dst, req, at_boundary, sh.limits)).await;
             }
+        }
+        let waiting_for_close = closing.is_none();
+        let ready = std::future::poll_fn(|cx| {
+            if waiting_for_close && let Some(req) = sh.close_requested() {
+                return Poll::Ready(Err(req));
+            }
+            src.poll_read_ready(cx).map(Ok)
+        })
+        .await;
+        match ready {
+            Err(req) => {
+                closing = Some((req, Instant::now()));
+                continue;
+            }
+            Ok(Err(e)) => return End::ReadError(e),
+            Ok(Ok(())) => {}
+        }
+        if let Some(end) = Box::pin(transfer(dir, src, dst, sh)).await {
+            return end;
         }
     }
 }
 
 /// Move what `src` has ready to `dst` (splice for payloads, the copy path for the rest).
 /// `None`: go on waiting; `Some`: this direction ended.
-#[allow(clippy::too_many_arguments)]
-async fn transfer(
-    dir: &mut Dir,
-    src: &TcpStream,
-    dst: &TcpStream,
-    buffer_size: usize,
-    limits: ForwardLimits,
-    activity: &AtomicU64,
-    closes: &Closes,
-    origin: Instant,
-) -> Option<End> {
-    let touch = || activity.store(origin.elapsed().as_nanos() as u64, Ordering::Relaxed);
+async fn transfer(dir: &mut Dir, src: &TcpStream, dst: &TcpStream, sh: &Shared) -> Option<End> {
+    let (buffer_size, limits) = (sh.buffer_size, sh.limits);
+    let touch = || sh.touch();
     let bit = if dir.to_upstream { 1 } else { 2 };
     #[cfg(target_os = "linux")]
     if splice::enabled() {
@@ -391,7 +373,7 @@ async fn transfer(
         return Some(write_end(e));
     }
     if close {
-        closes.forwarded(bit);
+        sh.closes.forwarded(bit);
     }
     None
 }
@@ -645,6 +627,17 @@ pub(super) async fn idle_expired(activity: &AtomicU64, origin: Instant, idle: Du
     }
 }
 
+/// What the connection's one timer is waiting for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Timer {
+    /// The idle deadline (moved on by traffic).
+    Idle,
+    /// This connection's slot in the drain window, once the data plane shuts down.
+    Drain,
+    /// Nothing: the proxy asked the connection to close.
+    Off,
+}
+
 /// Forward until both directions finish, an error ends the connection, or the proxy closes it.
 ///
 /// `client_head` are bytes the client sent after its request head (forwarded to the upstream
@@ -654,19 +647,24 @@ pub(super) async fn idle_expired(activity: &AtomicU64, origin: Instant, idle: Du
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
     client: TcpStream,
-    client_head: &[u8],
+    client_head: Vec<u8>,
     upstream: TcpStream,
-    upstream_head: &[u8],
-    settings: &Settings,
+    upstream_head: Vec<u8>,
+    settings: Settings,
     framing: Framing,
     limits: ForwardLimits,
     mut shutdown: watch::Receiver<bool>,
     drain_delay: Duration,
 ) -> Outcome {
     let origin = Instant::now();
-    let activity = AtomicU64::new(0);
-    let closes = Closes::default();
-    let close = CloseCell::default();
+    let sh = Shared {
+        buffer_size: settings.buffer_size as usize,
+        limits,
+        origin,
+        activity: AtomicU64::new(0),
+        closes: Closes::default(),
+        close: AtomicU8::new(0),
+    };
     set_keepalive(&client, settings.ping_interval);
     set_keepalive(&upstream, settings.ping_interval);
     let tracker = || (framing == Framing::WebSocket).then(FrameTracker::default);
@@ -686,73 +684,76 @@ pub async fn run(
         closed_by_proxy: false,
         reads: 0,
     };
-    let bs = settings.buffer_size as usize;
     let idle = Duration::from_secs(u64::from(settings.idle_timeout));
     // The outcome is assembled after the loop: kept out of the state held across awaits.
     let mut idle_timeout_fired = false;
     let mut first_end: Option<(bool, End)> = None;
     {
-        let mut a = pin!(pump(
-            &mut c2u,
-            &client,
-            &upstream,
-            client_head,
-            bs,
-            limits,
-            &activity,
-            &closes,
-            origin,
-            &close
-        ));
-        let mut b = pin!(pump(
-            &mut u2c,
-            &upstream,
-            &client,
-            upstream_head,
-            bs,
-            limits,
-            &activity,
-            &closes,
-            origin,
-            &close
-        ));
-        let mut a_done = false;
-        let mut b_done = false;
-        let mut close_sent = false;
+        let mut a = pin!(pump(&mut c2u, &client, &upstream, &client_head, &sh));
+        let mut b = pin!(pump(&mut u2c, &upstream, &client, &upstream_head, &sh));
+        // One timer for the connection's life: the idle deadline, then (once the data plane
+        // drains) this connection's slot in the drain window. Reset, never made afresh.
+        let mut timer = pin!(tokio::time::sleep(idle));
+        let mut timer_for = Timer::Idle;
+        let mut shut = pin!(shutdown.wait_for(|v| *v));
         let mut draining = false;
-        loop {
-            tokio::select! {
-                e = &mut a, if !a_done => {
-                    a_done = true;
-                    let fatal = !matches!(e, End::Eof | End::ProxyClosed);
-                    if first_end.is_none() { first_end = Some((true, e)); }
-                    // After a complete close handshake one FIN ends the connection.
-                    if fatal || closes.handshake_done() { break; }
-                }
-                e = &mut b, if !b_done => {
-                    b_done = true;
-                    let fatal = !matches!(e, End::Eof | End::ProxyClosed);
-                    if first_end.is_none() { first_end = Some((false, e)); }
-                    if fatal || closes.handshake_done() { break; }
-                }
-                _ = idle_expired(&activity, origin, idle), if !close_sent => {
-                    close_sent = true;
-                    idle_timeout_fired = true;
-                    close.request(CloseRequest::Idle);
-                }
-                r = async { shutdown.wait_for(|v| *v).await.is_ok() }, if !draining && !close_sent => {
-                    draining = true;
-                    if r {
-                        tokio::time::sleep(drain_delay).await;
-                        close_sent = true;
-                        close.request(CloseRequest::Shutdown);
+        let (mut a_done, mut b_done) = (false, false);
+        std::future::poll_fn(|cx| {
+            loop {
+                for (from_client, fut, done) in [
+                    (true, a.as_mut(), &mut a_done),
+                    (false, b.as_mut(), &mut b_done),
+                ] {
+                    if *done {
+                        continue;
+                    }
+                    if let Poll::Ready(e) = fut.poll(cx) {
+                        *done = true;
+                        let fatal = !matches!(e, End::Eof | End::ProxyClosed);
+                        if first_end.is_none() {
+                            first_end = Some((from_client, e));
+                        }
+                        // After a complete close handshake one FIN ends the connection.
+                        if fatal || sh.closes.handshake_done() {
+                            return Poll::Ready(());
+                        }
                     }
                 }
+                if a_done && b_done {
+                    return Poll::Ready(());
+                }
+                if !draining
+                    && timer_for != Timer::Off
+                    && let Poll::Ready(r) = shut.as_mut().poll(cx)
+                {
+                    draining = true;
+                    if r.is_ok() {
+                        timer_for = Timer::Drain;
+                        timer
+                            .as_mut()
+                            .reset(tokio::time::Instant::now() + drain_delay);
+                    }
+                }
+                if timer_for == Timer::Off || timer.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                if timer_for == Timer::Idle {
+                    let last = origin + Duration::from_nanos(sh.activity.load(Ordering::Relaxed));
+                    if Instant::now() < last + idle {
+                        // Traffic since: wait for the new deadline.
+                        timer.as_mut().reset((last + idle).into());
+                        continue;
+                    }
+                    idle_timeout_fired = true;
+                    sh.request_close(CloseRequest::Idle);
+                } else {
+                    sh.request_close(CloseRequest::Shutdown);
+                }
+                // Poll both directions again: they see the request now.
+                timer_for = Timer::Off;
             }
-            if a_done && b_done {
-                break;
-            }
-        }
+        })
+        .await;
     }
     let end = Instant::now();
     let mut out = Outcome {
@@ -777,14 +778,14 @@ pub async fn run(
                 (&u2c, &c2u)
             };
             // The side that sent the first close frame closed; failing that, the first to end.
-            let side = match closes.first.load(Ordering::Relaxed) {
+            let side = match sh.closes.first.load(Ordering::Relaxed) {
                 1 => ClosedBy::Client,
                 2 => ClosedBy::Upstream,
                 _ if from_client => ClosedBy::Client,
                 _ => ClosedBy::Upstream,
             };
             out.closed_by = Some(if proxy_closed { ClosedBy::Proxy } else { side });
-            let (first, second) = match closes.first.load(Ordering::Relaxed) {
+            let (first, second) = match sh.closes.first.load(Ordering::Relaxed) {
                 1 => (&c2u, &u2c),
                 2 => (&u2c, &c2u),
                 _ => (first, second),
@@ -873,6 +874,93 @@ mod tests {
 }
 
 #[cfg(test)]
+mod drain {
+    use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (b, _) = l.accept().await.unwrap();
+        (a, b)
+    }
+
+    /// While a connection waits for its slot in the drain window it still forwards (the wait
+    /// once stopped both directions for the whole delay); then it closes with 1001 both ways.
+    #[tokio::test]
+    async fn a_draining_connection_forwards_until_its_slot_then_closes_with_1001() {
+        let (mut client, proxy_c) = pair().await;
+        let (proxy_u, mut upstream) = pair().await;
+        let (tx, rx) = watch::channel(false);
+        let limits = ForwardLimits {
+            stall_timeout: Duration::from_secs(5),
+            max_message_bytes: 1 << 20,
+            close_grace: Duration::from_secs(1),
+        };
+        let delay = Duration::from_millis(1500);
+        let settings = Settings::default();
+        let fwd = tokio::spawn(run(
+            proxy_c,
+            Vec::new(),
+            proxy_u,
+            Vec::new(),
+            settings,
+            Framing::WebSocket,
+            limits,
+            rx,
+            delay,
+        ));
+        tx.send(true).unwrap();
+        let t0 = Instant::now();
+        // A masked text frame "hello" from the client, an unmasked one back from the upstream.
+        let key = [1u8, 2, 3, 4];
+        let mut frame = vec![0x81, 0x85];
+        frame.extend_from_slice(&key);
+        frame.extend(b"hello".iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+        client.write_all(&frame).await.unwrap();
+        let mut got = vec![0u8; frame.len()];
+        upstream.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, frame);
+        upstream.write_all(&[0x81, 0x02, b'o', b'k']).await.unwrap();
+        let mut back = [0u8; 4];
+        client.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, &[0x81, 0x02, b'o', b'k']);
+        assert!(
+            t0.elapsed() < delay / 2,
+            "forwarding waited for the drain slot: {:?}",
+            t0.elapsed()
+        );
+        // Then the close, unmasked to the client, masked to the upstream, after the delay.
+        let mut head = [0u8; 2];
+        client.read_exact(&mut head).await.unwrap();
+        assert!(t0.elapsed() >= delay, "closed before its slot");
+        assert_eq!(head[0], 0x88);
+        let mut payload = vec![0u8; usize::from(head[1] & 0x7f)];
+        client.read_exact(&mut payload).await.unwrap();
+        assert_eq!(&payload[..2], &1001u16.to_be_bytes());
+        assert_eq!(&payload[2..], b"proxy shutting down");
+        let mut up_head = [0u8; 6];
+        upstream.read_exact(&mut up_head).await.unwrap();
+        assert_eq!(up_head[0], 0x88);
+        assert_eq!(
+            up_head[1] & 0x80,
+            0x80,
+            "a close toward the upstream is masked"
+        );
+        // Both peers answer; the connection ends as closed by the proxy.
+        drop(client);
+        drop(upstream);
+        let out = tokio::time::timeout(Duration::from_secs(5), fwd)
+            .await
+            .expect("forwarding ended")
+            .unwrap();
+        assert_eq!(out.closed_by, Some(ClosedBy::Proxy));
+        assert_eq!(out.c2u.messages, 1);
+        assert_eq!(out.u2c.messages, 1);
+    }
+}
+
+#[cfg(test)]
 mod idle_size {
     use super::*;
 
@@ -893,16 +981,17 @@ mod idle_size {
         let settings = Settings::default();
         let f = run(
             c,
-            &[],
+            Vec::new(),
             u,
-            &[],
-            &settings,
+            Vec::new(),
+            settings,
             Framing::WebSocket,
             limits,
             rx,
             Duration::ZERO,
         );
         let size = std::mem::size_of_val(&f);
+        eprintln!("zero_copy::run's state: {size} bytes");
         assert!(size <= 3200, "zero_copy::run's state grew to {size} bytes");
     }
 }
