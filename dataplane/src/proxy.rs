@@ -91,7 +91,10 @@ struct Tunnel {
     decision: Decision,
     timings: Timings,
     started_at: chrono::DateTime<chrono::Utc>,
-    conn: ConnInfo,
+    /// When the client's connection was accepted.
+    accepted: Instant,
+    /// The connection's slot (see [`ConnInfo::guard`]); the rest of `ConnInfo` is not kept.
+    _guard: Arc<dyn std::any::Any + Send + Sync>,
     trace: TraceContext,
 }
 
@@ -860,7 +863,8 @@ impl Proxy {
             decision,
             timings,
             started_at,
-            conn,
+            accepted: conn.accepted,
+            _guard: conn.guard,
             trace,
         });
         tokio::spawn(async move {
@@ -1041,7 +1045,8 @@ impl Proxy {
             decision,
             timings,
             started_at,
-            conn,
+            accepted: conn.accepted,
+            _guard: conn.guard,
             trace,
         });
         tokio::spawn(async move {
@@ -1169,7 +1174,8 @@ impl Proxy {
             decision,
             timings,
             started_at,
-            conn,
+            accepted: conn.accepted,
+            _guard: conn.guard,
             trace,
         });
         self.tunnel(ClientLeg::Tcp(client), head, up, Vec::new(), None, meta);
@@ -1305,7 +1311,8 @@ impl Proxy {
             decision,
             timings,
             started_at,
-            conn,
+            accepted,
+            _guard: guard,
             trace,
         } = *meta;
         METRICS.active_upgraded.fetch_sub(1, Ordering::Relaxed);
@@ -1336,7 +1343,7 @@ impl Proxy {
             connection_id: id,
             dataplane_id: self.routes().config.dataplane_id.clone(),
             started_at,
-            duration_us: conn.accepted.elapsed().as_micros() as u64,
+            duration_us: accepted.elapsed().as_micros() as u64,
             context: ctx,
             decision,
             timings,
@@ -1368,7 +1375,8 @@ impl Proxy {
             m.profiles_emitted.fetch_add(1, Ordering::Relaxed);
             self.sink.emit(profile);
         }
-        drop(conn);
+        // The connection's slot is released only after its profile was handed over.
+        drop(guard);
     }
 }
 
