@@ -5,20 +5,82 @@ use std::time::Instant;
 use tuning::DirectionStats;
 use tuning::profile::{HIST_BUCKETS, Hist};
 
-/// A histogram with the profile's buckets and 32-bit counts (half the size of [`Hist`]: it is
-/// held by every live connection, three per direction).
-#[derive(Debug, Clone, Copy)]
-struct Counts([u32; HIST_BUCKETS]);
+/// Distinct buckets a histogram keeps inline before it moves to the heap.
+const FEW: usize = 7;
+
+/// A histogram with the profile's buckets and 32-bit counts, held by every live connection
+/// (three per direction). While it has seen at most [`FEW`] distinct buckets (an idle
+/// connection's, and most connections' sizes) the buckets and counts are kept inline in 40
+/// bytes; beyond that, all buckets move to the heap. The full array inline was 96 bytes, six of
+/// them per connection.
+#[derive(Debug, Clone)]
+enum Counts {
+    Few {
+        buckets: [u8; FEW],
+        len: u8,
+        counts: [u32; FEW],
+    },
+    All(Box<[u32; HIST_BUCKETS]>),
+}
 
 impl Counts {
+    const fn new() -> Counts {
+        Counts::Few {
+            buckets: [0; FEW],
+            len: 0,
+            counts: [0; FEW],
+        }
+    }
+
     #[inline]
     fn record(&mut self, v: u64) {
-        let b = &mut self.0[Hist::bucket(v)];
-        *b = b.saturating_add(1);
+        let b = Hist::bucket(v);
+        match self {
+            Counts::All(all) => all[b] = all[b].saturating_add(1),
+            Counts::Few {
+                buckets,
+                len,
+                counts,
+            } => {
+                let n = usize::from(*len);
+                if let Some(i) = buckets[..n].iter().position(|x| usize::from(*x) == b) {
+                    counts[i] = counts[i].saturating_add(1);
+                } else if n < FEW {
+                    buckets[n] = b as u8;
+                    counts[n] = 1;
+                    *len += 1;
+                } else {
+                    let mut all = Box::new([0u32; HIST_BUCKETS]);
+                    for (k, c) in buckets.iter().zip(counts.iter()) {
+                        all[usize::from(*k)] = *c;
+                    }
+                    all[b] = 1;
+                    *self = Counts::All(all);
+                }
+            }
+        }
     }
 
     fn widen(&self) -> Hist {
-        Hist(self.0.map(u64::from))
+        let mut h = [0u64; HIST_BUCKETS];
+        match self {
+            Counts::All(all) => {
+                for (o, c) in h.iter_mut().zip(all.iter()) {
+                    *o = u64::from(*c);
+                }
+            }
+            Counts::Few {
+                buckets,
+                len,
+                counts,
+            } => {
+                let n = usize::from(*len);
+                for (k, c) in buckets[..n].iter().zip(&counts[..n]) {
+                    h[usize::from(*k)] = u64::from(*c);
+                }
+            }
+        }
+        Hist(h)
     }
 }
 
@@ -43,13 +105,12 @@ pub struct DirStats {
 impl DirStats {
     /// Start counting; `origin` is the moment the connection was upgraded.
     pub fn new(origin: Instant) -> DirStats {
-        let zero = Counts([0; HIST_BUCKETS]);
         DirStats {
             bytes: 0,
             messages: 0,
-            msg_sizes: zero,
-            read_sizes: zero,
-            gaps_ms: zero,
+            msg_sizes: Counts::new(),
+            read_sizes: Counts::new(),
+            gaps_ms: Counts::new(),
             max_gap_ms: 0,
             sampled_in: 0,
             sampled_out: 0,
@@ -128,5 +189,27 @@ mod tests {
         assert_eq!(s.first_message_us, Some(5000));
         assert_eq!(s.gaps_ms.count(), 1);
         assert_eq!(s.max_gap_ms, 1000);
+    }
+
+    /// Inline while few buckets are in use, on the heap beyond, and the same histogram either
+    /// way as the profile's own.
+    #[test]
+    fn counts_move_to_the_heap_past_a_few_buckets_and_count_the_same() {
+        assert!(std::mem::size_of::<Counts>() <= 40);
+        let mut c = Counts::new();
+        let mut h = Hist::default();
+        let values = [0u64, 1, 1, 3, 100, 100, 5000, 1 << 20, 7, 7, 7];
+        for (i, v) in values.iter().enumerate() {
+            c.record(*v);
+            h.record(*v);
+            assert_eq!(c.widen().0, h.0, "after {} values", i + 1);
+        }
+        assert!(matches!(c, Counts::Few { len: 7, .. }));
+        for v in [1u64 << 40, u64::MAX, 2, 1 << 30] {
+            c.record(v);
+            h.record(v);
+        }
+        assert!(matches!(c, Counts::All(_)));
+        assert_eq!(c.widen().0, h.0);
     }
 }
