@@ -1248,7 +1248,7 @@ mod tests {
         assert!(sh.outbox[CLIENT].lock().unwrap().len() > queued);
     }
 
-    /// What an idle connection holds is the future of `run` (about 4 KiB: two directions'
+    /// What an idle connection holds is the future of `run` (under 4 KiB: two directions'
     /// statistics and parsers, the waits and timers), never a buffer.
     #[tokio::test]
     async fn the_idle_forwarding_state_stays_small() {
@@ -1267,6 +1267,8 @@ mod tests {
             Duration::ZERO,
         );
         let size = std::mem::size_of_val(&f);
-        assert!(size <= 4608, "frame_tcp::run's state grew to {size} bytes");
+        eprintln!("frame_tcp::run's state: {size} bytes");
+        // 3,776 bytes in a debug build.
+        assert!(size <= 4096, "frame_tcp::run's state grew to {size} bytes");
     }
 }

@@ -992,6 +992,7 @@ mod idle_size {
         );
         let size = std::mem::size_of_val(&f);
         eprintln!("zero_copy::run's state: {size} bytes");
-        assert!(size <= 3200, "zero_copy::run's state grew to {size} bytes");
+        // 1,896 bytes in a debug build, 1,864 in release (3,060 before the one poll loop).
+        assert!(size <= 2048, "zero_copy::run's state grew to {size} bytes");
     }
 }
