@@ -96,6 +96,10 @@ pub struct Figures {
     pub throughput: f64,
     /// Resident memory growth per idle WebSocket, KiB (None for direct: no proxy process).
     pub idle_kib: Option<f64>,
+    /// The same, counted only over the last two thirds of the connections: RSS growth from
+    /// N/3 to N connections over 2N/3. Without the fixed part (memory the opening burst touched
+    /// and the allocator kept), this is what one more idle connection costs.
+    pub idle_marginal_kib: Option<f64>,
     /// CPU per 100 active connections (each 100 msgs/s of 64 B), % of one core.
     pub cpu_pct: Option<f64>,
     /// The echo upstream's own CPU over the same window, % of one core.
@@ -396,8 +400,9 @@ async fn ws(addr: SocketAddr, path: &str) -> anyhow::Result<crate::load::Ws> {
 }
 
 /// Open `n` WebSockets (each echoes one message, so both legs exist), hold them, and return
-/// the RSS growth of the process tree per connection, KiB.
-async fn idle_memory(t: &Target, n: usize) -> anyhow::Result<Option<f64>> {
+/// the RSS growth of the process tree per connection, KiB, over all `n` and over the last two
+/// thirds (the growth from `n / 3` connections to `n`).
+async fn idle_memory(t: &Target, n: usize) -> anyhow::Result<Option<(f64, f64)>> {
     let Some(pid) = t.pid.filter(|_| n > 0) else {
         return Ok(None);
     };
@@ -406,7 +411,12 @@ async fn idle_memory(t: &Target, n: usize) -> anyhow::Result<Option<f64>> {
     let before = tree_rss_kib(pid);
     let addr = t.addr;
     let mut held = Vec::with_capacity(n);
+    let mut at_third = None;
     for chunk in (0..n).collect::<Vec<_>>().chunks(200) {
+        if at_third.is_none() && held.len() >= n / 3 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            at_third = Some((held.len(), tree_rss_kib(pid)));
+        }
         let mut tasks = Vec::new();
         for _ in chunk {
             tasks.push(tokio::spawn(async move {
@@ -423,6 +433,8 @@ async fn idle_memory(t: &Target, n: usize) -> anyhow::Result<Option<f64>> {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let after = tree_rss_kib(pid);
     let per = (after.saturating_sub(before)) as f64 / n as f64;
+    let (k, third) = at_third.unwrap_or((0, before));
+    let marginal = (after.saturating_sub(third)) as f64 / (n - k).max(1) as f64;
     // Close them all (and let the proxy free them before the next step).
     let closes = held.into_iter().map(|mut w| async move {
         let _ = w.close(None).await;
@@ -432,7 +444,7 @@ async fn idle_memory(t: &Target, n: usize) -> anyhow::Result<Option<f64>> {
         .await;
     });
     futures_util::future::join_all(closes).await;
-    Ok(Some(per))
+    Ok(Some((per, marginal)))
 }
 
 /// 100 connections each sending a 64 B message every 10 ms and reading its echo, for
@@ -536,7 +548,10 @@ pub async fn run_once(t: &Target, p: &Params) -> anyhow::Result<Figures> {
     let mut f = Figures::default();
     let on = |g| p.figures.contains(&g);
     if on(Figure::Memory) {
-        f.idle_kib = within(limit, idle_memory(t, p.idle_conns)).await??;
+        if let Some((per, marginal)) = within(limit, idle_memory(t, p.idle_conns)).await?? {
+            f.idle_kib = Some(per);
+            f.idle_marginal_kib = Some(marginal);
+        }
     }
     if on(Figure::Rtt) {
         let l = latency(within(limit, ws_round_trips(t.addr, 1, p.rtt_single, 64)).await??);
@@ -576,6 +591,7 @@ pub fn medians(runs: &[Figures]) -> Figures {
         rtt100_p99: m(&|f| f.rtt100_p99),
         throughput: m(&|f| f.throughput),
         idle_kib: mo(&|f| f.idle_kib),
+        idle_marginal_kib: mo(&|f| f.idle_marginal_kib),
         cpu_pct: mo(&|f| f.cpu_pct),
         upstream_cpu_pct: mo(&|f| f.upstream_cpu_pct),
         http_p50: m(&|f| f.http_p50),
@@ -587,7 +603,7 @@ pub fn medians(runs: &[Figures]) -> Figures {
 pub fn table(names: &[String], figs: &[Figures], measured: &[Figure]) -> String {
     use std::fmt::Write as _;
     type Row = (Figure, &'static str, fn(&Figures) -> Option<f64>, bool);
-    let rows: [Row; 10] = [
+    let rows: [Row; 11] = [
         (
             Figure::Rtt,
             "WS round trip p50, 1 conn (µs)",
@@ -616,6 +632,12 @@ pub fn table(names: &[String], figs: &[Figures], measured: &[Figure]) -> String 
             Figure::Memory,
             "memory per idle WS (KiB)",
             |f| f.idle_kib,
+            false,
+        ),
+        (
+            Figure::Memory,
+            "  per connection from N/3 to N (KiB)",
+            |f| f.idle_marginal_kib,
             false,
         ),
         (
