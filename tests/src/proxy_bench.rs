@@ -547,11 +547,11 @@ pub async fn run_once(t: &Target, p: &Params) -> anyhow::Result<Figures> {
     // absorb the idle connections and hide their cost).
     let mut f = Figures::default();
     let on = |g| p.figures.contains(&g);
-    if on(Figure::Memory) {
-        if let Some((per, marginal)) = within(limit, idle_memory(t, p.idle_conns)).await?? {
-            f.idle_kib = Some(per);
-            f.idle_marginal_kib = Some(marginal);
-        }
+    if on(Figure::Memory)
+        && let Some((per, marginal)) = within(limit, idle_memory(t, p.idle_conns)).await??
+    {
+        f.idle_kib = Some(per);
+        f.idle_marginal_kib = Some(marginal);
     }
     if on(Figure::Rtt) {
         let l = latency(within(limit, ws_round_trips(t.addr, 1, p.rtt_single, 64)).await??);
