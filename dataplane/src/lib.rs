@@ -29,6 +29,7 @@ pub mod sse;
 pub mod stats;
 pub mod telemetry;
 pub mod tls;
+pub mod upgrade;
 
 pub use config::Config;
 pub use server::DataPlane;

@@ -746,22 +746,19 @@ impl Proxy {
             .path_and_query()
             .map_or("/", |pq| pq.as_str())
             .to_string();
-        let mut up_req = Request::new(Empty::<Bytes>::new());
-        *up_req.uri_mut() = path.parse().unwrap_or_else(|_| Uri::from_static("/"));
-        *up_req.headers_mut() = up_headers;
-        let handshake = async {
-            let (mut sender, connection) = hyper::client::conn::http1::Builder::new()
-                .handshake::<_, Empty<Bytes>>(TokioIo::new(tcp))
-                .await?;
-            tokio::spawn(async move {
-                if let Err(e) = connection.with_upgrades().await {
-                    tracing::debug!(error = %e, "upstream upgrade connection ended");
-                }
-            });
-            sender.send_request(up_req).await
+        // A target that does not parse as one is sent as "/" (as before, through `Uri`).
+        let path = if path.parse::<Uri>().is_ok() {
+            path
+        } else {
+            "/".to_string()
         };
-        let mut resp = match tokio::time::timeout(limits.handshake_timeout, handshake).await {
-            Ok(Ok(r)) => r,
+        let mut tcp = tcp;
+        let handshake = async {
+            crate::upgrade::send_request(&mut tcp, &path, &up_headers).await?;
+            crate::upgrade::read_answer(&mut tcp).await
+        };
+        let answer = match tokio::time::timeout(limits.handshake_timeout, handshake).await {
+            Ok(Ok(a)) => a,
             Ok(Err(e)) => {
                 METRICS.upstream_error("send", false, Some(Duration::ZERO));
                 METRICS.finish(ctx.protocol.as_str(), "upstream_error");
@@ -776,16 +773,43 @@ impl Proxy {
                 );
             }
         };
-        if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-            // The upstream refused the upgrade: relay its answer as it is.
-            let (mut parts, body) = resp.into_parts();
-            headers::strip_hop_by_hop(&mut parts.headers);
-            headers::add_via(&mut parts.headers, &self.via_token);
+        if answer.status != StatusCode::SWITCHING_PROTOCOLS {
+            // The upstream refused the upgrade: relay its answer, body included.
+            let (status, mut parts_headers) = (answer.status, answer.headers.clone());
+            let body = tokio::time::timeout(
+                limits.handshake_timeout,
+                crate::upgrade::read_body(&mut tcp, answer),
+            )
+            .await;
+            let body = match body {
+                Ok(Ok(b)) => b,
+                Ok(Err(e)) => {
+                    METRICS.finish(ctx.protocol.as_str(), "upstream_error");
+                    tracing::warn!(side = "upstream", service = %service.name, %upstream, %status, error = %e, "reading the upstream's refusal failed");
+                    return full(
+                        StatusCode::BAD_GATEWAY,
+                        "upstream refused the upgrade with an unreadable answer",
+                    );
+                }
+                Err(_) => {
+                    METRICS.finish(ctx.protocol.as_str(), "timeout");
+                    return full(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "upstream did not finish its refusal",
+                    );
+                }
+            };
+            headers::strip_hop_by_hop(&mut parts_headers);
+            parts_headers.remove(header::CONTENT_LENGTH);
+            headers::add_via(&mut parts_headers, &self.via_token);
             METRICS.finish(ctx.protocol.as_str(), "ok");
-            return Response::from_parts(parts, body.boxed_unsync());
+            let mut r = Response::new(Full::new(body).map_err(|e| match e {}).boxed_unsync());
+            *r.status_mut() = status;
+            *r.headers_mut() = parts_headers;
+            return r;
         }
         // Check the upstream's 101 before telling the client yes.
-        let up_h = resp.headers();
+        let up_h = &answer.headers;
         let upgrade_ok = up_h
             .get(header::UPGRADE)
             .and_then(|v| v.to_str().ok())
@@ -830,7 +854,7 @@ impl Proxy {
                 );
             }
         }
-        let mut client_headers = resp.headers().clone();
+        let mut client_headers = answer.headers;
         headers::strip_hop_by_hop(&mut client_headers);
         headers::add_via(&mut client_headers, &self.via_token);
         client_headers.remove(header::SEC_WEBSOCKET_ACCEPT);
@@ -852,7 +876,7 @@ impl Proxy {
             params
         });
         timings.upgrade_us = Some(t0.elapsed().as_micros() as u64);
-        let up_on = hyper::upgrade::on(&mut resp);
+        let (upstream, upstream_head) = (tcp, answer.rest);
         let client_on = hyper::upgrade::on(&mut req);
         let proxy = self.clone();
         // One box for everything the tunnel keeps: captured loose, each value would be held
@@ -868,26 +892,13 @@ impl Proxy {
             trace,
         });
         tokio::spawn(async move {
-            let (c, u) = tokio::join!(client_on, up_on);
-            let (c, u) = match (c, u) {
-                (Ok(c), Ok(u)) => (c, u),
-                (c, u) => {
-                    tracing::warn!(
-                        client_ok = c.is_ok(),
-                        upstream_ok = u.is_ok(),
-                        "upgrade did not complete"
-                    );
+            let c = match client_on.await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "the client's upgrade did not complete");
                     return;
                 }
             };
-            let Ok(u) = u.downcast::<TokioIo<TcpStream>>() else {
-                tracing::error!("upgraded upstream connection is not a TCP stream");
-                return;
-            };
-            // Copy the bytes that came with the 101 and let hyper's read buffer go now: the
-            // `Bytes` keeps its whole allocation (8 KiB or more) alive, and anything left in
-            // scope here lives as long as the connection.
-            let (upstream, upstream_head) = (u.io.into_inner(), detach(u.read_buf));
             let (client, client_head) = if h2 {
                 (ClientLeg::H2(TokioIo::new(c)), Vec::new())
             } else {

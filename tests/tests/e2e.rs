@@ -369,6 +369,31 @@ async fn generic_upgrade_is_tunnelled_as_bytes_with_head_data() {
     assert!(back == payload, "bytes differ");
 }
 
+/// An upstream that refuses the upgrade is answered as it answered (status, fields, body), in
+/// both modes; the proxy reads that answer itself (no HTTP client library on the upgrade path).
+#[tokio::test]
+async fn an_upstream_refusing_the_upgrade_is_relayed_with_its_body() {
+    let echo = spawn_echo().await;
+    for mode in ["zero_copy", "frame_aware"] {
+        let dp = DataPlaneProc::start(&config(echo, mode, "", ""));
+        let req = "GET /refuse HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+                   Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+        let text = http_get(dp.proxy, req).await;
+        assert!(text.starts_with("HTTP/1.1 403"), "{mode}: {text}");
+        assert!(
+            text.to_ascii_lowercase().contains("\r\nvia: "),
+            "{mode}: {text}"
+        );
+        assert!(
+            text.ends_with("\r\n\r\nrefused by upstream"),
+            "{mode}: {text}"
+        );
+        // And the next upgrade on a new connection works.
+        let (mut ws, _) = ws_connect(dp.proxy, "/after", None).await;
+        echo_round_trips(&mut ws).await;
+    }
+}
+
 async fn http_get(proxy: SocketAddr, raw: &str) -> String {
     let mut s = TcpStream::connect(proxy).await.expect("connect");
     s.write_all(raw.as_bytes()).await.expect("write");
