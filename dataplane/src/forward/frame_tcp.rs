@@ -1268,7 +1268,7 @@ mod tests {
         );
         let size = std::mem::size_of_val(&f);
         eprintln!("frame_tcp::run's state: {size} bytes");
-        // 3,776 bytes in a debug build.
+        // 3,744 bytes in a debug build.
         assert!(size <= 4096, "frame_tcp::run's state grew to {size} bytes");
     }
 }
