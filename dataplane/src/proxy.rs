@@ -1222,30 +1222,30 @@ impl Proxy {
         // Each mode's forwarding is a task of its own, sized to that mode's state: one task
         // type for every mode would be as large as the largest mode's state (13 KiB measured),
         // held by every connection for its whole life; a task that awaited a boxed forwarding
-        // future would hold its own state and a second allocation besides.
+        // future would hold its own state and a second allocation besides. Each arm passes the
+        // forwarding future itself: wrapped in an `async` block, its arguments would be held a
+        // second time.
         let shutdown = self.shutdown.clone();
         match client {
             // An HTTP/2 stream is no socket: frames are parsed.
-            ClientLeg::H2(client) => self.spawn_forwarding(meta, async move {
+            ClientLeg::H2(client) => self.spawn_forwarding(
+                meta,
                 frame_aware(
                     client,
                     client_head,
                     upstream,
                     upstream_head,
                     deflate,
-                    &settings,
+                    settings,
                     fl,
                     shutdown,
                     drain_delay,
-                )
-                .await
-            }),
+                ),
+            ),
             // Two sockets and no deflate: the proxy's own frame forwarder.
             ClientLeg::Tcp(client)
                 if deflate.is_none() && is_ws && settings.mode == Mode::FrameAware =>
             {
-                // The forwarding future itself, not wrapped in an `async` block (which would
-                // hold its arguments a second time).
                 self.spawn_forwarding(
                     meta,
                     forward::frame_tcp::run(
@@ -1260,30 +1260,26 @@ impl Proxy {
                     ),
                 )
             }
-            ClientLeg::Tcp(client) if deflate.is_some() => {
-                self.spawn_forwarding(meta, async move {
-                    frame_aware(
-                        client,
-                        client_head,
-                        upstream,
-                        upstream_head,
-                        deflate,
-                        &settings,
-                        fl,
-                        shutdown,
-                        drain_delay,
-                    )
-                    .await
-                })
-            }
+            ClientLeg::Tcp(client) if deflate.is_some() => self.spawn_forwarding(
+                meta,
+                frame_aware(
+                    client,
+                    client_head,
+                    upstream,
+                    upstream_head,
+                    deflate,
+                    settings,
+                    fl,
+                    shutdown,
+                    drain_delay,
+                ),
+            ),
             ClientLeg::Tcp(client) => {
                 let framing = if is_ws {
                     forward::zero_copy::Framing::WebSocket
                 } else {
                     forward::zero_copy::Framing::Opaque
                 };
-                // The forwarding future itself, not wrapped in an `async` block (which would
-                // hold its arguments a second time).
                 self.spawn_forwarding(
                     meta,
                     forward::zero_copy::run(
@@ -1420,23 +1416,23 @@ impl<F: std::future::Future<Output = Outcome>> std::future::Future for Finishing
 }
 
 /// A boxed forwarding future (each mode's at its own size).
-type Forwarding<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Outcome> + Send + 'a>>;
+type Forwarding = std::pin::Pin<Box<dyn std::future::Future<Output = Outcome> + Send>>;
 
 /// `frame_aware` forwarding of a client leg, under permessage-deflate when it was agreed.
 #[allow(clippy::too_many_arguments)]
-fn frame_aware<'a, C>(
+fn frame_aware<C>(
     client: C,
     client_head: Vec<u8>,
     upstream: TcpStream,
     upstream_head: Vec<u8>,
     deflate: Option<crate::deflate::DeflateParams>,
-    settings: &'a tuning::Settings,
+    settings: tuning::Settings,
     fl: ForwardLimits,
     shutdown: watch::Receiver<bool>,
     drain_delay: Duration,
-) -> Forwarding<'a>
+) -> Forwarding
 where
-    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'a,
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     match deflate {
         Some(params) => {

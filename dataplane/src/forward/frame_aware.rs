@@ -350,7 +350,7 @@ pub async fn run<C, U>(
     client_head: Vec<u8>,
     upstream: U,
     upstream_head: Vec<u8>,
-    settings: &Settings,
+    settings: Settings,
     limits: ForwardLimits,
     mut shutdown: watch::Receiver<bool>,
     drain_delay: Duration,
@@ -359,7 +359,7 @@ where
     C: AsyncRead + AsyncWrite + Unpin + Send,
     U: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let cfg = ws_config(settings, &limits);
+    let cfg = ws_config(&settings, &limits);
     let client_ws =
         WebSocketStream::from_partially_read(client, client_head, Role::Server, Some(cfg)).await;
     let upstream_ws =
@@ -620,7 +620,7 @@ mod tests {
             vec![],
             up_proxy,
             vec![],
-            &settings(15, 900),
+            settings(15, 900),
             limits(),
             rx,
             Duration::ZERO,
@@ -657,7 +657,7 @@ mod tests {
             vec![],
             up_proxy,
             vec![],
-            &settings(0, 30),
+            settings(0, 30),
             limits(),
             rx,
             Duration::ZERO,
@@ -712,7 +712,7 @@ mod tests {
             vec![],
             up_proxy,
             vec![],
-            &settings(0, 900),
+            settings(0, 900),
             l,
             rx,
             Duration::ZERO,
