@@ -775,10 +775,14 @@ impl Proxy {
         };
         if answer.status != StatusCode::SWITCHING_PROTOCOLS {
             // The upstream refused the upgrade: relay its answer, body included.
-            let (status, mut parts_headers) = (answer.status, answer.headers.clone());
+            let crate::upgrade::Answer {
+                status,
+                headers: mut parts_headers,
+                rest,
+            } = answer;
             let body = tokio::time::timeout(
                 limits.handshake_timeout,
-                crate::upgrade::read_body(&mut tcp, answer),
+                crate::upgrade::read_body(&mut tcp, status, &parts_headers, rest),
             )
             .await;
             let body = match body {
