@@ -21,6 +21,10 @@ pub struct RawConfig {
     /// Name of this data plane in profiles and logs (default: the host name).
     #[serde(default)]
     pub dataplane_id: Option<String>,
+    /// Connection worker threads, each with its own event loop; a connection stays on the
+    /// worker that took it (default: one per available core).
+    #[serde(default)]
+    pub workers: Option<usize>,
     /// Limits that apply to every connection.
     #[serde(default)]
     pub limits: RawLimits,
@@ -391,6 +395,8 @@ pub struct Config {
     pub admin_listen: SocketAddr,
     /// This data plane's name.
     pub dataplane_id: String,
+    /// See [`RawConfig::workers`].
+    pub workers: usize,
     /// Limits.
     pub limits: Limits,
     /// Services.
@@ -1096,10 +1102,19 @@ impl RawConfig {
                 queue_capacity: t.queue_capacity,
             }
         });
+        let workers = match self.workers {
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            Some(n @ 1..=MAX_WORKERS) => n,
+            Some(n) => {
+                e.push(format!("workers = {n} must be between 1 and {MAX_WORKERS}"));
+                1
+            }
+        };
         if !e.is_empty() {
             return Err(e);
         }
         Ok(Config {
+            workers,
             listeners,
             connect,
             tracing,
@@ -1115,6 +1130,9 @@ impl RawConfig {
         })
     }
 }
+
+/// Most connection worker threads a data plane runs.
+pub const MAX_WORKERS: usize = 256;
 
 fn default_id() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -1144,6 +1162,21 @@ settings = { mode = "frame_aware", ping_interval = "15s" }
         assert_eq!(s.routes[1].host.as_deref(), Some("chat.example"));
         assert_eq!(s.settings.ping_interval, 15);
         assert_eq!(c.limits.handshake_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn workers_default_to_the_cores_and_out_of_range_is_named() {
+        let cores = std::thread::available_parallelism().unwrap().get();
+        assert_eq!(Config::from_toml(GOOD).unwrap().workers, cores);
+        let with = |n: &str| Config::from_toml(&format!("workers = {n}\n{GOOD}"));
+        assert_eq!(with("3").unwrap().workers, 3);
+        for bad in ["0", "257"] {
+            let e = with(bad).unwrap_err().join("\n");
+            assert!(
+                e.contains(&format!("workers = {bad} must be between 1 and 256")),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -31,7 +31,9 @@ fn load(path: &Path) -> anyhow::Result<Config> {
     })
 }
 
-#[tokio::main]
+// The main runtime does the control work (accept, admin, decisions, profiles); connections run
+// on the data plane's own worker threads (`workers`).
+#[tokio::main(flavor = "multi_thread", worker_threads = 1)]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let config = load(&args.config)?;
@@ -96,7 +98,11 @@ async fn main() -> anyhow::Result<()> {
         tracing::info!(endpoint = %t.otlp_endpoint, "spans go to the OTLP collector");
         dataplane::telemetry::traces::start(t.clone());
     }
-    let dp = Arc::new(DataPlane::new(config, source, sink));
+    let workers = config.workers;
+    let dp = Arc::new(
+        DataPlane::new(config, source, sink)
+            .with_context(|| format!("starting {workers} connection workers"))?,
+    );
     // SIGHUP: reload routes and services; a bad file is logged and the old config stays.
     {
         let dp = dp.clone();

@@ -31,6 +31,8 @@ pub struct Conn {
     pub idle_since: Instant,
     /// Whether it served a request before.
     pub reused: bool,
+    /// The connection worker whose event loop drives it ([`crate::server::worker_index`]).
+    worker: usize,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -68,8 +70,36 @@ pub enum ConnectError {
 
 #[derive(Debug)]
 struct Upstream {
-    idle: Vec<Conn>,
+    /// Idle connections by the worker that drives them: a request takes one of its own
+    /// worker's first, so its bytes do not cross threads.
+    idle: Vec<Vec<Conn>>,
     limit: Arc<Semaphore>,
+}
+
+impl Upstream {
+    /// The most recently idle usable connection, this worker's first, then any worker's;
+    /// expired or closed ones met on the way are dropped.
+    fn take(&mut self, me: usize, limits: PoolLimits) -> Option<Conn> {
+        let usable = |c: &Conn| {
+            c.created.elapsed() < limits.max_lifetime
+                && c.idle_since.elapsed() < limits.idle_timeout
+                && !c.sender.is_closed()
+                && c.sender.is_ready()
+        };
+        let n = self.idle.len();
+        for w in std::iter::once(me).chain((0..n).filter(|w| *w != me)) {
+            let Some(list) = self.idle.get_mut(w) else {
+                continue;
+            };
+            while let Some(c) = list.pop() {
+                if usable(&c) {
+                    return Some(c);
+                }
+                // dropped: closes the connection and frees its permit
+            }
+        }
+        None
+    }
 }
 
 /// The pool of every upstream.
@@ -96,14 +126,9 @@ impl Pool {
                 idle: Vec::new(),
                 limit: Arc::new(Semaphore::new(limits.max_per_upstream)),
             });
-            while let Some(mut c) = u.idle.pop() {
-                let expired = c.created.elapsed() >= limits.max_lifetime
-                    || c.idle_since.elapsed() >= limits.idle_timeout;
-                if !expired && !c.sender.is_closed() && c.sender.is_ready() {
-                    c.reused = true;
-                    return Ok(c);
-                }
-                // dropped: closes the connection and frees its permit
+            if let Some(mut c) = u.take(crate::server::worker_index(), limits) {
+                c.reused = true;
+                return Ok(c);
             }
             (key, u.limit.clone())
         };
@@ -142,6 +167,7 @@ impl Pool {
             created: now,
             idle_since: now,
             reused: false,
+            worker: crate::server::worker_index(),
             _permit: permit,
         })
     }
@@ -154,7 +180,10 @@ impl Pool {
         c.idle_since = Instant::now();
         let mut map = self.upstreams.lock().expect("pool lock");
         if let Some(u) = map.get_mut(&c.upstream) {
-            u.idle.push(c);
+            if u.idle.len() <= c.worker {
+                u.idle.resize_with(c.worker + 1, Vec::new);
+            }
+            u.idle[c.worker].push(c);
         }
     }
 
@@ -166,11 +195,13 @@ impl Pool {
                 u.idle.clear();
                 continue;
             };
-            u.idle.retain(|c| {
-                c.idle_since.elapsed() < l.idle_timeout
-                    && c.created.elapsed() < l.max_lifetime
-                    && !c.sender.is_closed()
-            });
+            for list in &mut u.idle {
+                list.retain(|c| {
+                    c.idle_since.elapsed() < l.idle_timeout
+                        && c.created.elapsed() < l.max_lifetime
+                        && !c.sender.is_closed()
+                });
+            }
         }
     }
 
@@ -180,7 +211,7 @@ impl Pool {
             .lock()
             .expect("pool lock")
             .get(upstream)
-            .map_or(0, |u| u.idle.len())
+            .map_or(0, |u| u.idle.iter().map(Vec::len).sum())
     }
 }
 
@@ -335,5 +366,57 @@ impl H2Upstreams {
             .expect("h2 upstreams")
             .insert(upstream.to_string(), sender.clone());
         Ok((sender, false))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::set_worker_index;
+
+    /// A request takes an idle connection its own worker drives before another worker's, and
+    /// another worker's before opening one more (which the limit here would not allow).
+    #[tokio::test]
+    async fn a_request_takes_its_own_workers_idle_connection_first() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let held = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((s, _)) = l.accept().await {
+                open.push(s);
+            }
+        });
+        let pool = Pool::default();
+        let limits = PoolLimits {
+            max_per_upstream: 2,
+            idle_timeout: Duration::from_secs(60),
+            max_lifetime: Duration::from_secs(600),
+        };
+        let connect = Duration::from_secs(2);
+        let mut mine = Vec::new();
+        for w in [0, 1] {
+            set_worker_index(w);
+            let mut c = pool.checkout(&addr, limits, connect).await.unwrap();
+            assert!(!c.reused);
+            assert_eq!(c.worker, w);
+            c.sender.ready().await.unwrap();
+            mine.push(c);
+        }
+        let created: Vec<Instant> = mine.iter().map(|c| c.created).collect();
+        for c in mine {
+            pool.checkin(c, limits);
+        }
+        assert_eq!(pool.idle_count(&addr), 2);
+        set_worker_index(1);
+        let c = pool.checkout(&addr, limits, connect).await.unwrap();
+        assert!(c.reused);
+        assert_eq!((c.worker, c.created), (1, created[1]));
+        // Worker 1 has none left: it takes worker 0's rather than wait for the limit.
+        let d = pool.checkout(&addr, limits, connect).await.unwrap();
+        assert!(d.reused);
+        assert_eq!((d.worker, d.created), (0, created[0]));
+        assert_eq!(pool.idle_count(&addr), 0);
+        set_worker_index(0);
+        held.abort();
     }
 }

@@ -1,7 +1,12 @@
-//! The accept loop, the connection limit, graceful shutdown and the admin endpoint.
+//! The accept loop, the connection workers, the connection limit, graceful shutdown and the
+//! admin endpoint.
 //!
 //! One task per client connection, holding a permit of the connection limit for as long as any
-//! part of it lives (an upgraded tunnel keeps it). Accept errors such as EMFILE back off instead
+//! part of it lives (an upgraded tunnel keeps it). The accept loop hands each connection to one
+//! of `workers` threads in turn, each running its own single-threaded event loop, as nginx's
+//! and HAProxy's workers do: the connection, its upstream and every task it spawns stay on that
+//! thread, so forwarding a message never wakes another thread. The control work (accepting,
+//! the admin endpoint, decisions, the profile writer) runs on the process's main runtime. Accept errors such as EMFILE back off instead
 //! of ending the loop. On shutdown the listener closes, HTTP connections finish their current
 //! request, WebSockets get close 1001 spread over the drain window, and `serve` returns once
 //! every connection is gone or the drain deadline passed.
@@ -37,6 +42,74 @@ pub struct DataPlane {
     shutdown_tx: watch::Sender<bool>,
     limit: Arc<Semaphore>,
     max_connections: usize,
+    workers: Arc<Workers>,
+}
+
+thread_local! {
+    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// The index of the connection worker running on this thread (0 on any other thread).
+pub fn worker_index() -> usize {
+    WORKER.get()
+}
+
+/// Pretend this thread is worker `i` (tests of worker affinity).
+#[cfg(test)]
+pub(crate) fn set_worker_index(i: usize) {
+    WORKER.set(i);
+}
+
+/// Connection worker threads, each running a single-threaded tokio runtime until the
+/// `Workers` is dropped (which ends the tasks still on them).
+#[derive(Debug)]
+pub struct Workers {
+    handles: Vec<tokio::runtime::Handle>,
+    next: std::sync::atomic::AtomicUsize,
+    _stop: Vec<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Workers {
+    /// Start `n` worker threads (at least one).
+    pub fn start(n: usize) -> std::io::Result<Workers> {
+        let mut handles = Vec::new();
+        let mut stop = Vec::new();
+        for i in 0..n.max(1) {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            handles.push(rt.handle().clone());
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            stop.push(tx);
+            std::thread::Builder::new()
+                .name(format!("trimtab-worker-{i}"))
+                .spawn(move || {
+                    WORKER.set(i);
+                    let _ = rt.block_on(rx);
+                })?;
+        }
+        Ok(Workers {
+            handles,
+            next: std::sync::atomic::AtomicUsize::new(0),
+            _stop: stop,
+        })
+    }
+
+    /// How many worker threads there are.
+    pub fn len(&self) -> usize {
+        self.handles.len()
+    }
+
+    /// Never: there is at least one worker.
+    pub fn is_empty(&self) -> bool {
+        self.handles.is_empty()
+    }
+
+    /// The next worker in turn.
+    fn pick(&self) -> &tokio::runtime::Handle {
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        &self.handles[i % self.handles.len()]
+    }
 }
 
 impl DataPlane {
@@ -45,15 +118,17 @@ impl DataPlane {
         config: Config,
         source: Arc<dyn SettingsSource>,
         sink: Arc<dyn ProfileSink>,
-    ) -> DataPlane {
+    ) -> std::io::Result<DataPlane> {
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let max = config.limits.max_connections;
-        DataPlane {
+        let workers = Arc::new(Workers::start(config.workers)?);
+        Ok(DataPlane {
             proxy: Arc::new(Proxy::new(config, source, sink, shutdown_rx)),
             shutdown_tx,
             limit: Arc::new(Semaphore::new(max)),
             max_connections: max,
-        }
+            workers,
+        })
     }
 
     /// Replace routes and services (SIGHUP); live connections are not touched. The listen
@@ -100,6 +175,7 @@ impl DataPlane {
                     self.proxy.clone(),
                     self.limit.clone(),
                     refusals.clone(),
+                    self.workers.clone(),
                 ))
             })
             .collect();
@@ -135,6 +211,7 @@ async fn accept_loop(
     proxy: Arc<Proxy>,
     limit: Arc<Semaphore>,
     refusals: Arc<Semaphore>,
+    workers: Arc<Workers>,
 ) {
     let name: Arc<str> = name.into();
     let mut backoff = Duration::from_millis(5);
@@ -166,11 +243,24 @@ async fn accept_loop(
                 continue;
             };
             METRICS.active_connections.fetch_add(1, Ordering::Relaxed);
+            let guard = Arc::new(ActiveGuard(permit));
+            // Moved to the worker's event loop: registered there, polled there.
+            let stream = match stream.into_std() {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "could not hand a connection to a worker");
+                    continue;
+                }
+            };
             let proxy = proxy.clone();
             let name = name.clone();
-            tokio::spawn(async move {
-                let guard = Arc::new(ActiveGuard(permit));
-                serve_connection(proxy, stream, peer, guard, name).await;
+            workers.pick().spawn(async move {
+                match TcpStream::from_std(stream) {
+                    Ok(stream) => serve_connection(proxy, stream, peer, guard, name).await,
+                    Err(e) => {
+                        tracing::warn!(%peer, error = %e, "a worker could not take a connection")
+                    }
+                }
             });
         }
     }
@@ -432,4 +522,40 @@ pub fn raise_nofile_limit() -> std::io::Result<u64> {
         }
     }
     Ok(rl.rlim_cur)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Connections go to the workers in turn, and run on the worker's own thread.
+    #[test]
+    fn connections_go_to_the_workers_in_turn_on_their_own_threads() {
+        let w = Workers::start(2).unwrap();
+        assert_eq!(w.len(), 2);
+        let (tx, rx) = std::sync::mpsc::channel();
+        for _ in 0..4 {
+            let tx = tx.clone();
+            w.pick().spawn(async move {
+                let name = std::thread::current().name().unwrap_or("").to_string();
+                tx.send((worker_index(), name)).unwrap();
+            });
+        }
+        let got: Vec<_> = (0..4)
+            .map(|_| rx.recv_timeout(Duration::from_secs(5)).unwrap())
+            .collect();
+        let mut seen: Vec<_> = got.iter().map(|(i, _)| *i).collect();
+        seen.sort();
+        assert_eq!(seen, [0, 0, 1, 1]);
+        for (i, name) in got {
+            assert_eq!(name, format!("trimtab-worker-{i}"));
+        }
+        // Dropping the workers ends their threads' runtimes: a task spawned now never runs.
+        let h = w.handles[0].clone();
+        drop(w);
+        std::thread::sleep(Duration::from_millis(50));
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        drop(h.spawn(async move { tx.send(()).unwrap() }));
+        assert!(rx.recv_timeout(Duration::from_millis(200)).is_err());
+    }
 }

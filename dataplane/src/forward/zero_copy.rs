@@ -1,8 +1,9 @@
 //! `zero_copy` mode: bytes are forwarded unmodified in both directions.
 //!
-//! Each direction waits for readability holding nothing; only when bytes are there does it take
-//! a buffer of `Settings.buffer_size` from the shared pool, read, write everything to the other
-//! side and give the buffer back, so an idle connection holds no buffer. Reads of one direction
+//! Each direction waits for readability holding nothing; when bytes are there it reads up to
+//! `Settings.buffer_size` of them into its worker thread's buffer and writes them to the other
+//! side at once, so an idle connection holds no buffer; only bytes the destination could not
+//! take wait, in a buffer from the shared pool. Reads of one direction
 //! stop while its destination does not accept bytes (backpressure: at most one buffer in flight
 //! per direction, never a queue). WebSocket frame headers are tracked as the bytes pass, for
 //! message counts and sizes; payloads are never copied anywhere else. The proxy can close at a
@@ -219,8 +220,14 @@ struct Shared {
 
 impl Shared {
     fn touch(&self) {
-        self.activity
-            .store(self.origin.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        self.touch_at(Instant::now());
+    }
+
+    fn touch_at(&self, now: Instant) {
+        self.activity.store(
+            now.saturating_duration_since(self.origin).as_nanos() as u64,
+            Ordering::Relaxed,
+        );
     }
 
     /// Ask both directions to close. They see it the next time they are polled, which `run`
@@ -289,63 +296,185 @@ async fn pump(dir: &mut Dir, src: &TcpStream, dst: &TcpStream, head: &[u8], sh: 
             Ok(Err(e)) => return End::ReadError(e),
             Ok(Ok(())) => {}
         }
-        if let Some(end) = Box::pin(transfer(dir, src, dst, sh)).await {
+        // The common case costs no allocation and no await: what the source has is read into
+        // the worker thread's scratch buffer and written to the destination at once. Only a
+        // payload for splice or a destination that cannot take everything goes the boxed way.
+        let slow = match copy_ready(dir, src, dst, sh) {
+            Copied::Done => continue,
+            Copied::End(end) => return end,
+            Copied::Splice => None,
+            Copied::Blocked(rest) => Some(rest),
+        };
+        if let Some(end) = Box::pin(transfer(dir, src, dst, sh, slow)).await {
             return end;
         }
     }
 }
 
-/// Move what `src` has ready to `dst` (splice for payloads, the copy path for the rest).
-/// `None`: go on waiting; `Some`: this direction ended.
-async fn transfer(dir: &mut Dir, src: &TcpStream, dst: &TcpStream, sh: &Shared) -> Option<End> {
-    let (buffer_size, limits) = (sh.buffer_size, sh.limits);
-    let touch = || sh.touch();
-    let bit = if dir.to_upstream { 1 } else { 2 };
+/// What [`copy_ready`] did.
+enum Copied {
+    /// Forwarded everything there was (or there was nothing): wait for more.
+    Done,
+    /// This direction ended.
+    End(End),
+    /// The next bytes are a payload for splice: [`transfer`] moves them.
+    Splice,
+    /// The destination took only part: the rest, in a pooled buffer, for [`transfer`] to write.
+    Blocked(Rest),
+}
+
+/// Bytes read but not yet written (the destination was full), and whether they end with a
+/// close frame.
+struct Rest {
+    buf: Box<[u8]>,
+    len: usize,
+    close: bool,
+}
+
+thread_local! {
+    /// Each worker thread's read buffer for [`copy_ready`], grown to the largest
+    /// `buffer_size` it has served; it is never held across an await.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Without waiting: read what `src` has (up to the connection's buffer size) and write it to
+/// `dst`. One read and one write per batch of frames, one clock reading.
+fn copy_ready(dir: &mut Dir, src: &TcpStream, dst: &TcpStream, sh: &Shared) -> Copied {
     #[cfg(target_os = "linux")]
-    if splice::enabled() {
-        // Large payloads (and opaque tunnels) move through a pooled pipe, never through
-        // user space; headers and small frames take the copy path below.
-        let left = match &dir.tracker {
-            Some(t) => t
-                .opaque_payload_left()
-                .filter(|l| *l >= splice::MIN_PAYLOAD),
-            None => Some(u64::MAX),
-        };
-        if let Some(left) = left {
-            let want = (buffer_size as u64).min(left) as usize;
-            match splice::forward(
-                src,
-                dst,
-                want,
-                buffer_size,
-                limits.stall_timeout,
-                &mut dir.paused,
-            )
-            .await
-            {
-                splice::Step::Moved(n) => {
-                    touch();
-                    dir.stats.on_read(n);
-                    if let Some(t) = dir.tracker.as_mut() {
-                        let stats = &mut dir.stats;
-                        let now = Instant::now();
-                        t.skip_payload(n as u64, |e| {
-                            if let FrameEvent::Message(m) = e {
-                                stats.on_message(m, now);
-                            }
-                        });
-                    }
-                    return None;
-                }
-                splice::Step::Empty => return None,
-                splice::Step::Eof => {
-                    let _ = socket2::SockRef::from(dst).shutdown(Shutdown::Write);
-                    return Some(End::Eof);
-                }
-                splice::Step::ReadError(e) => return Some(End::ReadError(e)),
-                splice::Step::WriteError(e) => return Some(write_end(e)),
-                splice::Step::Unsupported => {}
+    if splice::enabled() && splice_next(dir) {
+        return Copied::Splice;
+    }
+    let size = sh.buffer_size;
+    SCRATCH.with_borrow_mut(|scratch| {
+        if scratch.len() < size {
+            scratch.resize(size, 0);
+        }
+        let buf = &mut scratch[..size];
+        let n = match read_draining(src, buf) {
+            Ok(0) => {
+                let _ = socket2::SockRef::from(dst).shutdown(Shutdown::Write);
+                return Copied::End(End::Eof);
             }
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Copied::Done,
+            Err(e) => return Copied::End(End::ReadError(e)),
+        };
+        let now = Instant::now();
+        sh.touch_at(now);
+        let close = track(dir, &buf[..n], now);
+        let mut at = 0;
+        while at < n {
+            match dst.try_write(&buf[at..n]) {
+                Ok(w) => at += w,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Copied::End(write_end(e)),
+            }
+        }
+        sample(dir, &buf[..n]);
+        if at < n {
+            let len = n - at;
+            let mut rest = BUFFERS.get(len);
+            rest[..len].copy_from_slice(&buf[at..n]);
+            return Copied::Blocked(Rest {
+                buf: rest,
+                len,
+                close,
+            });
+        }
+        if close {
+            sh.closes.forwarded(if dir.to_upstream { 1 } else { 2 });
+        }
+        Copied::Done
+    })
+}
+
+/// Compressibility sampling of what went toward the client, after it was written, so the
+/// bytes never wait for it.
+fn sample(dir: &mut Dir, data: &[u8]) {
+    if !dir.to_upstream {
+        dir.reads += 1;
+        if dir.reads % super::ZERO_COPY_SAMPLE_EVERY == 1 {
+            let (raw, out) = super::deflated_size(data);
+            dir.stats.on_sample(raw, out);
+        }
+    }
+}
+
+/// Whether the next bytes move through splice: a large enough payload, or an opaque tunnel.
+#[cfg(target_os = "linux")]
+fn splice_next(dir: &Dir) -> bool {
+    match &dir.tracker {
+        Some(t) => t
+            .opaque_payload_left()
+            .is_some_and(|l| l >= splice::MIN_PAYLOAD),
+        None => true,
+    }
+}
+
+/// The slow half of forwarding, boxed so an idle connection does not carry its state: write
+/// `rest` (what the destination could not take at once), waiting for it; or move a payload
+/// through splice, falling back to a copy through a pooled buffer where splice is refused.
+/// `None`: go on waiting; `Some`: this direction ended.
+async fn transfer(
+    dir: &mut Dir,
+    src: &TcpStream,
+    dst: &TcpStream,
+    sh: &Shared,
+    rest: Option<Rest>,
+) -> Option<End> {
+    let (buffer_size, limits) = (sh.buffer_size, sh.limits);
+    let bit = if dir.to_upstream { 1 } else { 2 };
+    if let Some(Rest { buf, len, close }) = rest {
+        let w = write_all(dst, &buf[..len], limits.stall_timeout, &mut dir.paused).await;
+        BUFFERS.put(buf);
+        if let Err(e) = w {
+            return Some(write_end(e));
+        }
+        if close {
+            sh.closes.forwarded(bit);
+        }
+        return None;
+    }
+    #[cfg(target_os = "linux")]
+    {
+        let left = match &dir.tracker {
+            Some(t) => t.opaque_payload_left().unwrap_or(0),
+            None => u64::MAX,
+        };
+        let want = (buffer_size as u64).min(left) as usize;
+        match splice::forward(
+            src,
+            dst,
+            want,
+            buffer_size,
+            limits.stall_timeout,
+            &mut dir.paused,
+        )
+        .await
+        {
+            splice::Step::Moved(n) => {
+                sh.touch();
+                dir.stats.on_read(n);
+                if let Some(t) = dir.tracker.as_mut() {
+                    let stats = &mut dir.stats;
+                    let now = Instant::now();
+                    t.skip_payload(n as u64, |e| {
+                        if let FrameEvent::Message(m) = e {
+                            stats.on_message(m, now);
+                        }
+                    });
+                }
+                return None;
+            }
+            splice::Step::Empty => return None,
+            splice::Step::Eof => {
+                let _ = socket2::SockRef::from(dst).shutdown(Shutdown::Write);
+                return Some(End::Eof);
+            }
+            splice::Step::ReadError(e) => return Some(End::ReadError(e)),
+            splice::Step::WriteError(e) => return Some(write_end(e)),
+            // Refused by the kernel (now off for the process): the copy path below.
+            splice::Step::Unsupported => {}
         }
     }
     let (buf, n) = match read_pooled(src, buffer_size) {
@@ -357,16 +486,11 @@ async fn transfer(dir: &mut Dir, src: &TcpStream, dst: &TcpStream, sh: &Shared) 
         Ok(Pooled::Nothing) => return None,
         Err(e) => return Some(End::ReadError(e)),
     };
-    touch();
+    sh.touch();
     let close = track(dir, &buf[..n], Instant::now());
     let w = write_all(dst, &buf[..n], limits.stall_timeout, &mut dir.paused).await;
-    if !dir.to_upstream && w.is_ok() {
-        // Sampled after forwarding, so the bytes never wait for it.
-        dir.reads += 1;
-        if dir.reads % super::ZERO_COPY_SAMPLE_EVERY == 1 {
-            let (raw, out) = super::deflated_size(&buf[..n]);
-            dir.stats.on_sample(raw, out);
-        }
+    if w.is_ok() {
+        sample(dir, &buf[..n]);
     }
     BUFFERS.put(buf);
     if let Err(e) = w {

@@ -48,6 +48,19 @@ enum Bench {
         #[arg(long, default_value_t = 90)]
         compare_s: u64,
     },
+    /// WebSocket round trips (64 B messages) against any echoing address, for profiling a
+    /// proxy by hand (`perf`, `strace`) under the load of the benchmark's round-trip figure.
+    Rtt {
+        /// Where to connect (a proxy in front of `echo-server`, or the echo server itself).
+        #[arg(long)]
+        addr: SocketAddr,
+        /// Connections at once.
+        #[arg(long, default_value_t = 100)]
+        conns: usize,
+        /// Round trips per connection.
+        #[arg(long, default_value_t = 2000)]
+        per_conn: usize,
+    },
     /// Serve the echo upstream on 127.0.0.1:PORT until killed (the proxy benchmark runs it in
     /// its own process).
     EchoServer {
@@ -99,6 +112,22 @@ async fn main() -> anyhow::Result<()> {
                 ..Default::default()
             };
             print!("{}", trimtab_tests::learn_bench::run(&url, &pool, p).await?);
+            Ok(())
+        }
+        Bench::Rtt {
+            addr,
+            conns,
+            per_conn,
+        } => {
+            let t = Instant::now();
+            let l = latency(ws_round_trips(addr, conns, per_conn, 64).await?);
+            let secs = t.elapsed().as_secs_f64();
+            println!(
+                "{conns} connections x {per_conn} round trips in {secs:.2} s: p50 {:.0} µs, p99 {:.0} µs, {:.0} round trips/s",
+                l.p50.as_secs_f64() * 1e6,
+                l.p99.as_secs_f64() * 1e6,
+                (conns * per_conn) as f64 / secs
+            );
             Ok(())
         }
         Bench::EchoServer { port } => {
