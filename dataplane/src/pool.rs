@@ -77,9 +77,9 @@ struct Upstream {
 }
 
 impl Upstream {
-    /// The most recently idle usable connection, this worker's first, then any worker's;
-    /// expired or closed ones met on the way are dropped.
-    fn take(&mut self, me: usize, limits: PoolLimits) -> Option<Conn> {
+    /// The most recently idle usable connection of worker `me`, or with `others` of any other
+    /// worker; expired or closed ones met on the way are dropped.
+    fn take(&mut self, me: usize, others: bool, limits: PoolLimits) -> Option<Conn> {
         let usable = |c: &Conn| {
             c.created.elapsed() < limits.max_lifetime
                 && c.idle_since.elapsed() < limits.idle_timeout
@@ -87,7 +87,8 @@ impl Upstream {
                 && c.sender.is_ready()
         };
         let n = self.idle.len();
-        for w in std::iter::once(me).chain((0..n).filter(|w| *w != me)) {
+        let rest = (0..n).filter(|w| others && *w != me);
+        for w in std::iter::once(me).chain(rest) {
             let Some(list) = self.idle.get_mut(w) else {
                 continue;
             };
@@ -109,14 +110,16 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// Take an idle connection (not expired, still open) or open a new one.
+    /// Take an idle connection (not expired, still open) or open a new one: an idle one this
+    /// worker drives; else a new one while the upstream's limit allows; else another worker's
+    /// idle one (its bytes then cross threads); else wait for the limit.
     pub async fn checkout(
         &self,
         upstream: &str,
         limits: PoolLimits,
         connect_timeout: Duration,
     ) -> Result<Conn, ConnectError> {
-        let (key, sem) = {
+        let (key, sem, permit) = {
             let mut map = self.upstreams.lock().expect("pool lock");
             let key: Arc<str> = match map.get_key_value(upstream) {
                 Some((k, _)) => k.clone(),
@@ -126,16 +129,31 @@ impl Pool {
                 idle: Vec::new(),
                 limit: Arc::new(Semaphore::new(limits.max_per_upstream)),
             });
-            if let Some(mut c) = u.take(crate::server::worker_index(), limits) {
+            let me = crate::server::worker_index();
+            let mut found = u.take(me, false, limits);
+            let permit = match found {
+                Some(_) => None,
+                None => match u.limit.clone().try_acquire_owned() {
+                    Ok(p) => Some(p),
+                    Err(_) => {
+                        found = u.take(me, true, limits);
+                        None
+                    }
+                },
+            };
+            if let Some(mut c) = found {
                 c.reused = true;
                 return Ok(c);
             }
-            (key, u.limit.clone())
+            (key, u.limit.clone(), permit)
         };
-        let permit = tokio::time::timeout(connect_timeout, sem.acquire_owned())
-            .await
-            .map_err(|_| ConnectError::Saturated(key.clone()))?
-            .expect("semaphore never closed");
+        let permit = match permit {
+            Some(p) => p,
+            None => tokio::time::timeout(connect_timeout, sem.acquire_owned())
+                .await
+                .map_err(|_| ConnectError::Saturated(key.clone()))?
+                .expect("semaphore never closed"),
+        };
         let tcp = tokio::time::timeout(connect_timeout, TcpStream::connect(&*key))
             .await
             .map_err(|_| ConnectError::Connect {
@@ -374,8 +392,8 @@ mod tests {
     use super::*;
     use crate::server::set_worker_index;
 
-    /// A request takes an idle connection its own worker drives before another worker's, and
-    /// another worker's before opening one more (which the limit here would not allow).
+    /// A request takes an idle connection its own worker drives first; then opens one while
+    /// the upstream's limit allows; then takes another worker's idle one.
     #[tokio::test]
     async fn a_request_takes_its_own_workers_idle_connection_first() {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -388,7 +406,7 @@ mod tests {
         });
         let pool = Pool::default();
         let limits = PoolLimits {
-            max_per_upstream: 2,
+            max_per_upstream: 3,
             idle_timeout: Duration::from_secs(60),
             max_lifetime: Duration::from_secs(600),
         };
@@ -408,13 +426,18 @@ mod tests {
         }
         assert_eq!(pool.idle_count(&addr), 2);
         set_worker_index(1);
-        let c = pool.checkout(&addr, limits, connect).await.unwrap();
-        assert!(c.reused);
-        assert_eq!((c.worker, c.created), (1, created[1]));
-        // Worker 1 has none left: it takes worker 0's rather than wait for the limit.
-        let d = pool.checkout(&addr, limits, connect).await.unwrap();
-        assert!(d.reused);
-        assert_eq!((d.worker, d.created), (0, created[0]));
+        let own = pool.checkout(&addr, limits, connect).await.unwrap();
+        assert!(own.reused);
+        assert_eq!((own.worker, own.created), (1, created[1]));
+        // None of its own left, the limit (3) not reached: a new connection, not worker 0's.
+        let new = pool.checkout(&addr, limits, connect).await.unwrap();
+        assert!(!new.reused);
+        assert_eq!(new.worker, 1);
+        assert_eq!(pool.idle_count(&addr), 1);
+        // The limit reached: worker 0's idle connection rather than a wait for one to close.
+        let other = pool.checkout(&addr, limits, connect).await.unwrap();
+        assert!(other.reused);
+        assert_eq!((other.worker, other.created), (0, created[0]));
         assert_eq!(pool.idle_count(&addr), 0);
         set_worker_index(0);
         held.abort();
