@@ -6,14 +6,18 @@ use std::net::IpAddr;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 /// The fixed hop-by-hop set of RFC 9110 §7.6.1 (plus the never-standard Proxy-Connection).
-const HOP_BY_HOP: [&str; 6] = [
-    "connection",
-    "proxy-connection",
-    "keep-alive",
-    "te",
-    "transfer-encoding",
-    "upgrade",
+const HOP_BY_HOP: [HeaderName; 6] = [
+    header::CONNECTION,
+    HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("keep-alive"),
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// Every header name listed in any `Connection` field line (comma lists, any case).
 pub fn connection_tokens(h: &HeaderMap) -> Vec<String> {
@@ -38,7 +42,7 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
             h.remove(name);
         }
     }
-    for n in HOP_BY_HOP {
+    for n in &HOP_BY_HOP {
         h.remove(n);
     }
 }
@@ -98,11 +102,16 @@ fn via_contains(h: &HeaderMap, token: &str) -> bool {
         })
 }
 
-/// Append `1.1 <token>` to Via.
-pub fn add_via(h: &mut HeaderMap, token: &str) {
-    if let Ok(v) = HeaderValue::from_str(&format!("1.1 {token}")) {
-        h.append(header::VIA, v);
-    }
+/// The Via entry of a proxy named `token`: `1.1 <token>` (made once, appended to every
+/// message with [`add_via`]).
+pub fn via_value(token: &str) -> HeaderValue {
+    HeaderValue::from_str(&format!("1.1 {token}"))
+        .unwrap_or_else(|_| HeaderValue::from_static("1.1 trimtab"))
+}
+
+/// Append our Via entry ([`via_value`]).
+pub fn add_via(h: &mut HeaderMap, via: &HeaderValue) {
+    h.append(header::VIA, via.clone());
 }
 
 fn forwarded_node(ip: IpAddr) -> String {
@@ -124,21 +133,21 @@ fn quote_if_needed(v: &str) -> String {
 
 /// Add X-Forwarded-For/-Proto/-Host and Forwarded for a request from `client`.
 pub fn add_forwarded(h: &mut HeaderMap, client: IpAddr, proto: &str, host: Option<&str>) {
-    let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+    let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prev) if !prev.trim().is_empty() => format!("{prev}, {client}"),
         _ => client.to_string(),
     };
     if let Ok(v) = HeaderValue::from_str(&xff) {
-        h.insert("x-forwarded-for", v);
+        h.insert(X_FORWARDED_FOR, v);
     }
     h.insert(
-        "x-forwarded-proto",
+        X_FORWARDED_PROTO,
         HeaderValue::from_static(if proto == "https" { "https" } else { "http" }),
     );
     if let Some(host) = host
         && let Ok(v) = HeaderValue::from_str(host)
     {
-        h.insert("x-forwarded-host", v);
+        h.insert(X_FORWARDED_HOST, v);
     }
     let mut f = format!("for={};proto={proto}", forwarded_node(client));
     if let Some(host) = host {
@@ -215,7 +224,7 @@ mod tests {
     fn via_loop_is_detected() {
         let mut h = map(&[("via", "1.0 fred, 1.1 other")]);
         assert_eq!(check_request(&h, "trimtab-a"), Ok(()));
-        add_via(&mut h, "trimtab-a");
+        add_via(&mut h, &via_value("trimtab-a"));
         assert_eq!(check_request(&h, "trimtab-a"), Err(BadRequest::Loop));
     }
 

@@ -63,6 +63,8 @@ pub struct Proxy {
     /// Turns true when the data plane starts draining.
     pub shutdown: watch::Receiver<bool>,
     via_token: String,
+    /// Our Via entry, `1.1 <via_token>`.
+    via: HeaderValue,
     rr: AtomicUsize,
 }
 
@@ -238,6 +240,7 @@ impl Proxy {
             source,
             sink,
             shutdown,
+            via: headers::via_value(&via_token),
             via_token,
             rr: AtomicUsize::new(0),
         }
@@ -341,7 +344,7 @@ impl Proxy {
                 .insert(header::TE, HeaderValue::from_static("trailers"));
         }
         headers::add_forwarded(&mut parts.headers, conn.peer.ip(), "http", host.as_deref());
-        headers::add_via(&mut parts.headers, &self.via_token);
+        headers::add_via(&mut parts.headers, &self.via);
         trace.inject(&mut parts.headers);
         if !parts.headers.contains_key(header::HOST)
             && let Some(h) = host.as_deref().and_then(|h| HeaderValue::from_str(h).ok())
@@ -423,7 +426,7 @@ impl Proxy {
                 Ok(resp) => {
                     let (mut parts, body) = resp.into_parts();
                     headers::strip_hop_by_hop(&mut parts.headers);
-                    headers::add_via(&mut parts.headers, &self.via_token);
+                    headers::add_via(&mut parts.headers, &self.via);
                     METRICS.finish("http", "ok");
                     crate::telemetry::HTTP.observe(&service.name, t0.elapsed().as_secs_f64());
                     traces::request(
@@ -546,7 +549,7 @@ impl Proxy {
                 Ok(resp) => {
                     let (mut parts, body) = resp.into_parts();
                     headers::strip_hop_by_hop(&mut parts.headers);
-                    headers::add_via(&mut parts.headers, &self.via_token);
+                    headers::add_via(&mut parts.headers, &self.via);
                     crate::telemetry::HTTP.observe(&service.name, t0.elapsed().as_secs_f64());
                     finish(parts.status.as_u16(), "ok");
                     let body = event_stream(&parts.headers, body.boxed_unsync(), service);
@@ -717,7 +720,7 @@ impl Proxy {
         let trace = TraceContext::from_headers(&up_headers);
         headers::strip_hop_by_hop(&mut up_headers);
         headers::add_forwarded(&mut up_headers, conn.peer.ip(), "http", host.as_deref());
-        headers::add_via(&mut up_headers, &self.via_token);
+        headers::add_via(&mut up_headers, &self.via);
         trace.inject(&mut up_headers);
         up_headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         up_headers.insert(header::UPGRADE, token_value.clone());
@@ -805,7 +808,7 @@ impl Proxy {
             };
             headers::strip_hop_by_hop(&mut parts_headers);
             parts_headers.remove(header::CONTENT_LENGTH);
-            headers::add_via(&mut parts_headers, &self.via_token);
+            headers::add_via(&mut parts_headers, &self.via);
             METRICS.finish(ctx.protocol.as_str(), "ok");
             let mut r = Response::new(Full::new(body).map_err(|e| match e {}).boxed_unsync());
             *r.status_mut() = status;
@@ -860,7 +863,7 @@ impl Proxy {
         }
         let mut client_headers = answer.headers;
         headers::strip_hop_by_hop(&mut client_headers);
-        headers::add_via(&mut client_headers, &self.via_token);
+        headers::add_via(&mut client_headers, &self.via);
         client_headers.remove(header::SEC_WEBSOCKET_ACCEPT);
         if !h2 {
             client_headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -1083,7 +1086,7 @@ impl Proxy {
                 .map_err(|never: Infallible| match never {})
                 .boxed_unsync(),
         );
-        headers::add_via(r.headers_mut(), &self.via_token);
+        headers::add_via(r.headers_mut(), &self.via);
         r
     }
 

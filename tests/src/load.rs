@@ -2,6 +2,7 @@
 //! time. Every function returns raw measurements; the caller prints medians and ratios.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
@@ -69,10 +70,16 @@ pub async fn ws_round_trips(
     per_conn: usize,
     size: usize,
 ) -> anyhow::Result<Vec<Duration>> {
+    // Every connection is open before any round trip is timed: the figure is the round trip
+    // on open connections, not a mix with other connections' handshakes.
+    let all_open = Arc::new(tokio::sync::Barrier::new(conns));
     let mut tasks = Vec::new();
     for _ in 0..conns {
+        let all_open = all_open.clone();
         tasks.push(tokio::spawn(async move {
-            let mut ws = connect(addr, "/bench").await?;
+            let ws = connect(addr, "/bench").await;
+            all_open.wait().await;
+            let mut ws = ws?;
             let msg = vec![0x5au8; size];
             let mut out = Vec::with_capacity(per_conn);
             for _ in 0..per_conn {

@@ -47,7 +47,7 @@ impl Default for Params {
         Params {
             idle_conns: 9000,
             rtt_single: 2000,
-            rtt_per_conn: 100,
+            rtt_per_conn: 1000,
             throughput_msgs: 10_000,
             cpu_seconds: 5,
             http_requests: 3000,
