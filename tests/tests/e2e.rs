@@ -474,7 +474,9 @@ async fn http_smuggling_shapes_are_refused_with_400_and_not_forwarded() {
 #[tokio::test]
 async fn http_bodies_stream_both_ways_and_pool_reuses_connections() {
     let echo = spawn_echo().await;
-    let dp = DataPlaneProc::start(&config(echo, "zero_copy", "", ""));
+    // One worker: both client connections draw on the same worker's idle upstream connections
+    // (with more, each worker opens its own first; `pool::tests` covers that).
+    let dp = DataPlaneProc::start(&config(echo, "zero_copy", "", "workers = 1"));
     // chunked request body echoed back
     let resp = http_get(
         dp.proxy,
