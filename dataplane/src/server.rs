@@ -125,8 +125,11 @@ impl Workers {
         let job: Job = Box::new(move || {
             tokio::spawn(make());
         });
-        // The receiver lives as long as `self`: sending cannot fail while we are here.
-        let _ = self.jobs[i].send(job);
+        // The receiver lives as long as its thread, which ends only when `self` is dropped or
+        // the thread died; then the job (and its connection) is dropped, and said.
+        if self.jobs[i].send(job).is_err() {
+            tracing::error!(worker = i, "connection worker is gone: connection dropped");
+        }
     }
 }
 

@@ -341,7 +341,7 @@ thread_local! {
 /// `dst`. One read and one write per batch of frames, one clock reading.
 fn copy_ready(dir: &mut Dir, src: &TcpStream, dst: &TcpStream, sh: &Shared) -> Copied {
     #[cfg(target_os = "linux")]
-    if splice::enabled() && splice_next(dir) {
+    if splice::enabled() && splice_left(dir).is_some() {
         return Copied::Splice;
     }
     let size = sh.buffer_size;
@@ -400,14 +400,15 @@ fn sample(dir: &mut Dir, data: &[u8]) {
     }
 }
 
-/// Whether the next bytes move through splice: a large enough payload, or an opaque tunnel.
+/// How many of the next bytes may move through splice, if they do: the rest of a large enough
+/// payload, or anything in an opaque tunnel.
 #[cfg(target_os = "linux")]
-fn splice_next(dir: &Dir) -> bool {
+fn splice_left(dir: &Dir) -> Option<u64> {
     match &dir.tracker {
         Some(t) => t
             .opaque_payload_left()
-            .is_some_and(|l| l >= splice::MIN_PAYLOAD),
-        None => true,
+            .filter(|l| *l >= splice::MIN_PAYLOAD),
+        None => Some(u64::MAX),
     }
 }
 
@@ -436,11 +437,7 @@ async fn transfer(
         return None;
     }
     #[cfg(target_os = "linux")]
-    {
-        let left = match &dir.tracker {
-            Some(t) => t.opaque_payload_left().unwrap_or(0),
-            None => u64::MAX,
-        };
+    if let Some(left) = splice_left(dir) {
         let want = (buffer_size as u64).min(left) as usize;
         match splice::forward(
             src,
