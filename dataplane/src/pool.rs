@@ -130,22 +130,20 @@ impl Pool {
                 limit: Arc::new(Semaphore::new(limits.max_per_upstream)),
             });
             let me = crate::server::worker_index();
-            let mut found = u.take(me, false, limits);
-            let permit = match found {
-                Some(_) => None,
-                None => match u.limit.clone().try_acquire_owned() {
-                    Ok(p) => Some(p),
-                    Err(_) => {
-                        found = u.take(me, true, limits);
-                        None
-                    }
-                },
-            };
-            if let Some(mut c) = found {
+            let reused = |mut c: Conn| {
                 c.reused = true;
-                return Ok(c);
+                Ok(c)
+            };
+            if let Some(c) = u.take(me, false, limits) {
+                return reused(c);
             }
-            (key, u.limit.clone(), permit)
+            match u.limit.clone().try_acquire_owned() {
+                Ok(p) => (key, u.limit.clone(), Some(p)),
+                Err(_) => match u.take(me, true, limits) {
+                    Some(c) => return reused(c),
+                    None => (key, u.limit.clone(), None),
+                },
+            }
         };
         let permit = match permit {
             Some(p) => p,

@@ -5,9 +5,10 @@
 //! part of it lives (an upgraded tunnel keeps it). The accept loop hands each connection to one
 //! of `workers` threads in turn, each running its own single-threaded event loop, as nginx's
 //! and HAProxy's workers do: the connection, its upstream and every task it spawns stay on that
-//! thread, so forwarding a message never wakes another thread. The control work (accepting,
-//! the admin endpoint, decisions, the profile writer) runs on the process's main runtime. Accept errors such as EMFILE back off instead
-//! of ending the loop. On shutdown the listener closes, HTTP connections finish their current
+//! thread, so forwarding a message never wakes another thread (a decision fetch the
+//! connection starts runs there too, never awaited by it). Accepting, the admin endpoint and
+//! the profile writer run on the process's main runtime. Accept errors such as EMFILE back off
+//! instead of ending the loop. On shutdown the listener closes, HTTP connections finish their current
 //! request, WebSockets get close 1001 spread over the drain window, and `serve` returns once
 //! every connection is gone or the drain deadline passed.
 
