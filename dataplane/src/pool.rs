@@ -152,40 +152,9 @@ impl Pool {
                 .map_err(|_| ConnectError::Saturated(key.clone()))?
                 .expect("semaphore never closed"),
         };
-        let tcp = tokio::time::timeout(connect_timeout, TcpStream::connect(&*key))
-            .await
-            .map_err(|_| ConnectError::Connect {
-                upstream: key.clone(),
-                reason: "timed out".into(),
-            })?
-            .map_err(|e| ConnectError::Connect {
-                upstream: key.clone(),
-                reason: e.to_string(),
-            })?;
-        let _ = tcp.set_nodelay(true);
-        let (sender, conn) = hyper::client::conn::http1::Builder::new()
-            .handshake(TokioIo::new(tcp))
-            .await
-            .map_err(|e| ConnectError::Connect {
-                upstream: key.clone(),
-                reason: e.to_string(),
-            })?;
-        let up = key.clone();
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(upstream = %up, error = %e, "upstream connection ended");
-            }
-        });
-        let now = Instant::now();
-        Ok(Conn {
-            sender,
-            upstream: key,
-            created: now,
-            idle_since: now,
-            reused: false,
-            worker: crate::server::worker_index(),
-            _permit: permit,
-        })
+        // Boxed: the connect and handshake state exists only while a connection opens, not in
+        // every request's future (which hyper moves as a whole).
+        Box::pin(open(key, permit, connect_timeout)).await
     }
 
     /// Give a connection back after its response completed.
@@ -229,6 +198,48 @@ impl Pool {
             .get(upstream)
             .map_or(0, |u| u.idle.iter().map(Vec::len).sum())
     }
+}
+
+/// Open a new connection to `key` under `permit`, and spawn the task that drives it.
+async fn open(
+    key: Arc<str>,
+    permit: OwnedSemaphorePermit,
+    connect_timeout: Duration,
+) -> Result<Conn, ConnectError> {
+    let tcp = tokio::time::timeout(connect_timeout, TcpStream::connect(&*key))
+        .await
+        .map_err(|_| ConnectError::Connect {
+            upstream: key.clone(),
+            reason: "timed out".into(),
+        })?
+        .map_err(|e| ConnectError::Connect {
+            upstream: key.clone(),
+            reason: e.to_string(),
+        })?;
+    let _ = tcp.set_nodelay(true);
+    let (sender, conn) = hyper::client::conn::http1::Builder::new()
+        .handshake(TokioIo::new(tcp))
+        .await
+        .map_err(|e| ConnectError::Connect {
+            upstream: key.clone(),
+            reason: e.to_string(),
+        })?;
+    let up = key.clone();
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(upstream = %up, error = %e, "upstream connection ended");
+        }
+    });
+    let now = Instant::now();
+    Ok(Conn {
+        sender,
+        upstream: key,
+        created: now,
+        idle_since: now,
+        reused: false,
+        worker: crate::server::worker_index(),
+        _permit: permit,
+    })
 }
 
 /// A client's request body on its way upstream; remembers whether the client's framing broke
