@@ -79,10 +79,10 @@ pub struct Workers {
 }
 
 impl Workers {
-    /// Start `n` worker threads (at least one).
+    /// Start `n` worker threads (at least one, at most [`crate::config::MAX_WORKERS`]).
     pub fn start(n: usize) -> std::io::Result<Workers> {
         let mut jobs = Vec::new();
-        for i in 0..n.max(1) {
+        for i in 0..n.clamp(1, crate::config::MAX_WORKERS) {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
@@ -115,14 +115,18 @@ impl Workers {
         self.jobs.is_empty()
     }
 
-    /// Spawn the future `make` returns as a task on the next worker in turn; `make` runs on
-    /// that worker's thread.
-    pub fn spawn<F, Fut>(&self, make: F)
+    /// The next worker in turn.
+    pub fn next(&self) -> usize {
+        self.next.fetch_add(1, Ordering::Relaxed) % self.jobs.len()
+    }
+
+    /// Spawn the future `make` returns as a task on worker `i` ([`Workers::next`]); `make`
+    /// runs on that worker's thread.
+    pub fn spawn_on<F, Fut>(&self, i: usize, make: F)
     where
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.jobs.len();
         let job: Job = Box::new(move || {
             tokio::spawn(make());
         });
@@ -144,6 +148,7 @@ impl DataPlane {
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let max = config.limits.max_connections;
         let workers = Arc::new(Workers::start(config.workers)?);
+        METRICS.workers.store(workers.len(), Ordering::Relaxed);
         Ok(DataPlane {
             proxy: Arc::new(Proxy::new(config, source, sink, shutdown_rx)),
             shutdown_tx,
@@ -285,11 +290,11 @@ async fn accept_loop(
                 }
                 continue;
             };
-            METRICS.active_connections.fetch_add(1, Ordering::Relaxed);
-            let guard = Arc::new(ActiveGuard(permit));
+            let worker = workers.next();
+            let guard = Arc::new(ActiveGuard::new(permit, worker));
             let proxy = proxy.clone();
             let name = name.clone();
-            workers.spawn(move || async move {
+            workers.spawn_on(worker, move || async move {
                 match TcpStream::from_std(stream) {
                     Ok(stream) => serve_connection(proxy, stream, peer, guard, name).await,
                     Err(e) => {
@@ -321,13 +326,29 @@ fn accept_raw(
     Ok((s.into(), peer))
 }
 
-/// Releases the connection-limit permit and the gauge when the last holder drops.
+/// A connection's permit of the connection limit and its place in the gauges (the total and
+/// its worker's), released when the last holder drops.
 #[derive(Debug)]
-struct ActiveGuard(#[allow(dead_code)] tokio::sync::OwnedSemaphorePermit);
+struct ActiveGuard {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    worker: usize,
+}
+
+impl ActiveGuard {
+    fn new(permit: tokio::sync::OwnedSemaphorePermit, worker: usize) -> ActiveGuard {
+        METRICS.active_connections.fetch_add(1, Ordering::Relaxed);
+        METRICS.worker_connections[worker].fetch_add(1, Ordering::Relaxed);
+        ActiveGuard {
+            _permit: permit,
+            worker,
+        }
+    }
+}
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
         METRICS.active_connections.fetch_sub(1, Ordering::Relaxed);
+        METRICS.worker_connections[self.worker].fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -591,7 +612,7 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         for _ in 0..4 {
             let tx = tx.clone();
-            w.spawn(move || {
+            w.spawn_on(w.next(), move || {
                 // `make` itself runs on the worker too (where the task is allocated).
                 let made_on = worker_index();
                 async move {
@@ -618,7 +639,7 @@ mod tests {
             }
         }
         let (tx, rx) = std::sync::mpsc::channel();
-        w.spawn(move || async move {
+        w.spawn_on(w.next(), move || async move {
             let _d = Dropped(tx);
             std::future::pending::<()>().await;
         });

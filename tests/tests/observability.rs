@@ -531,3 +531,56 @@ routes = [{{ path_prefix = "/" }}]
         Some(0.0)
     );
 }
+
+/// Connections spread over the workers in turn, and each worker's gauge counts the ones it
+/// serves, back to zero when they close.
+#[tokio::test]
+async fn each_worker_counts_the_connections_it_serves() {
+    let echo = spawn_echo().await;
+    let dp = DataPlaneProc::start(&format!(
+        r#"
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+dataplane_id = "workers-test"
+workers = 2
+[services.echo]
+upstreams = ["{echo}"]
+routes = [{{ path_prefix = "/" }}]
+"#
+    ));
+    let gauges = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| l.starts_with("trimtab_dataplane_worker_connections{"))
+            .map(str::to_string)
+            .collect()
+    };
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut ws = trimtab_tests::load::connect(dp.proxy, "/held")
+            .await
+            .expect("ws");
+        ws.send(Message::text("hi")).await.expect("send");
+        ws.next().await.expect("echo").expect("ok");
+        held.push(ws);
+    }
+    let text = metrics_text(dp.admin).await;
+    promtool(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    assert_eq!(
+        gauges(&text),
+        [
+            "trimtab_dataplane_worker_connections{worker=\"0\"} 2",
+            "trimtab_dataplane_worker_connections{worker=\"1\"} 2",
+        ],
+        "{text}"
+    );
+    for mut ws in held {
+        ws.close(None).await.expect("close");
+        while ws.next().await.is_some() {}
+    }
+    let zero = eventually(Duration::from_secs(10), || async {
+        let g = gauges(&metrics_text(dp.admin).await);
+        g.iter().all(|l| l.ends_with(" 0")).then_some(g)
+    })
+    .await;
+    assert!(zero.is_some(), "gauges never returned to zero");
+}

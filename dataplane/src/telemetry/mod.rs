@@ -73,6 +73,11 @@ pub struct Metrics {
     pub active_connections: AtomicI64,
     /// Upgraded (WebSocket / tunnel) connections open now.
     pub active_upgraded: AtomicI64,
+    /// Client connections open now by the connection worker serving them (the first
+    /// `workers` entries are rendered).
+    pub worker_connections: [AtomicI64; crate::config::MAX_WORKERS],
+    /// How many connection workers run (set at start).
+    pub workers: std::sync::atomic::AtomicUsize,
     /// Finished requests/connections by protocol × outcome.
     pub finished: [[AtomicU64; OUTCOMES.len()]; PROTOCOLS.len()],
     /// Connections refused at the limit.
@@ -136,6 +141,8 @@ impl Metrics {
         Metrics {
             active_connections: AtomicI64::new(0),
             active_upgraded: AtomicI64::new(0),
+            worker_connections: [const { AtomicI64::new(0) }; crate::config::MAX_WORKERS],
+            workers: std::sync::atomic::AtomicUsize::new(0),
             finished: [ZROW; PROTOCOLS.len()],
             refused_limit: Z,
             refused_bad_request: Z,
@@ -213,6 +220,18 @@ impl Metrics {
             "WebSocket and tunnel connections open now.",
             self.active_upgraded.load(Ordering::Relaxed).to_string(),
         );
+        let _ = writeln!(
+            s,
+            "# HELP trimtab_dataplane_worker_connections Client connections open now, by the worker thread serving them.\n# TYPE trimtab_dataplane_worker_connections gauge"
+        );
+        let workers = self.workers.load(Ordering::Relaxed);
+        for (i, n) in self.worker_connections.iter().take(workers).enumerate() {
+            let _ = writeln!(
+                s,
+                "trimtab_dataplane_worker_connections{{worker=\"{i}\"}} {}",
+                n.load(Ordering::Relaxed)
+            );
+        }
         let _ = writeln!(
             s,
             "# HELP trimtab_dataplane_finished_total Finished requests and upgraded connections by protocol and outcome.\n# TYPE trimtab_dataplane_finished_total counter"
