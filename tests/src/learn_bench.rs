@@ -44,7 +44,7 @@ pub struct Params {
 impl Default for Params {
     fn default() -> Self {
         Params {
-            collect: Duration::from_secs(90),
+            collect: Duration::from_secs(180),
             compare: Duration::from_secs(90),
             concurrency: 32,
             session: Duration::from_secs(6),
