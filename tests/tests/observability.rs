@@ -537,17 +537,7 @@ routes = [{{ path_prefix = "/" }}]
 #[tokio::test]
 async fn each_worker_counts_the_connections_it_serves() {
     let echo = spawn_echo().await;
-    let dp = DataPlaneProc::start(&format!(
-        r#"
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-dataplane_id = "workers-test"
-workers = 2
-[services.echo]
-upstreams = ["{echo}"]
-routes = [{{ path_prefix = "/" }}]
-"#
-    ));
+    let dp = DataPlaneProc::start(&super::config(echo, "zero_copy", "", "workers = 2"));
     let gauges = |text: &str| -> Vec<String> {
         text.lines()
             .filter(|l| l.starts_with("trimtab_dataplane_worker_connections{"))
