@@ -114,47 +114,84 @@ pub fn add_via(h: &mut HeaderMap, via: &HeaderValue) {
     h.append(header::VIA, via.clone());
 }
 
-fn forwarded_node(ip: IpAddr) -> String {
-    match ip {
-        IpAddr::V4(a) => a.to_string(),
-        IpAddr::V6(a) => format!("\"[{a}]\""),
+/// A client's address as the forwarding headers write it, made once per connection (formatting
+/// an address per request showed in the HTTP profile).
+#[derive(Debug, Clone)]
+pub struct Client {
+    /// The `X-Forwarded-For` entry: the address as it is.
+    addr: HeaderValue,
+    /// The `Forwarded` node: an IPv6 address bracketed and quoted (RFC 7239 §6).
+    node: HeaderValue,
+}
+
+impl Client {
+    /// The forwarding entries of `ip`.
+    pub fn new(ip: IpAddr) -> Client {
+        let text = ip.to_string();
+        let node = match ip {
+            IpAddr::V4(_) => text.clone(),
+            IpAddr::V6(_) => format!("\"[{text}]\""),
+        };
+        let value = |s: String| {
+            HeaderValue::from_maybe_shared(bytes::Bytes::from(s))
+                .expect("an address is a valid header value")
+        };
+        Client {
+            addr: value(text),
+            node: value(node),
+        }
     }
 }
 
-fn quote_if_needed(v: &str) -> String {
-    if v.bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
-    {
-        v.to_string()
-    } else {
-        format!("\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\""))
-    }
+/// A `Forwarded` token (RFC 7230 tchar) needs no quotes.
+fn is_token(v: &[u8]) -> bool {
+    !v.is_empty()
+        && v.iter()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b))
 }
 
-/// Add X-Forwarded-For/-Proto/-Host and Forwarded for a request from `client`.
-pub fn add_forwarded(h: &mut HeaderMap, client: IpAddr, proto: &str, host: Option<&str>) {
+/// Add X-Forwarded-For/-Proto/-Host and Forwarded for a request from `client`. `host` is the
+/// request's host (the Host field's value, or the request target's authority).
+pub fn add_forwarded(h: &mut HeaderMap, client: &Client, proto: &str, host: Option<&HeaderValue>) {
     let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {client}"),
-        _ => client.to_string(),
+        Some(prev) if !prev.trim().is_empty() => {
+            let addr = client.addr.to_str().unwrap_or_default();
+            HeaderValue::from_str(&format!("{prev}, {addr}")).ok()
+        }
+        _ => Some(client.addr.clone()),
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    if let Some(v) = xff {
         h.insert(X_FORWARDED_FOR, v);
     }
     h.insert(
         X_FORWARDED_PROTO,
         HeaderValue::from_static(if proto == "https" { "https" } else { "http" }),
     );
-    if let Some(host) = host
-        && let Ok(v) = HeaderValue::from_str(host)
-    {
-        h.insert(X_FORWARDED_HOST, v);
-    }
-    let mut f = format!("for={};proto={proto}", forwarded_node(client));
     if let Some(host) = host {
-        f.push_str(";host=");
-        f.push_str(&quote_if_needed(host));
+        h.insert(X_FORWARDED_HOST, host.clone());
     }
-    if let Ok(v) = HeaderValue::from_str(&f) {
+    let node = client.node.as_bytes();
+    let mut f = Vec::with_capacity(24 + node.len() + host.map_or(0, |v| 2 * v.len() + 2));
+    f.extend_from_slice(b"for=");
+    f.extend_from_slice(node);
+    f.extend_from_slice(b";proto=");
+    f.extend_from_slice(proto.as_bytes());
+    if let Some(host) = host.map(HeaderValue::as_bytes) {
+        f.extend_from_slice(b";host=");
+        if is_token(host) {
+            f.extend_from_slice(host);
+        } else {
+            f.push(b'"');
+            for &b in host {
+                if b == b'"' || b == b'\\' {
+                    f.push(b'\\');
+                }
+                f.push(b);
+            }
+            f.push(b'"');
+        }
+    }
+    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(f)) {
         h.append(header::FORWARDED, v);
     }
 }
@@ -233,9 +270,9 @@ mod tests {
         let mut h = map(&[("x-forwarded-for", "10.0.0.1")]);
         add_forwarded(
             &mut h,
-            "::1".parse().unwrap(),
+            &Client::new("::1".parse().unwrap()),
             "http",
-            Some("example.com:8080"),
+            Some(&HeaderValue::from_static("example.com:8080")),
         );
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, ::1");
         assert_eq!(h["x-forwarded-host"], "example.com:8080");
@@ -244,5 +281,23 @@ mod tests {
             h["forwarded"],
             "for=\"[::1]\";proto=http;host=\"example.com:8080\""
         );
+    }
+
+    #[test]
+    fn forwarded_headers_start_a_list_and_quote_what_is_no_token() {
+        let mut h = HeaderMap::new();
+        add_forwarded(
+            &mut h,
+            &Client::new("192.0.2.7".parse().unwrap()),
+            "https",
+            Some(&HeaderValue::from_static("a\"b\\c")),
+        );
+        assert_eq!(h["x-forwarded-for"], "192.0.2.7");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["forwarded"], r#"for=192.0.2.7;proto=https;host="a\"b\\c""#);
+        let mut h = HeaderMap::new();
+        add_forwarded(&mut h, &Client::new("10.1.2.3".parse().unwrap()), "http", None);
+        assert_eq!(h["forwarded"], "for=10.1.2.3;proto=http");
+        assert!(!h.contains_key("x-forwarded-host"));
     }
 }

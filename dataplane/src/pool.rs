@@ -80,9 +80,10 @@ impl Upstream {
     /// The most recently idle usable connection of worker `me`, or with `others` of any other
     /// worker; expired or closed ones met on the way are dropped.
     fn take(&mut self, me: usize, others: bool, limits: PoolLimits) -> Option<Conn> {
+        let now = Instant::now();
         let usable = |c: &Conn| {
-            c.created.elapsed() < limits.max_lifetime
-                && c.idle_since.elapsed() < limits.idle_timeout
+            now.saturating_duration_since(c.created) < limits.max_lifetime
+                && now.saturating_duration_since(c.idle_since) < limits.idle_timeout
                 && !c.sender.is_closed()
                 && c.sender.is_ready()
         };
@@ -159,10 +160,11 @@ impl Pool {
 
     /// Give a connection back after its response completed.
     pub fn checkin(&self, mut c: Conn, limits: PoolLimits) {
-        if c.sender.is_closed() || c.created.elapsed() >= limits.max_lifetime {
+        let now = Instant::now();
+        if c.sender.is_closed() || now.saturating_duration_since(c.created) >= limits.max_lifetime {
             return;
         }
-        c.idle_since = Instant::now();
+        c.idle_since = now;
         let mut map = self.upstreams.lock().expect("pool lock");
         if let Some(u) = map.get_mut(&c.upstream) {
             if u.idle.len() <= c.worker {

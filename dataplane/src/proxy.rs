@@ -83,6 +83,8 @@ pub struct ConnInfo {
     pub local: SocketAddr,
     /// The listener's name.
     pub listener: Arc<str>,
+    /// The client's address as the forwarding headers write it.
+    pub client: headers::Client,
 }
 
 /// What a tunnel keeps for its profile, boxed once.
@@ -269,9 +271,11 @@ impl Proxy {
     pub async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
-        conn: ConnInfo,
+        mut conn: ConnInfo,
     ) -> Result<Response<RespBody>, Infallible> {
         let t0 = Instant::now();
+        // An upgrade's tunnel is timed from its request.
+        conn.accepted = t0;
         if conn.marks.next_request_is_smuggling() {
             tracing::info!(side = "client", peer = %conn.peer, "request with Content-Length and Transfer-Encoding refused");
             return Ok(bad_request(&BadRequest::LengthAndChunked.to_string()));
@@ -299,13 +303,16 @@ impl Proxy {
             }
         }
         let routes = self.routes();
-        let host = req
-            .headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_owned)
-            .or_else(|| req.uri().authority().map(|a| a.to_string()));
-        let Some(route) = routes.router.route(host.as_deref(), req.uri().path()) else {
+        // The Host field, or the request target's authority (absolute form).
+        let host = match req.headers().get(header::HOST) {
+            Some(h) if h.to_str().is_ok() => Some(h.clone()),
+            _ => req
+                .uri()
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+        };
+        let host_str = host.as_ref().and_then(|h| h.to_str().ok());
+        let Some(route) = routes.router.route(host_str, req.uri().path()) else {
             return Ok(full(
                 StatusCode::NOT_FOUND,
                 "no route for this host and path",
@@ -327,11 +334,10 @@ impl Proxy {
         req: Request<Incoming>,
         conn: ConnInfo,
         route: RouteMatch,
-        host: Option<String>,
+        host: Option<HeaderValue>,
     ) -> Response<RespBody> {
         let (mut parts, body) = req.into_parts();
         let trace = TraceContext::from_headers(&parts.headers);
-        let started_wall = chrono::Utc::now();
         // TE is hop-by-hop, but a client that accepts trailers gets them: the proxy forwards
         // trailer fields, so it asks the upstream for them in its own name.
         let wants_trailers = parts
@@ -347,18 +353,18 @@ impl Proxy {
                 .headers
                 .insert(header::TE, HeaderValue::from_static("trailers"));
         }
-        headers::add_forwarded(&mut parts.headers, conn.peer.ip(), "http", host.as_deref());
+        headers::add_forwarded(&mut parts.headers, &conn.client, "http", host.as_ref());
         headers::add_via(&mut parts.headers, &self.via);
         trace.inject(&mut parts.headers);
         if !parts.headers.contains_key(header::HOST)
-            && let Some(h) = host.as_deref().and_then(|h| HeaderValue::from_str(h).ok())
+            && let Some(h) = &host
         {
-            parts.headers.insert(header::HOST, h);
+            parts.headers.insert(header::HOST, h.clone());
         }
-        parts.uri = parts.uri.path_and_query().map_or_else(
-            || Uri::from_static("/"),
-            |pq| Uri::try_from(pq.as_str()).unwrap_or_else(|_| Uri::from_static("/")),
-        );
+        parts.uri = parts
+            .uri
+            .path_and_query()
+            .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
         parts.version = http::Version::HTTP_11;
         let idempotent = is_idempotent(&parts.method);
         let method = parts.method.clone();
@@ -368,7 +374,7 @@ impl Proxy {
         let limits = self.limits();
         let upstream = self.pick_upstream(&service).to_string();
         let mut retried = false;
-        let t0 = std::time::Instant::now();
+        let t0 = conn.accepted;
         if service.upstream_protocol == crate::config::UpstreamProtocol::H2c {
             return Box::pin(self.forward_h2(
                 req,
@@ -376,7 +382,6 @@ impl Proxy {
                 &upstream,
                 host,
                 trace,
-                started_wall,
                 body_failed,
             ))
             .await;
@@ -403,7 +408,6 @@ impl Proxy {
                         &service.name,
                         &method,
                         Some(status),
-                        started_wall,
                         t0.elapsed(),
                     );
                     return if saturated {
@@ -431,14 +435,14 @@ impl Proxy {
                     headers::strip_hop_by_hop(&mut parts.headers);
                     headers::add_via(&mut parts.headers, &self.via);
                     METRICS.finish("http", "ok");
-                    crate::telemetry::HTTP.observe(&service.name, t0.elapsed().as_secs_f64());
+                    let took = t0.elapsed();
+                    crate::telemetry::HTTP.observe(&service.name, took.as_secs_f64());
                     traces::request(
                         &trace,
                         &service.name,
                         &method,
                         Some(parts.status.as_u16()),
-                        started_wall,
-                        t0.elapsed(),
+                        took,
                     );
                     let body = PooledBody::new(body, c, self.pool.clone(), service.pool);
                     let body = event_stream(&parts.headers, body.boxed_unsync(), &service);
@@ -479,7 +483,6 @@ impl Proxy {
                                 &service.name,
                                 &method,
                                 Some(502),
-                                started_wall,
                                 t0.elapsed(),
                             );
                             return full(StatusCode::BAD_GATEWAY, "upstream request failed");
@@ -498,16 +501,19 @@ impl Proxy {
         req: Request<ClientBody>,
         service: &Service,
         upstream: &str,
-        host: Option<String>,
+        host: Option<HeaderValue>,
         trace: TraceContext,
-        started_wall: chrono::DateTime<chrono::Utc>,
         body_failed: Arc<std::sync::atomic::AtomicBool>,
     ) -> Response<RespBody> {
         let t0 = Instant::now();
         let (mut parts, body) = req.into_parts();
         let method = parts.method.clone();
         parts.headers.remove(header::HOST);
-        let authority = host.unwrap_or_else(|| upstream.to_string());
+        let authority = host
+            .as_ref()
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or(upstream)
+            .to_string();
         let pq = parts
             .uri
             .path_and_query()
@@ -528,7 +534,6 @@ impl Proxy {
                 &service.name,
                 &method,
                 Some(status),
-                started_wall,
                 t0.elapsed(),
             );
         };
@@ -589,7 +594,7 @@ impl Proxy {
         mut req: Request<Incoming>,
         conn: ConnInfo,
         route: RouteMatch,
-        host: Option<String>,
+        host: Option<HeaderValue>,
         t0: Instant,
     ) -> Response<RespBody> {
         // RFC 8441: WebSocket over an HTTP/2 stream (extended CONNECT with :protocol).
@@ -722,15 +727,15 @@ impl Proxy {
         let mut up_headers = req.headers().clone();
         let trace = TraceContext::from_headers(&up_headers);
         headers::strip_hop_by_hop(&mut up_headers);
-        headers::add_forwarded(&mut up_headers, conn.peer.ip(), "http", host.as_deref());
+        headers::add_forwarded(&mut up_headers, &conn.client, "http", host.as_ref());
         headers::add_via(&mut up_headers, &self.via);
         trace.inject(&mut up_headers);
         up_headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         up_headers.insert(header::UPGRADE, token_value.clone());
         if !up_headers.contains_key(header::HOST)
-            && let Some(h) = host.as_deref().and_then(|h| HeaderValue::from_str(h).ok())
+            && let Some(h) = &host
         {
-            up_headers.insert(header::HOST, h);
+            up_headers.insert(header::HOST, h.clone());
         }
         let up_key = if frame_aware {
             let k = generate_key();

@@ -401,6 +401,7 @@ async fn serve_connection(
         guard: guard.clone(),
         marks,
         listener: listener.clone(),
+        client: crate::headers::Client::new(detected.peer.ip()),
     };
     match detected.kind {
         Kind::Http1 => {
@@ -463,9 +464,7 @@ where
     let svc_proxy = proxy.clone();
     let service = service_fn(move |req: Request<Incoming>| {
         let p = svc_proxy.clone();
-        let mut info = info.clone();
-        info.accepted = Instant::now();
-        p.handle(req, info)
+        p.handle(req, info.clone())
     });
     let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
@@ -493,9 +492,7 @@ async fn serve_http1(proxy: Arc<Proxy>, stream: Http1Io, info: ConnInfo) {
     let svc_proxy = proxy.clone();
     let service = service_fn(move |req: Request<Incoming>| {
         let p = svc_proxy.clone();
-        let mut info = info.clone();
-        info.accepted = Instant::now();
-        p.handle(req, info)
+        p.handle(req, info.clone())
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())

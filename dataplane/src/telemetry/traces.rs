@@ -21,6 +21,8 @@ use http_body_util::{BodyExt, Full};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
+const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
+
 /// The W3C trace context of one request or connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TraceContext {
@@ -114,7 +116,7 @@ impl TraceContext {
     /// Continue the request's trace (a valid `traceparent`), or start a new, sampled one.
     pub fn from_headers(h: &HeaderMap) -> TraceContext {
         let incoming = h
-            .get("traceparent")
+            .get(TRACEPARENT)
             .and_then(|v| v.to_str().ok())
             .and_then(parse_traceparent);
         match incoming {
@@ -135,18 +137,26 @@ impl TraceContext {
 
     /// The `traceparent` value that names the proxy's span as the parent.
     pub fn traceparent(&self) -> HeaderValue {
-        HeaderValue::from_str(&format!(
-            "00-{}-{}-{:02x}",
-            hex(&self.trace_id),
-            hex(&self.span_id),
-            self.flags
-        ))
-        .expect("hex is a valid header value")
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut v = Vec::with_capacity(55);
+        v.extend_from_slice(b"00-");
+        let put = |bytes: &[u8], v: &mut Vec<u8>| {
+            for b in bytes {
+                v.push(DIGITS[usize::from(b >> 4)]);
+                v.push(DIGITS[usize::from(b & 0xf)]);
+            }
+        };
+        put(&self.trace_id, &mut v);
+        v.push(b'-');
+        put(&self.span_id, &mut v);
+        v.push(b'-');
+        put(&[self.flags], &mut v);
+        HeaderValue::from_maybe_shared(Bytes::from(v)).expect("hex is a valid header value")
     }
 
     /// Put the proxy's `traceparent` on an upstream request (replacing the caller's).
     pub fn inject(&self, h: &mut HeaderMap) {
-        h.insert("traceparent", self.traceparent());
+        h.insert(TRACEPARENT, self.traceparent());
     }
 
     /// The trace id in hex (for logs).
@@ -323,19 +333,20 @@ pub fn connection(tc: &TraceContext, p: &tuning::Profile) {
     }
 }
 
-/// Export the span of an HTTP request, from its arrival to the upstream's response head (a
-/// no-op when tracing is off).
+/// Export the span of an HTTP request, from its arrival to the upstream's response head, which
+/// was `took` before now (a no-op when tracing is off).
 pub fn request(
     tc: &TraceContext,
     service: &str,
     method: &http::Method,
     status: Option<u16>,
-    started: chrono::DateTime<chrono::Utc>,
     took: Duration,
 ) {
     if !enabled() {
         return;
     }
+    let started = chrono::Utc::now()
+        - chrono::Duration::from_std(took).unwrap_or_else(|_| chrono::Duration::zero());
     let mut attributes = vec![
         attr("http.request.method", json!(method.as_str())),
         attr("trimtab.service", json!(service)),
