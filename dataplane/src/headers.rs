@@ -294,9 +294,17 @@ mod tests {
         );
         assert_eq!(h["x-forwarded-for"], "192.0.2.7");
         assert_eq!(h["x-forwarded-proto"], "https");
-        assert_eq!(h["forwarded"], r#"for=192.0.2.7;proto=https;host="a\"b\\c""#);
+        assert_eq!(
+            h["forwarded"],
+            r#"for=192.0.2.7;proto=https;host="a\"b\\c""#
+        );
         let mut h = HeaderMap::new();
-        add_forwarded(&mut h, &Client::new("10.1.2.3".parse().unwrap()), "http", None);
+        add_forwarded(
+            &mut h,
+            &Client::new("10.1.2.3".parse().unwrap()),
+            "http",
+            None,
+        );
         assert_eq!(h["forwarded"], "for=10.1.2.3;proto=http");
         assert!(!h.contains_key("x-forwarded-host"));
     }

@@ -376,15 +376,8 @@ impl Proxy {
         let mut retried = false;
         let t0 = conn.accepted;
         if service.upstream_protocol == crate::config::UpstreamProtocol::H2c {
-            return Box::pin(self.forward_h2(
-                req,
-                &service,
-                &upstream,
-                host,
-                trace,
-                body_failed,
-            ))
-            .await;
+            return Box::pin(self.forward_h2(req, &service, &upstream, host, trace, body_failed))
+                .await;
         }
         loop {
             let mut c = match self
@@ -403,13 +396,7 @@ impl Proxy {
                     METRICS.finish("http", "upstream_error");
                     tracing::warn!(side = "upstream", service = %service.name, %upstream, error = %e, "upstream unavailable");
                     let status = if saturated { 503 } else { 502 };
-                    traces::request(
-                        &trace,
-                        &service.name,
-                        &method,
-                        Some(status),
-                        t0.elapsed(),
-                    );
+                    traces::request(&trace, &service.name, &method, Some(status), t0.elapsed());
                     return if saturated {
                         let mut r = full(
                             StatusCode::SERVICE_UNAVAILABLE,
@@ -529,13 +516,7 @@ impl Proxy {
         let mut retried = false;
         let finish = |status: u16, outcome: &str| {
             METRICS.finish("http", outcome);
-            traces::request(
-                &trace,
-                &service.name,
-                &method,
-                Some(status),
-                t0.elapsed(),
-            );
+            traces::request(&trace, &service.name, &method, Some(status), t0.elapsed());
         };
         loop {
             let (mut sender, reused) = match self.h2.sender(upstream, limits.connect_timeout).await

@@ -150,6 +150,11 @@ impl DirStats {
         self.last_message_us = us;
     }
 
+    /// Bytes sampled for compressibility so far.
+    pub fn sampled_in(&self) -> u64 {
+        self.sampled_in
+    }
+
     /// A sampled message: `raw` bytes deflated to `compressed`.
     pub fn on_sample(&mut self, raw: u64, compressed: u64) {
         self.sampled_in += raw;

@@ -52,11 +52,17 @@ settings = {{ mode = "{mode}" }}
 
 /// One WebSocket connection: `k` messages of `size` bytes each way, then close 1000 "done".
 async fn ws_session(proxy: SocketAddr, k: usize, size: usize) {
+    ws_sizes(proxy, &vec![size; k]).await
+}
+
+/// One WebSocket connection: a message of each size (one repeated byte) each way, one at a
+/// time, then close 1000 "done".
+async fn ws_sizes(proxy: SocketAddr, sizes: &[usize]) {
     let tcp = TcpStream::connect(proxy).await.expect("connect");
     let (mut ws, _) = tokio_tungstenite::client_async(format!("ws://{proxy}/p"), tcp)
         .await
         .expect("handshake");
-    for _ in 0..k {
+    for &size in sizes {
         ws.send(Message::binary(vec![1u8; size]))
             .await
             .expect("send");
@@ -192,6 +198,38 @@ async fn every_connection_becomes_one_row_with_exact_counts(pool: sqlx::PgPool) 
         assert!(
             timings.0.is_some() && timings.1.is_some() && timings.2.is_some(),
             "{timings:?}"
+        );
+    }
+}
+
+/// A connection whose first message toward the client is tiny (an echoed ack) and whose later
+/// ones are large and compressible is recorded as compressible: before, only the first read
+/// (`zero_copy`) or message (`frame_aware`) of a short connection was deflated, so the tiny one
+/// decided alone, and the dashboard archetype was compressed in one training run and not in
+/// the next.
+#[sqlx::test(migrations = "../migrations")]
+async fn a_tiny_first_message_does_not_decide_compressibility(pool: sqlx::PgPool) {
+    let url = database_url_of(&pool).await;
+    let echo = spawn_echo().await;
+    for mode in ["zero_copy", "frame_aware"] {
+        let before = count(&pool).await;
+        let dp = DataPlaneProc::start(&config(echo, mode, &url, &scratch_dir("spool")));
+        let mut sizes = vec![9];
+        sizes.extend([3000; 8]);
+        ws_sizes(dp.proxy, &sizes).await;
+        assert_eq!(
+            wait_rows(&pool, before + 1, Duration::from_secs(10)).await,
+            before + 1
+        );
+        let (raw, out): (i64, i64) =
+            sqlx::query_as("select u2c_sampled_in, u2c_sampled_out from profiles where mode = $1")
+                .bind(mode)
+                .fetch_one(&pool)
+                .await
+                .expect("sample");
+        assert!(
+            raw >= 3000 && out * 10 < raw,
+            "{mode}: sampled {raw} bytes, deflated to {out}"
         );
     }
 }

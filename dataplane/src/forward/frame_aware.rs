@@ -206,7 +206,7 @@ where
                 let now = Instant::now();
                 stats.on_read(n as usize);
                 stats.on_message(n, now.into_std());
-                if stats.messages % SAMPLE_EVERY == 1 {
+                if super::samples(stats.messages, SAMPLE_EVERY, stats.sampled_in()) {
                     let payload: &[u8] = match &msg {
                         Message::Text(t) => t.as_bytes(),
                         Message::Binary(b) => b,

@@ -618,7 +618,7 @@ async fn process(
     d.out_mid_frame = d.parser.cur.as_ref().is_some_and(|c| !c.head.is_control());
     if !d.parser.from_client {
         d.reads += 1;
-        if d.reads % super::ZERO_COPY_SAMPLE_EVERY == 1 {
+        if super::samples(d.reads, super::ZERO_COPY_SAMPLE_EVERY, d.stats.sampled_in()) {
             let (raw, out) = super::deflated_size(data);
             d.stats.on_sample(raw, out);
         }

@@ -13,11 +13,24 @@ use std::time::Duration;
 use futures_util::task::AtomicWaker;
 use tuning::{ClosedBy, DirectionStats, PingStats};
 
-/// `frame_aware`: one message in this many (the first, the 17th, …) is deflated to measure
-/// compressibility.
+/// `frame_aware`: one message in this many (the first, the 17th, …), besides the early ones of
+/// [`samples`], is deflated to measure compressibility.
 pub const SAMPLE_EVERY: u64 = 16;
 /// At most this many bytes of a sampled message are deflated.
 const SAMPLE_MAX: usize = 16 << 10;
+/// Every one of a direction's first [`EARLY_SAMPLES`] reads or messages is sampled until this
+/// many bytes were: a small first message (a greeting, the echo of a client's ack) then does
+/// not decide a connection's compressibility alone.
+const SAMPLE_MIN_BYTES: u64 = 1 << 10;
+/// See [`SAMPLE_MIN_BYTES`].
+const EARLY_SAMPLES: u64 = 16;
+
+/// Whether the `count`-th read or message (counted from 1) of the direction toward the client
+/// is sampled, `sampled_in` bytes having been so far: one in `every`, and each early one until
+/// [`SAMPLE_MIN_BYTES`] were.
+pub(crate) fn samples(count: u64, every: u64, sampled_in: u64) -> bool {
+    count % every == 1 || (count <= EARLY_SAMPLES && sampled_in < SAMPLE_MIN_BYTES)
+}
 
 thread_local! {
     /// Each worker thread's compressor for sampling, reset between samples: a deflate state is

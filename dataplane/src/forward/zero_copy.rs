@@ -393,7 +393,11 @@ fn copy_ready(dir: &mut Dir, src: &TcpStream, dst: &TcpStream, sh: &Shared) -> C
 fn sample(dir: &mut Dir, data: &[u8]) {
     if !dir.to_upstream {
         dir.reads += 1;
-        if dir.reads % super::ZERO_COPY_SAMPLE_EVERY == 1 {
+        if super::samples(
+            dir.reads,
+            super::ZERO_COPY_SAMPLE_EVERY,
+            dir.stats.sampled_in(),
+        ) {
             let (raw, out) = super::deflated_size(data);
             dir.stats.on_sample(raw, out);
         }
