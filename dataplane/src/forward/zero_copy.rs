@@ -928,6 +928,23 @@ pub fn run(
                 }
                 let was_read = matches!(e, End::ReadError(_));
                 match e {
+                    // A WebSocket peer whose stream ended with no close frame either way went
+                    // away: recorded as `frame_aware` records it (RFC 6455 §7.1.5's 1006), so
+                    // the two modes' profiles of the same event agree.
+                    End::Eof
+                        if framing == Framing::WebSocket
+                            && !proxy_closed
+                            && sh.closes.first.load(Ordering::Relaxed) == 0
+                            && out.close_code.is_none() =>
+                    {
+                        out.close_code = Some(1006);
+                        out.close_reason = Some(String::new());
+                        out.error_class = Some(if from_client {
+                            "client_gone"
+                        } else {
+                            "upstream_gone"
+                        });
+                    }
                     End::Eof | End::ProxyClosed => {}
                     End::Stalled => {
                         out.closed_by = Some(ClosedBy::Proxy);
@@ -1090,6 +1107,81 @@ mod drain {
         assert_eq!(out.closed_by, Some(ClosedBy::Proxy));
         assert_eq!(out.c2u.messages, 1);
         assert_eq!(out.u2c.messages, 1);
+    }
+}
+
+#[cfg(test)]
+mod gone {
+    use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (b, _) = l.accept().await.unwrap();
+        (a, b)
+    }
+
+    async fn forward(framing: Framing, close_first: bool) -> Outcome {
+        let (mut client, proxy_c) = pair().await;
+        let (proxy_u, mut upstream) = pair().await;
+        let (_tx, rx) = watch::channel(false);
+        let limits = ForwardLimits {
+            stall_timeout: Duration::from_secs(5),
+            max_message_bytes: 1 << 20,
+            close_grace: Duration::from_secs(1),
+        };
+        let fwd = tokio::spawn(run(
+            proxy_c,
+            Vec::new(),
+            proxy_u,
+            Vec::new(),
+            Settings::default(),
+            framing,
+            limits,
+            rx,
+            Duration::ZERO,
+        ));
+        // A masked text frame "hi" from the client, then (maybe) its close frame (1000).
+        let key = [9u8, 8, 7, 6];
+        let mut frames = vec![0x81, 0x82];
+        frames.extend_from_slice(&key);
+        frames.extend(b"hi".iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+        if close_first {
+            frames.extend([0x88, 0x82]);
+            frames.extend_from_slice(&key);
+            frames.extend([0x03, 0xE8].iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+        }
+        client.write_all(&frames).await.unwrap();
+        let mut got = vec![0u8; frames.len()];
+        upstream.read_exact(&mut got).await.unwrap();
+        // The client's stream ends (a device that lost its connection, as a FIN); the upstream
+        // closes once the proxy has passed that on.
+        drop(client);
+        let mut rest = Vec::new();
+        let _ = upstream.read_to_end(&mut rest).await;
+        drop(upstream);
+        tokio::time::timeout(Duration::from_secs(5), fwd)
+            .await
+            .expect("forwarding ended")
+            .unwrap()
+    }
+
+    /// A client that goes away without a close frame is recorded with 1006 and `client_gone`,
+    /// as `frame_aware` records it; one that sent its close frame keeps its code, and an
+    /// opaque tunnel has no close codes at all.
+    #[tokio::test]
+    async fn a_websocket_client_gone_without_a_close_frame_is_recorded_as_1006() {
+        let out = forward(Framing::WebSocket, false).await;
+        assert_eq!(out.close_code, Some(1006));
+        assert_eq!(out.error_class, Some("client_gone"));
+        assert_eq!(out.closed_by, Some(ClosedBy::Client));
+        let out = forward(Framing::WebSocket, true).await;
+        assert_eq!(out.close_code, Some(1000));
+        assert_eq!(out.error_class, None);
+        assert_eq!(out.closed_by, Some(ClosedBy::Client));
+        let out = forward(Framing::Opaque, false).await;
+        assert_eq!((out.close_code, out.error_class), (None, None));
     }
 }
 

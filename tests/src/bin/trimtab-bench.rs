@@ -240,11 +240,23 @@ async fn fresh_database() -> anyhow::Result<(String, sqlx::PgPool)> {
     let base = std::env::var("DATABASE_URL").context("DATABASE_URL (./dev sets it)")?;
     let admin = sqlx::PgPool::connect(&base).await?;
     let name = format!("trimtab_bench_{}", std::process::id());
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "drop database if exists {name}"
-    )))
-    .execute(&admin)
+    // Each run keeps its database for inspection until the next run, which drops it (one still
+    // in use by a running benchmark refuses to be dropped and stays).
+    let earlier: Vec<String> = sqlx::query_scalar(
+        "select datname from pg_database where datname like 'trimtab\\_bench\\_%'",
+    )
+    .fetch_all(&admin)
     .await?;
+    for db in earlier {
+        if let Err(e) = sqlx::query(sqlx::AssertSqlSafe(format!("drop database \"{db}\"")))
+            .execute(&admin)
+            .await
+            && db == name
+        {
+            return Err(e.into());
+        }
+    }
+    println!("database of this run (kept until the next benchmark): {name}");
     sqlx::query(sqlx::AssertSqlSafe(format!("create database {name}")))
         .execute(&admin)
         .await?;
