@@ -10,7 +10,7 @@
 //! | target | terms |
 //! |---|---|
 //! | `buffer_size` | read syscalls (`⌈size / buffer⌉` per message) + buffer memory-time (pooled: only while a message is in flight; held for the whole connection when compression runs, under tungstenite) |
-//! | `ping_interval` | pings sent (two legs) + dead-peer detection delay (3 intervals; "off" = until the idle timeout) for connections whose peer died |
+//! | `ping_interval` | pings sent (two legs) + dead-peer detection delay (3 intervals or the idle timeout, whichever is sooner; "off" = the idle timeout) for connections whose peer died |
 //! | `idle_timeout` | a premature close (a gap longer than the timeout: the client must reconnect) + memory held by a connection whose peer vanished (until the timeout) |
 //! | `compression` | deflate CPU per byte + deflate context memory-time, against bytes saved on the wire (sampled ratio, server → client); nothing for a client that offered no permessage-deflate |
 //! | `mode` | per-message parsing of `frame_aware`, which compression requires (and with it held buffers) |
@@ -174,8 +174,10 @@ pub fn cost_terms(p: &Profile, s: &Settings, w: &CostWeights) -> CostTerms {
         t.cpu += 2.0 * (secs / f64::from(s.ping_interval)).floor() * w.ping;
     }
     if abnormal(p) {
+        // A dead peer's connection goes silent, so the idle timeout finds it too: pings only
+        // help when three intervals are shorter.
         let detect = if s.ping_interval > 0 {
-            f64::from(s.ping_interval * MISSED_PONGS_FOR_DEAD_PEER)
+            f64::from((s.ping_interval * MISSED_PONGS_FOR_DEAD_PEER).min(s.idle_timeout))
         } else {
             f64::from(s.idle_timeout)
         };
@@ -391,6 +393,18 @@ mod tests {
             p.dead_peer = true;
         });
         assert_eq!(PING_INTERVALS[label(&dying, Target::PingInterval, &W)], 15);
+        // Under a 30 s idle timeout, which finds the silent dead peer before three 15 s
+        // intervals pass, pings only cost: the delay is the timeout's either way.
+        let with = |ping_interval, idle_timeout| {
+            let s = Settings {
+                ping_interval,
+                idle_timeout,
+                ..dying.decision.settings
+            };
+            cost_terms(&dying, &s, &W).dead_peer_delay
+        };
+        assert_eq!(with(15, 30), with(0, 30));
+        assert!(with(15, 300) < with(0, 300));
     }
 
     #[test]
