@@ -8,7 +8,7 @@ use linfa_trees::DecisionTree;
 use ndarray::{Array1, Array2, ArrayView2, s};
 use polars::prelude::{Column, DataFrame, PolarsError};
 use serde::Serialize;
-use tuning::cost::{CostWeights, label, replay_cost};
+use tuning::cost::{CostWeights, oracle, replay_cost};
 use tuning::onnx::{TargetModel, Tree, TreeNode};
 use tuning::{Profile, Settings, Target};
 
@@ -199,11 +199,13 @@ pub fn dataset(profiles: Vec<Profile>, w: &CostWeights) -> Result<Dataset, Learn
     for p in &profiles {
         x.extend(tuning::encode(&p.context, &agg.get(&p.context)));
         agg.observe(p);
+        // The labels: every target's class in the joint hindsight choice.
+        let best = oracle(p, w);
         for (i, t) in Target::ALL.iter().enumerate() {
-            let l = label(p, *t, w);
-            labels[i].push(l as u32);
-            // weight: regret of the worst choice for this target, log-scaled
-            let mut s = p.decision.settings;
+            labels[i].push(t.class_of(&best) as u32);
+            // weight: regret of the worst choice for this target (the others at the oracle's),
+            // log-scaled
+            let mut s = best;
             let mut costs = Vec::new();
             for c in 0..t.classes() {
                 t.set_class(&mut s, c);

@@ -3,7 +3,9 @@
 //! Most of what makes a setting right is a property of the traffic, which a profile records
 //! whatever settings were in force: message sizes, gaps, bytes, compressibility, how the
 //! connection ended. Replaying a profile under each grid value of one target (the other settings
-//! as they were) gives that value's cost; the **label** is the cheapest value. Costs are in one
+//! fixed) gives that value's cost. The [`oracle`] is the cheapest combination, found one target at
+//! a time from the settings the connection ran with until none changes; each target's **label**
+//! is its value there. Costs are in one
 //! unit, *CPU-microsecond equivalents*, with every weight in [`CostWeights`] (the trainer's
 //! config can change them; the defaults are documented beside each field):
 //!
@@ -223,10 +225,9 @@ pub fn cost_terms(p: &Profile, s: &Settings, w: &CostWeights) -> CostTerms {
     t
 }
 
-/// The hindsight label of one target: the grid class of least replay cost, the other settings
-/// as they were (compression and mode are judged together: compression needs `frame_aware`).
-pub fn label(p: &Profile, target: Target, w: &CostWeights) -> usize {
-    let base = p.decision.settings;
+/// The cheapest class of one target, the other settings as in `base` (compression and mode are
+/// judged together: compression needs `frame_aware`); ties go to the first class.
+fn cheapest(p: &Profile, target: Target, base: Settings, w: &CostWeights) -> Settings {
     let candidates: Vec<Settings> = match target {
         Target::BufferSize => BUFFER_SIZES
             .iter()
@@ -267,19 +268,34 @@ pub fn label(p: &Profile, target: Target, w: &CostWeights) -> usize {
             },
         ],
     };
-    let best = candidates
+    candidates
         .iter()
-        .min_by(|a, b| replay_cost(p, a, w).total_cmp(&replay_cost(p, b, w)))
-        .copied()
-        .unwrap_or(base);
-    target.class_of(&best)
+        .map(|c| (replay_cost(p, c, w), *c))
+        .min_by(|a, b| a.0.total_cmp(&b.0))
+        .map_or(base, |(_, c)| c)
 }
 
-/// The cheapest settings for a profile in hindsight (every target's label): the oracle.
+/// The hindsight label of one target: its class in the [`oracle`].
+pub fn label(p: &Profile, target: Target, w: &CostWeights) -> usize {
+    target.class_of(&oracle(p, w))
+}
+
+/// The cheapest settings for a profile in hindsight, every target together: from the settings
+/// the connection ran with, each target in turn takes its cheapest class given the others, until
+/// none changes. The targets interact — whether pings find a dead peer sooner depends on the
+/// idle timeout, which a silent dead connection also runs into — so each label is its target's
+/// value in this joint choice, not its best with the others as they happened to be.
 pub fn oracle(p: &Profile, w: &CostWeights) -> Settings {
     let mut s = p.decision.settings;
-    for t in Target::ALL {
-        t.set_class(&mut s, label(p, t, w));
+    // Each pass lowers the cost or stops; a few passes settle (two in practice).
+    for _ in 0..6 {
+        let before = s;
+        for t in Target::ALL {
+            s = cheapest(p, t, s, w);
+        }
+        if s == before {
+            break;
+        }
     }
     s.clamp().0
 }
@@ -388,11 +404,26 @@ mod tests {
     fn pings_pay_only_when_peers_die() {
         let healthy = profile(3600, |p| traffic(&mut p.client_to_upstream, 100, 100));
         assert_eq!(PING_INTERVALS[label(&healthy, Target::PingInterval, &W)], 0);
+        // A peer that dies on a connection whose idle gaps need a long idle timeout: pings find
+        // it in 45 s instead of 300.
         let dying = profile(3600, |p| {
             traffic(&mut p.client_to_upstream, 100, 100);
+            p.client_to_upstream.max_gap_ms = 200_000;
             p.dead_peer = true;
         });
         assert_eq!(PING_INTERVALS[label(&dying, Target::PingInterval, &W)], 15);
+        assert_eq!(IDLE_TIMEOUTS[label(&dying, Target::IdleTimeout, &W)], 300);
+        // With short gaps the labels are judged together: a 30 s idle timeout finds the dead
+        // peer first, so pings only cost (one target at a time, from the 300 s timeout it ran
+        // with, would have labelled pings 15 and the timeout 30: a pair that pays for pings the
+        // timeout makes useless).
+        let short_gaps = profile(3600, |p| {
+            traffic(&mut p.client_to_upstream, 100, 100);
+            p.decision.settings.idle_timeout = 300;
+            p.dead_peer = true;
+        });
+        let o = oracle(&short_gaps, &W);
+        assert_eq!((o.ping_interval, o.idle_timeout), (0, 30));
         // Under a 30 s idle timeout, which finds the silent dead peer before three 15 s
         // intervals pass, pings only cost: the delay is the timeout's either way.
         let with = |ping_interval, idle_timeout| {
