@@ -184,10 +184,11 @@ async fn phase(
 }
 
 /// The three arms.
-const ARMS: [&str; 3] = ["shipped defaults", "best static", "learned"];
+pub const ARMS: [&str; 3] = ["shipped defaults", "best static", "learned"];
 
+/// The connections of one arm (in one archetype or stratum) and what they cost.
 #[derive(Debug, Default, Clone)]
-struct Arm {
+pub struct Arm {
     costs: Vec<f64>,
     terms: CostTerms,
     premature: u64,
@@ -195,6 +196,14 @@ struct Arm {
 }
 
 impl Arm {
+    /// An arm of connections with these composite costs (for checking the comparisons).
+    pub fn of_costs(costs: Vec<f64>) -> Arm {
+        Arm {
+            costs,
+            ..Arm::default()
+        }
+    }
+
     fn add(&mut self, p: &Profile, w: &CostWeights) {
         let t = cost_terms(p, &p.decision.settings, w);
         self.costs.push(t.total());
@@ -252,11 +261,12 @@ fn xorshift(state: &mut u64) -> u64 {
     *state
 }
 
-/// The mean cost of arm `arm` on a common archetype mix (`weights` by archetype), and a 95 %
-/// bootstrap interval of `learned / best static - 1` on that mix, resampling within each
-/// archetype: the arms' own mixes differ by chance (cohorts split by client), and one costly
-/// archetype would otherwise decide the pooled figure.
-fn mix_adjusted(
+/// The mean cost of each arm (keyed `(stratum, arm)`, arms as in [`ARMS`]) on a common mix of
+/// strata (`weights` by stratum, summing to 1), and a 95 % bootstrap interval of
+/// `learned / best static - 1` on that mix, resampling within each stratum: the arms' own mixes
+/// differ by chance (cohorts split by client), and one costly stratum would otherwise decide
+/// the figure.
+pub fn mix_adjusted(
     arms: &BTreeMap<(String, usize), Arm>,
     weights: &BTreeMap<String, f64>,
     rounds: usize,
@@ -293,6 +303,38 @@ fn mix_adjusted(
     ratios.sort_by(|a, b| a.total_cmp(b));
     let at = |q: f64| ratios[((ratios.len() - 1) as f64 * q).round() as usize];
     (means, (at(0.025), at(0.975)))
+}
+
+/// The suffix of the stratum of connections whose client vanished.
+const GONE: &str = "/vanished";
+
+/// A connection's stratum: its archetype, and whether its client vanished without a close.
+fn stratum(service: &str, gone: bool) -> String {
+    if gone {
+        format!("{service}{GONE}")
+    } else {
+        service.to_string()
+    }
+}
+
+/// The strata of `counts` that all three arms have, with their counts as shares summing to 1
+/// (a stratum missing from an arm cannot be compared, and is left out rather than counted as
+/// costing nothing).
+pub fn common_strata(
+    arms: &BTreeMap<(String, usize), Arm>,
+    counts: BTreeMap<String, f64>,
+) -> BTreeMap<String, f64> {
+    let kept: BTreeMap<String, f64> = counts
+        .into_iter()
+        .filter(|(k, _)| {
+            (0..ARMS.len()).all(|i| {
+                arms.get(&(k.clone(), i))
+                    .is_some_and(|a| !a.costs.is_empty())
+            })
+        })
+        .collect();
+    let total: f64 = kept.values().sum();
+    kept.into_iter().map(|(k, v)| (k, v / total)).collect()
 }
 
 /// Run the whole benchmark on a fresh, migrated database; returns the printed report.
@@ -364,6 +406,11 @@ pub async fn run(db_url: &str, db: &sqlx::PgPool, p: Params) -> anyhow::Result<S
 
     let weights = CostWeights::default();
     let mut arms: BTreeMap<(String, usize), Arm> = BTreeMap::new();
+    // The same connections by stratum: archetype, and whether the client went away without a
+    // close (the workload's vanishing devices, one in five by chance). Such a connection costs
+    // the dead-peer delay, thousands of times an ordinary one, so a few more of them in one arm
+    // would decide that archetype's comparison; the comparison weighs the strata alike.
+    let mut strata: BTreeMap<(String, usize), Arm> = BTreeMap::new();
     let mut pooled: Vec<Arm> = vec![Arm::default(); 3];
     // Each connection counts for the arm whose model decided it: at a phase's start the data
     // plane's decision cache may still answer from the previous phase's model for a moment.
@@ -381,12 +428,17 @@ pub async fn run(db_url: &str, db: &sqlx::PgPool, p: Params) -> anyhow::Result<S
             arms.entry((pr.context.service.clone(), arm))
                 .or_default()
                 .add(&pr, &weights);
+            let gone = pr.error_class.as_deref() == Some("client_gone");
+            strata
+                .entry((stratum(&pr.context.service, gone), arm))
+                .or_default()
+                .add(&pr, &weights);
             pooled[arm].add(&pr, &weights);
         }
     }
     let _ = writeln!(
         out,
-        "\n== live composite cost per connection (CPU-µs equivalents; mean, n), and learned vs best static (95 % bootstrap)"
+        "\n== live composite cost per connection (CPU-µs equivalents; mean, n), and learned vs best static (95 % bootstrap;\n   connections whose client vanished weighted alike in every arm)"
     );
     let _ = writeln!(
         out,
@@ -397,6 +449,27 @@ pub async fn run(db_url: &str, db: &sqlx::PgPool, p: Params) -> anyhow::Result<S
         a.map_or("-".to_string(), |a| {
             format!("{:.0} (n={})", a.mean(), a.costs.len())
         })
+    };
+    // Learned against best static within one archetype, its strata weighted by their share
+    // among that archetype's connections in all arms.
+    let vs_archetype = |svc: &str| {
+        let mut w: BTreeMap<String, f64> = BTreeMap::new();
+        for ((k, _), a) in &strata {
+            if k == svc || k.strip_suffix(GONE) == Some(svc) {
+                *w.entry(k.clone()).or_default() += a.costs.len() as f64;
+            }
+        }
+        let w = common_strata(&strata, w);
+        if w.is_empty() {
+            return "-".to_string();
+        }
+        let (m, (lo, hi)) = mix_adjusted(&strata, &w, 2000);
+        format!(
+            "{:+.1}% [{:+.1}, {:+.1}]",
+            (m[2] / m[1] - 1.0) * 100.0,
+            lo * 100.0,
+            hi * 100.0
+        )
     };
     let vs = |l: Option<&Arm>, s: Option<&Arm>| match (l, s) {
         (Some(l), Some(s)) => {
@@ -420,7 +493,7 @@ pub async fn run(db_url: &str, db: &sqlx::PgPool, p: Params) -> anyhow::Result<S
             cell(get(0)),
             cell(get(1)),
             cell(get(2)),
-            vs(get(2), get(1))
+            vs_archetype(&svc)
         );
     }
     let _ = writeln!(
@@ -434,12 +507,15 @@ pub async fn run(db_url: &str, db: &sqlx::PgPool, p: Params) -> anyhow::Result<S
     );
     // The same comparison on one archetype mix for every arm (the share of each archetype
     // among all compared connections), and the plain mean of the per-archetype changes.
-    let total: usize = pooled.iter().map(|a| a.costs.len()).sum();
-    let mut weights: BTreeMap<String, f64> = BTreeMap::new();
-    for ((svc, _), a) in &arms {
-        *weights.entry(svc.clone()).or_default() += a.costs.len() as f64 / total.max(1) as f64;
+    let mut mix: BTreeMap<String, f64> = BTreeMap::new();
+    for ((k, _), a) in &strata {
+        *mix.entry(k.clone()).or_default() += a.costs.len() as f64;
     }
-    let (adjusted, (lo, hi)) = mix_adjusted(&arms, &weights, 2000);
+    let (adjusted, (lo, hi)) = mix_adjusted(&strata, &common_strata(&strata, mix), 2000);
+    let mut weights: BTreeMap<String, f64> = BTreeMap::new();
+    for (svc, _) in arms.keys() {
+        weights.insert(svc.clone(), 1.0);
+    }
     let _ = writeln!(
         out,
         "{:<12}{:>22.0}{:>22.0}{:>22.0}{:>30}",
@@ -457,9 +533,17 @@ pub async fn run(db_url: &str, db: &sqlx::PgPool, p: Params) -> anyhow::Result<S
     let changes: Vec<f64> = weights
         .keys()
         .filter_map(|svc| {
-            let l = arms.get(&(svc.clone(), 2))?;
-            let st = arms.get(&(svc.clone(), 1))?;
-            Some(l.mean() / st.mean() - 1.0)
+            let mut w: BTreeMap<String, f64> = BTreeMap::new();
+            for ((k, _), a) in &strata {
+                if k == svc || k.strip_suffix(GONE) == Some(svc.as_str()) {
+                    *w.entry(k.clone()).or_default() += a.costs.len() as f64;
+                }
+            }
+            let w = common_strata(&strata, w);
+            (!w.is_empty()).then(|| {
+                let (m, _) = mix_adjusted(&strata, &w, 1);
+                m[2] / m[1] - 1.0
+            })
         })
         .collect();
     let _ = writeln!(

@@ -100,3 +100,38 @@ async fn a_trained_candidate_loads_in_the_optimizer_and_decides_the_known_policy
     let b = decide(ctx("iot", "/telemetry", "device")).await;
     assert_ne!(a, b);
 }
+
+/// The learned-vs-static benchmark compares arms on one mix of strata: two arms whose
+/// connections cost the same in each stratum come out equal even when one drew more of the
+/// costly stratum (vanished clients), which the plain means do not.
+#[test]
+fn the_learn_bench_weighs_each_stratum_alike_in_every_arm() {
+    use std::collections::BTreeMap;
+    use trimtab_tests::learn_bench::{Arm, common_strata, mix_adjusted};
+    let mut arms = BTreeMap::new();
+    // arm 1 (best static): 1 vanished client in 10; arm 2 (learned): 4 in 10; same costs.
+    for (arm, gone) in [(0usize, 2usize), (1, 1), (2, 4)] {
+        arms.insert(
+            ("iot".to_string(), arm),
+            Arm::of_costs(vec![30.0; 10 - gone]),
+        );
+        arms.insert(
+            ("iot/vanished".to_string(), arm),
+            Arm::of_costs(vec![60_000.0; gone]),
+        );
+    }
+    arms.insert(("feed/vanished".to_string(), 2), Arm::of_costs(vec![1.0]));
+    let counts = BTreeMap::from([
+        ("iot".to_string(), 23.0),
+        ("iot/vanished".to_string(), 7.0),
+        ("feed/vanished".to_string(), 1.0),
+    ]);
+    let w = common_strata(&arms, counts);
+    assert_eq!(w.len(), 2, "a stratum some arm lacks is left out: {w:?}");
+    assert!((w.values().sum::<f64>() - 1.0).abs() < 1e-9);
+    let (means, (lo, hi)) = mix_adjusted(&arms, &w, 200);
+    assert!((means[2] / means[1] - 1.0).abs() < 1e-9, "{means:?}");
+    assert!(lo <= 1e-9 && hi >= -1e-9, "[{lo}, {hi}]");
+    let plain = |gone: f64| (gone * 60_000.0 + (10.0 - gone) * 30.0) / 10.0;
+    assert!(plain(4.0) / plain(1.0) > 3.0);
+}
