@@ -1024,7 +1024,7 @@ mod tests {
 }
 
 #[cfg(test)]
-mod drain {
+mod sockets {
     use super::*;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
@@ -1035,38 +1035,58 @@ mod drain {
         (a, b)
     }
 
-    /// While a connection waits for its slot in the drain window it still forwards (the wait
-    /// once stopped both directions for the whole delay); then it closes with 1001 both ways.
-    #[tokio::test]
-    async fn a_draining_connection_forwards_until_its_slot_then_closes_with_1001() {
-        let (mut client, proxy_c) = pair().await;
-        let (proxy_u, mut upstream) = pair().await;
+    /// A client socket, an upstream socket, `zero_copy` forwarding between them (draining
+    /// over `drain_delay` once told to shut down) and the shutdown switch.
+    async fn forwarding(
+        framing: Framing,
+        drain_delay: Duration,
+    ) -> (
+        TcpStream,
+        TcpStream,
+        tokio::task::JoinHandle<Outcome>,
+        watch::Sender<bool>,
+    ) {
+        let (client, proxy_c) = pair().await;
+        let (proxy_u, upstream) = pair().await;
         let (tx, rx) = watch::channel(false);
         let limits = ForwardLimits {
             stall_timeout: Duration::from_secs(5),
             max_message_bytes: 1 << 20,
             close_grace: Duration::from_secs(1),
         };
-        let delay = Duration::from_millis(1500);
-        let settings = Settings::default();
         let fwd = tokio::spawn(run(
             proxy_c,
             Vec::new(),
             proxy_u,
             Vec::new(),
-            settings,
-            Framing::WebSocket,
+            Settings::default(),
+            framing,
             limits,
             rx,
-            delay,
+            drain_delay,
         ));
+        (client, upstream, fwd, tx)
+    }
+
+    /// A masked text frame from the client.
+    fn masked_text(payload: &[u8]) -> Vec<u8> {
+        let key = [1u8, 2, 3, 4];
+        let mut frame = vec![0x81, 0x80 | payload.len() as u8];
+        frame.extend_from_slice(&key);
+        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+        frame
+    }
+
+    /// While a connection waits for its slot in the drain window it still forwards (the wait
+    /// once stopped both directions for the whole delay); then it closes with 1001 both ways.
+    #[tokio::test]
+    async fn a_draining_connection_forwards_until_its_slot_then_closes_with_1001() {
+        let delay = Duration::from_millis(1500);
+        let (mut client, mut upstream, fwd, tx) = forwarding(Framing::WebSocket, delay).await;
         tx.send(true).unwrap();
         let t0 = Instant::now();
         // A masked text frame "hello" from the client, an unmasked one back from the upstream.
-        let key = [1u8, 2, 3, 4];
-        let mut frame = vec![0x81, 0x85];
-        frame.extend_from_slice(&key);
-        frame.extend(b"hello".iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+        let frame = masked_text(b"hello");
         client.write_all(&frame).await.unwrap();
         let mut got = vec![0u8; frame.len()];
         upstream.read_exact(&mut got).await.unwrap();
@@ -1108,46 +1128,15 @@ mod drain {
         assert_eq!(out.c2u.messages, 1);
         assert_eq!(out.u2c.messages, 1);
     }
-}
 
-#[cfg(test)]
-mod gone {
-    use super::*;
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-
-    async fn pair() -> (TcpStream, TcpStream) {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let (b, _) = l.accept().await.unwrap();
-        (a, b)
-    }
-
-    async fn forward(framing: Framing, close_first: bool) -> Outcome {
-        let (mut client, proxy_c) = pair().await;
-        let (proxy_u, mut upstream) = pair().await;
-        let (_tx, rx) = watch::channel(false);
-        let limits = ForwardLimits {
-            stall_timeout: Duration::from_secs(5),
-            max_message_bytes: 1 << 20,
-            close_grace: Duration::from_secs(1),
-        };
-        let fwd = tokio::spawn(run(
-            proxy_c,
-            Vec::new(),
-            proxy_u,
-            Vec::new(),
-            Settings::default(),
-            framing,
-            limits,
-            rx,
-            Duration::ZERO,
-        ));
-        // A masked text frame "hi" from the client, then (maybe) its close frame (1000).
-        let key = [9u8, 8, 7, 6];
-        let mut frames = vec![0x81, 0x82];
-        frames.extend_from_slice(&key);
-        frames.extend(b"hi".iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    /// The client sends "hi", then (maybe) its close frame (1000), then its stream ends (a
+    /// device that lost its connection, as a FIN); the upstream closes once the proxy has
+    /// passed that on.
+    async fn client_leaves(framing: Framing, close_first: bool) -> Outcome {
+        let (mut client, mut upstream, fwd, _tx) = forwarding(framing, Duration::ZERO).await;
+        let mut frames = masked_text(b"hi");
         if close_first {
+            let key = [9u8, 8, 7, 6];
             frames.extend([0x88, 0x82]);
             frames.extend_from_slice(&key);
             frames.extend([0x03, 0xE8].iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
@@ -1155,8 +1144,6 @@ mod gone {
         client.write_all(&frames).await.unwrap();
         let mut got = vec![0u8; frames.len()];
         upstream.read_exact(&mut got).await.unwrap();
-        // The client's stream ends (a device that lost its connection, as a FIN); the upstream
-        // closes once the proxy has passed that on.
         drop(client);
         let mut rest = Vec::new();
         let _ = upstream.read_to_end(&mut rest).await;
@@ -1172,15 +1159,15 @@ mod gone {
     /// opaque tunnel has no close codes at all.
     #[tokio::test]
     async fn a_websocket_client_gone_without_a_close_frame_is_recorded_as_1006() {
-        let out = forward(Framing::WebSocket, false).await;
+        let out = client_leaves(Framing::WebSocket, false).await;
         assert_eq!(out.close_code, Some(1006));
         assert_eq!(out.error_class, Some("client_gone"));
         assert_eq!(out.closed_by, Some(ClosedBy::Client));
-        let out = forward(Framing::WebSocket, true).await;
+        let out = client_leaves(Framing::WebSocket, true).await;
         assert_eq!(out.close_code, Some(1000));
         assert_eq!(out.error_class, None);
         assert_eq!(out.closed_by, Some(ClosedBy::Client));
-        let out = forward(Framing::Opaque, false).await;
+        let out = client_leaves(Framing::Opaque, false).await;
         assert_eq!((out.close_code, out.error_class), (None, None));
     }
 }
