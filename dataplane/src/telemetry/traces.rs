@@ -36,14 +36,19 @@ pub struct TraceContext {
     pub flags: u8,
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// Append `bytes` as lower-case hex.
+fn push_hex(out: &mut Vec<u8>, bytes: &[u8]) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
     for b in bytes {
-        s.push(char::from(DIGITS[usize::from(b >> 4)]));
-        s.push(char::from(DIGITS[usize::from(b & 0xf)]));
+        out.push(DIGITS[usize::from(b >> 4)]);
+        out.push(DIGITS[usize::from(b & 0xf)]);
     }
-    s
+}
+
+fn hex(bytes: &[u8]) -> String {
+    let mut v = Vec::with_capacity(bytes.len() * 2);
+    push_hex(&mut v, bytes);
+    String::from_utf8(v).expect("hex digits are ASCII")
 }
 
 fn unhex<const N: usize>(s: &str) -> Option<[u8; N]> {
@@ -137,20 +142,13 @@ impl TraceContext {
 
     /// The `traceparent` value that names the proxy's span as the parent.
     pub fn traceparent(&self) -> HeaderValue {
-        const DIGITS: &[u8; 16] = b"0123456789abcdef";
         let mut v = Vec::with_capacity(55);
         v.extend_from_slice(b"00-");
-        let put = |bytes: &[u8], v: &mut Vec<u8>| {
-            for b in bytes {
-                v.push(DIGITS[usize::from(b >> 4)]);
-                v.push(DIGITS[usize::from(b & 0xf)]);
-            }
-        };
-        put(&self.trace_id, &mut v);
+        push_hex(&mut v, &self.trace_id);
         v.push(b'-');
-        put(&self.span_id, &mut v);
+        push_hex(&mut v, &self.span_id);
         v.push(b'-');
-        put(&[self.flags], &mut v);
+        push_hex(&mut v, &[self.flags]);
         HeaderValue::from_maybe_shared(Bytes::from(v)).expect("hex is a valid header value")
     }
 
