@@ -337,6 +337,24 @@ pub fn common_strata(
     kept.into_iter().map(|(k, v)| (k, v / total)).collect()
 }
 
+/// Learned against best static within archetype `svc`: the arms' means and the interval (as
+/// [`mix_adjusted`]) with its strata weighted by their share among that archetype's connections
+/// in all arms; `None` when no stratum of it is in every arm.
+fn within_archetype(
+    strata: &BTreeMap<(String, usize), Arm>,
+    svc: &str,
+    rounds: usize,
+) -> Option<([f64; 3], (f64, f64))> {
+    let mut counts: BTreeMap<String, f64> = BTreeMap::new();
+    for ((k, _), a) in strata {
+        if k == svc || k.strip_suffix(GONE) == Some(svc) {
+            *counts.entry(k.clone()).or_default() += a.costs.len() as f64;
+        }
+    }
+    let w = common_strata(strata, counts);
+    (!w.is_empty()).then(|| mix_adjusted(strata, &w, rounds))
+}
+
 /// Run the whole benchmark on a fresh, migrated database; returns the printed report.
 pub async fn run(db_url: &str, db: &sqlx::PgPool, p: Params) -> anyhow::Result<String> {
     use std::fmt::Write as _;
@@ -450,26 +468,15 @@ pub async fn run(db_url: &str, db: &sqlx::PgPool, p: Params) -> anyhow::Result<S
             format!("{:.0} (n={})", a.mean(), a.costs.len())
         })
     };
-    // Learned against best static within one archetype, its strata weighted by their share
-    // among that archetype's connections in all arms.
     let vs_archetype = |svc: &str| {
-        let mut w: BTreeMap<String, f64> = BTreeMap::new();
-        for ((k, _), a) in &strata {
-            if k == svc || k.strip_suffix(GONE) == Some(svc) {
-                *w.entry(k.clone()).or_default() += a.costs.len() as f64;
-            }
-        }
-        let w = common_strata(&strata, w);
-        if w.is_empty() {
-            return "-".to_string();
-        }
-        let (m, (lo, hi)) = mix_adjusted(&strata, &w, 2000);
-        format!(
-            "{:+.1}% [{:+.1}, {:+.1}]",
-            (m[2] / m[1] - 1.0) * 100.0,
-            lo * 100.0,
-            hi * 100.0
-        )
+        within_archetype(&strata, svc, 2000).map_or("-".to_string(), |(m, (lo, hi))| {
+            format!(
+                "{:+.1}% [{:+.1}, {:+.1}]",
+                (m[2] / m[1] - 1.0) * 100.0,
+                lo * 100.0,
+                hi * 100.0
+            )
+        })
     };
     let vs = |l: Option<&Arm>, s: Option<&Arm>| match (l, s) {
         (Some(l), Some(s)) => {
@@ -512,10 +519,6 @@ pub async fn run(db_url: &str, db: &sqlx::PgPool, p: Params) -> anyhow::Result<S
         *mix.entry(k.clone()).or_default() += a.costs.len() as f64;
     }
     let (adjusted, (lo, hi)) = mix_adjusted(&strata, &common_strata(&strata, mix), 2000);
-    let mut weights: BTreeMap<String, f64> = BTreeMap::new();
-    for (svc, _) in arms.keys() {
-        weights.insert(svc.clone(), 1.0);
-    }
     let _ = writeln!(
         out,
         "{:<12}{:>22.0}{:>22.0}{:>22.0}{:>30}",
@@ -530,21 +533,10 @@ pub async fn run(db_url: &str, db: &sqlx::PgPool, p: Params) -> anyhow::Result<S
             hi * 100.0
         )
     );
-    let changes: Vec<f64> = weights
-        .keys()
-        .filter_map(|svc| {
-            let mut w: BTreeMap<String, f64> = BTreeMap::new();
-            for ((k, _), a) in &strata {
-                if k == svc || k.strip_suffix(GONE) == Some(svc.as_str()) {
-                    *w.entry(k.clone()).or_default() += a.costs.len() as f64;
-                }
-            }
-            let w = common_strata(&strata, w);
-            (!w.is_empty()).then(|| {
-                let (m, _) = mix_adjusted(&strata, &w, 1);
-                m[2] / m[1] - 1.0
-            })
-        })
+    let services: std::collections::BTreeSet<&String> = arms.keys().map(|(svc, _)| svc).collect();
+    let changes: Vec<f64> = services
+        .into_iter()
+        .filter_map(|svc| within_archetype(&strata, svc, 1).map(|(m, _)| m[2] / m[1] - 1.0))
         .collect();
     let _ = writeln!(
         out,
