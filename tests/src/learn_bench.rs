@@ -430,6 +430,7 @@ pub async fn run(db_url: &str, db: &sqlx::PgPool, p: Params) -> anyhow::Result<S
     // would decide that archetype's comparison; the comparison weighs the strata alike.
     let mut strata: BTreeMap<(String, usize), Arm> = BTreeMap::new();
     let mut pooled: Vec<Arm> = vec![Arm::default(); 3];
+    let mut explored = 0usize;
     // Each connection counts for the arm whose model decided it: at a phase's start the data
     // plane's decision cache may still answer from the previous phase's model for a moment.
     for (w, canary_arm, canary_model) in [
@@ -437,6 +438,13 @@ pub async fn run(db_url: &str, db: &sqlx::PgPool, p: Params) -> anyhow::Result<S
         (&w2, 2usize, trained.version.as_str()),
     ] {
         for pr in trainer::load(db, w).await? {
+            // The data plane keeps exploring (5 %) while the arms run: those connections ran a
+            // neighbour of the arm's choice, not the arm's policy, and are left out of every arm
+            // (a random draw per connection, so leaving them out biases no arm).
+            if pr.decision.explored {
+                explored += 1;
+                continue;
+            }
             let model = pr.decision.model_version.as_deref();
             let arm = match pr.decision.cohort {
                 tuning::Cohort::Canary if model == Some(canary_model) => canary_arm,
@@ -456,7 +464,7 @@ pub async fn run(db_url: &str, db: &sqlx::PgPool, p: Params) -> anyhow::Result<S
     }
     let _ = writeln!(
         out,
-        "\n== live composite cost per connection (CPU-µs equivalents; mean, n), and learned vs best static (95 % bootstrap;\n   connections whose client vanished weighted alike in every arm)"
+        "\n== live composite cost per connection (CPU-µs equivalents; mean, n), and learned vs best static (95 % bootstrap;\n   connections whose client vanished weighted alike in every arm; {explored} explored connections left out)"
     );
     let _ = writeln!(
         out,
