@@ -5,13 +5,16 @@
 //!    profiles land in PostgreSQL.
 //! 2. `trainer train` on that window: a candidate, and the best static config of its training
 //!    rows.
-//! 3. Two rollouts at 50 %, each with a fresh mixed workload: the best static config (a constant
-//!    model) as canary against the shipped defaults as control, then the learned candidate
-//!    against the same control. Cohorts split by client, side by side in the same run.
-//! 4. From the live profiles of those phases: per archetype and pooled, the cost terms under the
-//!    settings each connection ran with (`tuning::cost::cost_terms`: buffer memory-time, bytes on
-//!    the wire, CPU, dead-peer detection delay, premature idle closes), p99 first-message latency,
-//!    and the composite cost; learned against the best static config with a bootstrap interval.
+//! 3. Two rollouts at 50 %, each with a fresh mixed workload run in pairs: every session runs
+//!    twice at once with the same random draws, once as a client the rollout puts in the
+//!    control and once as one it puts in the canary. Phase 1: the best static config (a
+//!    constant model) as canary against the shipped defaults. Phase 2: the best static config
+//!    becomes the active model, and the learned candidate rolls out against it.
+//! 4. From the live profiles of those phases, over the complete pairs: per archetype and on
+//!    the whole mix, the composite cost under the settings each connection ran with
+//!    (`tuning::cost::cost_terms`: buffer memory-time, bytes on the wire, CPU, dead-peer
+//!    detection delay, premature idle closes), canary against control with a bootstrap
+//!    interval over pairs; pooled, each term and the p99 first-message latency.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -23,7 +26,7 @@ use tuning::cost::{CostTerms, CostWeights, cost_terms};
 use tuning::{Profile, Settings};
 
 use crate::harness::{DataPlaneProc, OptimizerProc, http_json, scratch_dir};
-use crate::workload::{Archetype, Workload};
+use crate::workload::{Archetype, Paired, Workload, pair_of};
 
 const ADMIN: &str = "bench-admin-token";
 const READER: &str = "bench-reader-token";
@@ -109,7 +112,12 @@ async fn api(
     Ok(v)
 }
 
-async fn register_constant(db: &sqlx::PgPool, version: &str, s: &Settings) -> anyhow::Result<()> {
+/// Register a constant model (every connection gets `s`) under `version`.
+pub async fn register_constant(
+    db: &sqlx::PgPool,
+    version: &str,
+    s: &Settings,
+) -> anyhow::Result<()> {
     sqlx::query("insert into models (version, onnx, metadata) values ($1, $2, '{}')")
         .bind(version)
         .bind(tuning::onnx::export(&[], s, version))
@@ -118,7 +126,7 @@ async fn register_constant(db: &sqlx::PgPool, version: &str, s: &Settings) -> an
     Ok(())
 }
 
-async fn drive(proxy: SocketAddr, p: &Params, d: Duration, seed: u64) {
+async fn drive(proxy: SocketAddr, p: &Params, d: Duration, seed: u64, paired: Option<Paired>) {
     let stats = crate::workload::run(Workload {
         proxy,
         concurrency: p.concurrency,
@@ -127,6 +135,7 @@ async fn drive(proxy: SocketAddr, p: &Params, d: Duration, seed: u64) {
         session: p.session,
         mix: Archetype::ALL.to_vec(),
         seed,
+        paired,
     })
     .await;
     eprintln!("  workload: {stats:?}");
@@ -148,9 +157,10 @@ async fn settle(db: &sqlx::PgPool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One comparison phase: a rollout of `candidate` at 50 % while the workload runs. Returns the
-/// phase's window.
-async fn phase(
+/// One comparison phase: a rollout of `candidate` at 50 % against the active model while the
+/// workload runs every session as a pair, one connection in each cohort (see
+/// [`crate::workload::Paired`]). Returns the phase's window.
+pub async fn phase(
     db: &sqlx::PgPool,
     opt: SocketAddr,
     proxy: SocketAddr,
@@ -169,10 +179,22 @@ async fn phase(
     )
     .await?;
     let id = r["id"].as_i64().unwrap_or_default();
-    // The data plane revalidates its cached answers about every second.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    let salt = r["salt"]
+        .as_i64()
+        .ok_or_else(|| anyhow::anyhow!("rollout without a salt: {r}"))? as u64;
+    prime(proxy).await;
     let since = Utc::now();
-    drive(proxy, p, p.compare, seed).await;
+    drive(
+        proxy,
+        p,
+        p.compare,
+        seed,
+        Some(Paired {
+            salt,
+            percent: 50.0,
+        }),
+    )
+    .await;
     let until = Utc::now();
     api(opt, "POST", &format!("/v1/rollouts/{id}/abort"), None).await?;
     settle(db).await?;
@@ -183,10 +205,31 @@ async fn phase(
     })
 }
 
+/// One short connection of every archetype, then a pause: the data plane answers a bucket's
+/// first connection after a quiet spell from its stale cached answer (the data path never waits
+/// for the optimizer) and refreshes it meanwhile, so without this the first connections of a
+/// phase would run under the previous phase's decisions.
+async fn prime(proxy: SocketAddr) {
+    let one = |a: Archetype| {
+        crate::workload::run(Workload {
+            proxy,
+            concurrency: 1,
+            total: 1,
+            duration: Duration::from_secs(5),
+            session: Duration::from_millis(200),
+            mix: vec![a],
+            seed: 9,
+            paired: None,
+        })
+    };
+    futures_util::future::join_all(Archetype::ALL.map(one)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+}
+
 /// The three arms.
 pub const ARMS: [&str; 3] = ["shipped defaults", "best static", "learned"];
 
-/// The connections of one arm (in one archetype or stratum) and what they cost.
+/// The connections of one arm (in one archetype, or pooled) and what they cost.
 #[derive(Debug, Default, Clone)]
 pub struct Arm {
     costs: Vec<f64>,
@@ -196,14 +239,6 @@ pub struct Arm {
 }
 
 impl Arm {
-    /// An arm of connections with these composite costs (for checking the comparisons).
-    pub fn of_costs(costs: Vec<f64>) -> Arm {
-        Arm {
-            costs,
-            ..Arm::default()
-        }
-    }
-
     fn add(&mut self, p: &Profile, w: &CostWeights) {
         let t = cost_terms(p, &p.decision.settings, w);
         self.costs.push(t.total());
@@ -211,13 +246,6 @@ impl Arm {
         self.premature += u64::from(t.premature_close > 0.0);
         if let Some(us) = p.upstream_to_client.first_message_us {
             self.first_message_us.push(us);
-        }
-    }
-    fn mean(&self) -> f64 {
-        if self.costs.is_empty() {
-            f64::NAN
-        } else {
-            self.costs.iter().sum::<f64>() / self.costs.len() as f64
         }
     }
     fn p99_first_ms(&self) -> f64 {
@@ -230,30 +258,6 @@ impl Arm {
     }
 }
 
-/// A 95 % bootstrap interval of `mean(a) / mean(b) - 1`.
-fn bootstrap_ratio(a: &[f64], b: &[f64], rounds: usize) -> (f64, f64) {
-    if a.is_empty() || b.is_empty() {
-        return (f64::NAN, f64::NAN);
-    }
-    let mut rng = 0x2545_f491_4f6c_dd1du64;
-    let mut next = move || xorshift(&mut rng);
-    let mut out = Vec::with_capacity(rounds);
-    for _ in 0..rounds {
-        let ma: f64 = (0..a.len())
-            .map(|_| a[(next() % a.len() as u64) as usize])
-            .sum::<f64>()
-            / a.len() as f64;
-        let mb: f64 = (0..b.len())
-            .map(|_| b[(next() % b.len() as u64) as usize])
-            .sum::<f64>()
-            / b.len() as f64;
-        out.push(ma / mb - 1.0);
-    }
-    out.sort_by(|x, y| x.total_cmp(y));
-    let at = |q: f64| out[((out.len() - 1) as f64 * q).round() as usize];
-    (at(0.025), at(0.975))
-}
-
 fn xorshift(state: &mut u64) -> u64 {
     *state ^= *state << 13;
     *state ^= *state >> 7;
@@ -261,104 +265,168 @@ fn xorshift(state: &mut u64) -> u64 {
     *state
 }
 
-/// The mean cost of each arm (keyed `(stratum, arm)`, arms as in [`ARMS`]) on a common mix of
-/// strata (`weights` by stratum, summing to 1), and a 95 % bootstrap interval of
-/// `learned / best static - 1` on that mix, resampling within each stratum: the arms' own mixes
-/// differ by chance (cohorts split by client), and one costly stratum would otherwise decide
-/// the figure.
-pub fn mix_adjusted(
-    arms: &BTreeMap<(String, usize), Arm>,
-    weights: &BTreeMap<String, f64>,
-    rounds: usize,
-) -> ([f64; 3], (f64, f64)) {
-    let mean_of = |arm: usize, pick: &mut dyn FnMut(&[f64]) -> f64| {
-        weights
-            .iter()
-            .map(|(svc, w)| {
-                arms.get(&(svc.clone(), arm))
-                    .filter(|a| !a.costs.is_empty())
-                    .map_or(0.0, |a| w * pick(&a.costs))
-            })
-            .sum::<f64>()
-    };
-    let plain = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
-    let means = [
-        mean_of(0, &mut |v| plain(v)),
-        mean_of(1, &mut |v| plain(v)),
-        mean_of(2, &mut |v| plain(v)),
-    ];
+/// Canary against control over pairs of connections that ran the same traffic: the change
+/// `Σ canary / Σ control - 1` and its 95 % bootstrap interval, resampling pairs within each
+/// group (each group is an archetype: resampling within them keeps the mix as it ran).
+pub fn paired_change(groups: &[&[(f64, f64)]], rounds: usize) -> (f64, (f64, f64)) {
+    type Pair = (f64, f64);
+    let add = |(a, b): Pair, (c, d): Pair| (a + c, b + d);
+    let (control, canary) = groups
+        .iter()
+        .flat_map(|g| g.iter().copied())
+        .fold((0.0, 0.0), add);
+    if control == 0.0 {
+        return (f64::NAN, (f64::NAN, f64::NAN));
+    }
     let mut rng = 0x9e37_79b9_7f4a_7c15u64;
-    let mut ratios = Vec::with_capacity(rounds);
+    let mut out = Vec::with_capacity(rounds);
     for _ in 0..rounds {
-        let mut resample = |v: &[f64]| {
-            (0..v.len())
-                .map(|_| v[(xorshift(&mut rng) % v.len() as u64) as usize])
-                .sum::<f64>()
-                / v.len() as f64
-        };
-        let l = mean_of(2, &mut resample);
-        let st = mean_of(1, &mut resample);
-        ratios.push(l / st - 1.0);
-    }
-    ratios.sort_by(|a, b| a.total_cmp(b));
-    let at = |q: f64| ratios[((ratios.len() - 1) as f64 * q).round() as usize];
-    (means, (at(0.025), at(0.975)))
-}
-
-/// The suffix of the stratum of connections whose client vanished.
-const GONE: &str = "/vanished";
-
-/// A connection's stratum: its archetype, and whether its client vanished without a close.
-fn stratum(service: &str, gone: bool) -> String {
-    if gone {
-        format!("{service}{GONE}")
-    } else {
-        service.to_string()
-    }
-}
-
-/// The strata of `counts` that all three arms have, with their counts as shares summing to 1
-/// (a stratum missing from an arm cannot be compared, and is left out rather than counted as
-/// costing nothing).
-pub fn common_strata(
-    arms: &BTreeMap<(String, usize), Arm>,
-    counts: BTreeMap<String, f64>,
-) -> BTreeMap<String, f64> {
-    let kept: BTreeMap<String, f64> = counts
-        .into_iter()
-        .filter(|(k, _)| {
-            (0..ARMS.len()).all(|i| {
-                arms.get(&(k.clone(), i))
-                    .is_some_and(|a| !a.costs.is_empty())
-            })
-        })
-        .collect();
-    let total: f64 = kept.values().sum();
-    kept.into_iter().map(|(k, v)| (k, v / total)).collect()
-}
-
-/// Learned against best static within archetype `svc`: the arms' means and the interval (as
-/// [`mix_adjusted`]) with its strata weighted by their share among that archetype's connections
-/// in all arms; `None` when no stratum of it is in every arm.
-fn within_archetype(
-    strata: &BTreeMap<(String, usize), Arm>,
-    svc: &str,
-    rounds: usize,
-) -> Option<([f64; 3], (f64, f64))> {
-    let mut counts: BTreeMap<String, f64> = BTreeMap::new();
-    for ((k, _), a) in strata {
-        if k == svc || k.strip_suffix(GONE) == Some(svc) {
-            *counts.entry(k.clone()).or_default() += a.costs.len() as f64;
+        let mut sum = (0.0, 0.0);
+        for g in groups.iter().filter(|g| !g.is_empty()) {
+            for _ in 0..g.len() {
+                sum = add(sum, g[(xorshift(&mut rng) % g.len() as u64) as usize]);
+            }
         }
+        out.push(sum.1 / sum.0 - 1.0);
     }
-    let w = common_strata(strata, counts);
-    (!w.is_empty()).then(|| mix_adjusted(strata, &w, rounds))
+    out.sort_by(|a, b| a.total_cmp(b));
+    let at = |q: f64| out[((out.len() - 1) as f64 * q).round() as usize];
+    (canary / control - 1.0, (at(0.025), at(0.975)))
 }
 
-/// Run the whole benchmark on a fresh, migrated database; returns the printed report.
-pub async fn run(db_url: &str, db: &sqlx::PgPool, p: Params) -> anyhow::Result<String> {
+/// The pairs of one comparison phase.
+#[derive(Debug, Default)]
+pub struct Compared {
+    /// Per archetype: `(control, canary)` composite cost of each complete pair.
+    pub pairs: BTreeMap<String, Vec<(f64, f64)>>,
+    /// The control's and the canary's connections of those pairs, pooled.
+    pub arms: [Arm; 2],
+    /// Pairs left out: one of the two explored (ran a neighbour of its arm's choice).
+    pub explored: usize,
+    /// Pairs left out: a connection missing, or decided by another model than its arm's (at
+    /// a phase's start the data plane's cache may still answer from the previous phase).
+    pub incomplete: usize,
+}
+
+/// Pair up the connections of a paired phase by client key, and cost them.
+pub async fn compare(
+    db: &sqlx::PgPool,
+    w: &trainer::Window,
+    control_model: &str,
+    canary_model: &str,
+) -> anyhow::Result<Compared> {
+    let weights = CostWeights::default();
+    // pair → [control, canary]
+    let mut by_pair: BTreeMap<String, [Vec<Profile>; 2]> = BTreeMap::new();
+    for pr in trainer::load(db, w).await? {
+        let Some(pair) = pr.context.client_key.as_deref().and_then(pair_of) else {
+            continue;
+        };
+        let side = usize::from(pr.decision.cohort == tuning::Cohort::Canary);
+        by_pair.entry(pair.to_string()).or_default()[side].push(pr);
+    }
+    let mut out = Compared::default();
+    for (_, [control, canary]) in by_pair {
+        let ([c], [k]) = (control.as_slice(), canary.as_slice()) else {
+            out.incomplete += 1;
+            continue;
+        };
+        if c.decision.model_version.as_deref() != Some(control_model)
+            || k.decision.model_version.as_deref() != Some(canary_model)
+            || c.context.service != k.context.service
+        {
+            out.incomplete += 1;
+            continue;
+        }
+        if c.decision.explored || k.decision.explored {
+            out.explored += 1;
+            continue;
+        }
+        let cost = |p: &Profile| cost_terms(p, &p.decision.settings, &weights).total();
+        out.pairs
+            .entry(c.context.service.clone())
+            .or_default()
+            .push((cost(c), cost(k)));
+        out.arms[0].add(c, &weights);
+        out.arms[1].add(k, &weights);
+    }
+    Ok(out)
+}
+
+fn change_cell((m, (lo, hi)): (f64, (f64, f64))) -> String {
+    format!(
+        "{:+.1}% [{:+.1}, {:+.1}]",
+        m * 100.0,
+        lo * 100.0,
+        hi * 100.0
+    )
+}
+
+/// A phase's table: per archetype and on the whole mix, control and canary mean cost over the
+/// complete pairs and the paired change; returns the per-archetype changes.
+fn report_phase(out: &mut String, c: &Compared, names: [&str; 2]) -> Vec<f64> {
     use std::fmt::Write as _;
-    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<12}{:>7}{:>20}{:>20}{:>30}",
+        "archetype",
+        "pairs",
+        names[0],
+        names[1],
+        format!("{} vs {}", names[1], names[0])
+    );
+    let mean = |v: &[(f64, f64)], side: usize| {
+        v.iter()
+            .map(|p| if side == 0 { p.0 } else { p.1 })
+            .sum::<f64>()
+            / v.len().max(1) as f64
+    };
+    let mut changes = Vec::new();
+    for a in Archetype::ALL {
+        let svc = a.route().trim_start_matches('/');
+        let Some(v) = c.pairs.get(svc).filter(|v| !v.is_empty()) else {
+            let _ = writeln!(out, "{svc:<12}{:>7}", 0);
+            continue;
+        };
+        let ch = paired_change(&[v], 2000);
+        changes.push(ch.0);
+        let _ = writeln!(
+            out,
+            "{svc:<12}{:>7}{:>20.0}{:>20.0}{:>30}",
+            v.len(),
+            mean(v, 0),
+            mean(v, 1),
+            change_cell(ch)
+        );
+    }
+    let all: Vec<(f64, f64)> = c.pairs.values().flatten().copied().collect();
+    let groups: Vec<&[(f64, f64)]> = c.pairs.values().map(Vec::as_slice).collect();
+    let _ = writeln!(
+        out,
+        "{:<12}{:>7}{:>20.0}{:>20.0}{:>30}",
+        "whole mix",
+        all.len(),
+        mean(&all, 0),
+        mean(&all, 1),
+        change_cell(paired_change(&groups, 2000))
+    );
+    let _ = writeln!(
+        out,
+        "mean of the per-archetype changes: {:+.1}% ({} archetypes); pairs left out: {} explored, {} incomplete",
+        changes.iter().sum::<f64>() / changes.len().max(1) as f64 * 100.0,
+        changes.len(),
+        c.explored,
+        c.incomplete
+    );
+    changes
+}
+
+/// An optimizer with the shipped defaults as its active model (a constant model), an echo
+/// upstream, and a data plane routing every archetype to it, profiles into `db`.
+pub async fn start(
+    db: &sqlx::PgPool,
+    db_url: &str,
+) -> anyhow::Result<(OptimizerProc, DataPlaneProc)> {
     let opt = OptimizerProc::start(&optimizer_config(), db_url);
     register_constant(db, "shipped-defaults", &Settings::default()).await?;
     api(
@@ -378,10 +446,17 @@ pub async fn run(db_url: &str, db: &sqlx::PgPool, p: Params) -> anyhow::Result<S
     };
     let dp = DataPlaneProc::start(&dataplane_config(echo, opt.addr, db_url));
     tokio::time::sleep(Duration::from_secs(2)).await;
+    Ok((opt, dp))
+}
 
+/// Run the whole benchmark on a fresh, migrated database; returns the printed report.
+pub async fn run(db_url: &str, db: &sqlx::PgPool, p: Params) -> anyhow::Result<String> {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let (opt, dp) = start(db, db_url).await?;
     eprintln!("collecting profiles under the shipped defaults with 5 % exploration");
     let since = Utc::now();
-    drive(dp.proxy, &p, p.collect, 1).await;
+    drive(dp.proxy, &p, p.collect, 1, None).await;
     settle(db).await?;
     let window = trainer::Window {
         since,
@@ -417,144 +492,40 @@ pub async fn run(db_url: &str, db: &sqlx::PgPool, p: Params) -> anyhow::Result<S
     );
     register_constant(db, "best-static", &best).await?;
 
-    eprintln!("phase 1: best static (canary) against the shipped defaults (control)");
+    eprintln!("phase 1: best static (canary) against the shipped defaults (control), paired");
     let w1 = phase(db, opt.addr, dp.proxy, "best-static", &p, 2).await?;
-    eprintln!("phase 2: learned (canary) against the shipped defaults (control)");
+    let p1 = compare(db, &w1, "shipped-defaults", "best-static").await?;
+    // The learned candidate is measured against the best static config directly: that config
+    // becomes the active model (the control), and the candidate rolls out against it.
+    api(
+        opt.addr,
+        "POST",
+        "/v1/models/best-static/activate",
+        Some(json!({"comment": "benchmark: the best static config as the control"})),
+    )
+    .await?;
+    eprintln!("phase 2: learned (canary) against the best static config (control), paired");
     let w2 = phase(db, opt.addr, dp.proxy, &trained.version, &p, 3).await?;
+    let p2 = compare(db, &w2, "best-static", &trained.version).await?;
 
-    let weights = CostWeights::default();
-    let mut arms: BTreeMap<(String, usize), Arm> = BTreeMap::new();
-    // The same connections by stratum: archetype, and whether the client went away without a
-    // close (the workload's vanishing devices, one in five by chance). Such a connection costs
-    // the dead-peer delay, thousands of times an ordinary one, so a few more of them in one arm
-    // would decide that archetype's comparison; the comparison weighs the strata alike.
-    let mut strata: BTreeMap<(String, usize), Arm> = BTreeMap::new();
-    let mut pooled: Vec<Arm> = vec![Arm::default(); 3];
-    let mut explored = 0usize;
-    // Each connection counts for the arm whose model decided it: at a phase's start the data
-    // plane's decision cache may still answer from the previous phase's model for a moment.
-    for (w, canary_arm, canary_model) in [
-        (&w1, 1usize, "best-static"),
-        (&w2, 2usize, trained.version.as_str()),
-    ] {
-        for pr in trainer::load(db, w).await? {
-            // The data plane keeps exploring (5 %) while the arms run: those connections ran a
-            // neighbour of the arm's choice, not the arm's policy, and are left out of every arm
-            // (a random draw per connection, so leaving them out biases no arm).
-            if pr.decision.explored {
-                explored += 1;
-                continue;
-            }
-            let model = pr.decision.model_version.as_deref();
-            let arm = match pr.decision.cohort {
-                tuning::Cohort::Canary if model == Some(canary_model) => canary_arm,
-                tuning::Cohort::Control if model == Some("shipped-defaults") => 0,
-                _ => continue,
-            };
-            arms.entry((pr.context.service.clone(), arm))
-                .or_default()
-                .add(&pr, &weights);
-            let gone = pr.error_class.as_deref() == Some("client_gone");
-            strata
-                .entry((stratum(&pr.context.service, gone), arm))
-                .or_default()
-                .add(&pr, &weights);
-            pooled[arm].add(&pr, &weights);
-        }
-    }
     let _ = writeln!(
         out,
-        "\n== live composite cost per connection (CPU-µs equivalents; mean, n), and learned vs best static (95 % bootstrap;\n   connections whose client vanished weighted alike in every arm; {explored} explored connections left out)"
+        "\n== live composite cost per connection (CPU-µs equivalents), mean over pairs of connections that ran the\n   same traffic side by side, one in each cohort; change = Σ canary / Σ control - 1 [95 % bootstrap over pairs]"
     );
     let _ = writeln!(
         out,
-        "{:<12}{:>22}{:>22}{:>22}{:>30}",
-        "archetype", ARMS[0], ARMS[1], ARMS[2], "learned vs best static"
+        "\n-- phase 1: best static (canary) vs shipped defaults (control)"
     );
-    let cell = |a: Option<&Arm>| {
-        a.map_or("-".to_string(), |a| {
-            format!("{:.0} (n={})", a.mean(), a.costs.len())
-        })
-    };
-    let vs_archetype = |svc: &str| {
-        within_archetype(&strata, svc, 2000).map_or("-".to_string(), |(m, (lo, hi))| {
-            format!(
-                "{:+.1}% [{:+.1}, {:+.1}]",
-                (m[2] / m[1] - 1.0) * 100.0,
-                lo * 100.0,
-                hi * 100.0
-            )
-        })
-    };
-    let vs = |l: Option<&Arm>, s: Option<&Arm>| match (l, s) {
-        (Some(l), Some(s)) => {
-            let (lo, hi) = bootstrap_ratio(&l.costs, &s.costs, 2000);
-            format!(
-                "{:+.1}% [{:+.1}, {:+.1}]",
-                (l.mean() / s.mean() - 1.0) * 100.0,
-                lo * 100.0,
-                hi * 100.0
-            )
-        }
-        _ => "-".into(),
-    };
-    for a in Archetype::ALL {
-        let svc = a.route().trim_start_matches('/').to_string();
-        let get = |i: usize| arms.get(&(svc.clone(), i));
-        let _ = writeln!(
-            out,
-            "{:<12}{:>22}{:>22}{:>22}{:>30}",
-            svc,
-            cell(get(0)),
-            cell(get(1)),
-            cell(get(2)),
-            vs_archetype(&svc)
-        );
-    }
+    report_phase(&mut out, &p1, [ARMS[0], ARMS[1]]);
     let _ = writeln!(
         out,
-        "{:<12}{:>22}{:>22}{:>22}{:>30}",
-        "pooled",
-        cell(Some(&pooled[0])),
-        cell(Some(&pooled[1])),
-        cell(Some(&pooled[2])),
-        vs(Some(&pooled[2]), Some(&pooled[1]))
+        "\n-- phase 2: learned (canary) vs best static (control)"
     );
-    // The same comparison on one archetype mix for every arm (the share of each archetype
-    // among all compared connections), and the plain mean of the per-archetype changes.
-    let mut mix: BTreeMap<String, f64> = BTreeMap::new();
-    for ((k, _), a) in &strata {
-        *mix.entry(k.clone()).or_default() += a.costs.len() as f64;
-    }
-    let (adjusted, (lo, hi)) = mix_adjusted(&strata, &common_strata(&strata, mix), 2000);
+    report_phase(&mut out, &p2, [ARMS[1], ARMS[2]]);
+    let pooled = [&p1.arms[0], &p2.arms[0], &p2.arms[1]];
     let _ = writeln!(
         out,
-        "{:<12}{:>22.0}{:>22.0}{:>22.0}{:>30}",
-        "mix-adjusted",
-        adjusted[0],
-        adjusted[1],
-        adjusted[2],
-        format!(
-            "{:+.1}% [{:+.1}, {:+.1}]",
-            (adjusted[2] / adjusted[1] - 1.0) * 100.0,
-            lo * 100.0,
-            hi * 100.0
-        )
-    );
-    let services: std::collections::BTreeSet<&String> = arms.keys().map(|(svc, _)| svc).collect();
-    let changes: Vec<f64> = services
-        .into_iter()
-        .filter_map(|svc| within_archetype(&strata, svc, 1).map(|(m, _)| m[2] / m[1] - 1.0))
-        .collect();
-    let _ = writeln!(
-        out,
-        "mean of the per-archetype changes, learned vs best static: {:+.1}% ({} archetypes)",
-        changes.iter().sum::<f64>() / changes.len().max(1) as f64 * 100.0,
-        changes.len()
-    );
-    let _ = writeln!(
-        out,
-        "\n== pooled cost terms, mean per connection (live profiles, the settings each ran with)"
+        "\n== pooled cost terms, mean per connection (the paired connections; shipped defaults from phase 1, the\n   others from phase 2)"
     );
     let _ = writeln!(
         out,
@@ -574,7 +545,7 @@ pub async fn run(db_url: &str, db: &sqlx::PgPool, p: Params) -> anyhow::Result<S
     ];
     for (name, f) in terms {
         let _ = write!(out, "{name:<34}");
-        for a in &pooled {
+        for a in pooled {
             let v = if name.ends_with("(count)") {
                 f(a)
             } else {
@@ -585,7 +556,7 @@ pub async fn run(db_url: &str, db: &sqlx::PgPool, p: Params) -> anyhow::Result<S
         out.push('\n');
     }
     let _ = write!(out, "{:<34}", "p99 first message (ms)");
-    for a in &pooled {
+    for a in pooled {
         let _ = write!(out, "{:>18.2}", a.p99_first_ms());
     }
     out.push('\n');

@@ -118,6 +118,53 @@ pub struct Workload {
     pub mix: Vec<Archetype>,
     /// Seed of every random choice.
     pub seed: u64,
+    /// Run every session twice at once, as a client in a rollout's control and as one in its
+    /// canary, with the same traffic (see [`Paired`]); `None` runs each session once, as one
+    /// of 64 sticky clients per archetype.
+    pub paired: Option<Paired>,
+}
+
+/// A rollout's cohort split, known to the workload so that it can run each session as a pair
+/// of connections side by side: one from a client the split puts in the control, one from a
+/// client it puts in the canary, both with the same random draws (archetype, gaps, bursts,
+/// whether the device vanishes). A comparison of the two cohorts over such pairs measures what
+/// the settings change, not what the traffic happened to be.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Paired {
+    /// The rollout's cohort salt.
+    pub salt: u64,
+    /// Its canary percentage (strictly between 0 and 100).
+    pub percent: f64,
+}
+
+impl Paired {
+    /// The client keys of session `n` of archetype service `service`: `[control, canary]`,
+    /// each `"{service}-{n}-{j}"` with the first `j` that lands in that cohort; `None` when
+    /// the split puts (nearly) everyone on one side.
+    pub fn keys(self, service: &str, n: usize) -> Option<[String; 2]> {
+        let mut found: [Option<String>; 2] = [None, None];
+        for j in 0..1000 {
+            let key = format!("{service}-{n}-{j}");
+            let side = usize::from(tuning::cohort::in_canary(
+                self.salt,
+                service,
+                &key,
+                self.percent,
+            ));
+            if found[side].is_none() {
+                found[side] = Some(key);
+            }
+            if let [Some(a), Some(b)] = &found {
+                return Some([a.clone(), b.clone()]);
+            }
+        }
+        None
+    }
+}
+
+/// The pair a client key of a paired run belongs to (`"{service}-{n}"`).
+pub fn pair_of(client_key: &str) -> Option<&str> {
+    client_key.rsplit_once('-').map(|(pair, _)| pair)
 }
 
 /// Counters of a run.
@@ -146,7 +193,9 @@ pub async fn run(w: Workload) -> Arc<Stats> {
     let deadline = Instant::now() + w.duration;
     let next = Arc::new(AtomicU64::new(0));
     let mut workers = Vec::new();
-    for worker in 0..w.concurrency.max(1) {
+    // A pair is two connections open at once.
+    let per_worker = if w.paired.is_some() { 2 } else { 1 };
+    for worker in 0..(w.concurrency / per_worker).max(1) {
         let w = w.clone();
         let stats = stats.clone();
         let next = next.clone();
@@ -155,7 +204,7 @@ pub async fn run(w: Workload) -> Arc<Stats> {
                 (w.seed ^ (worker as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)).max(1);
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed) as usize;
-                if i >= w.total || Instant::now() >= deadline || w.mix.is_empty() {
+                if i * per_worker >= w.total || Instant::now() >= deadline || w.mix.is_empty() {
                     return;
                 }
                 let a = w.mix[(rng(&mut seed) as usize) % w.mix.len()];
@@ -164,21 +213,36 @@ pub async fn run(w: Workload) -> Arc<Stats> {
                 if Instant::now() + a.life(w.session) + Duration::from_secs(3) > deadline {
                     return;
                 }
-                let client = format!(
-                    "{}-{}",
-                    a.route().trim_start_matches('/'),
-                    rng(&mut seed) % 64
-                );
+                let service = a.route().trim_start_matches('/');
+                let session_seed = rng(&mut seed).max(1);
                 let left = deadline.saturating_duration_since(Instant::now());
-                let r = tokio::time::timeout(
-                    left + Duration::from_secs(2),
-                    session(&w, a, &client, &mut seed, &stats),
-                )
-                .await;
-                match r {
-                    Ok(Ok(())) => stats.connections.fetch_add(1, Ordering::Relaxed),
-                    _ => stats.failures.fetch_add(1, Ordering::Relaxed),
+                let one = |client: String| {
+                    let (w, stats) = (&w, &stats);
+                    async move {
+                        let mut seed = session_seed;
+                        let r = tokio::time::timeout(
+                            left + Duration::from_secs(2),
+                            session(w, a, &client, &mut seed, stats),
+                        )
+                        .await;
+                        match r {
+                            Ok(Ok(())) => stats.connections.fetch_add(1, Ordering::Relaxed),
+                            _ => stats.failures.fetch_add(1, Ordering::Relaxed),
+                        };
+                    }
                 };
+                match w.paired {
+                    None => one(format!("{service}-{}", rng(&mut seed) % 64)).await,
+                    Some(p) => match p.keys(service, i) {
+                        Some([control, canary]) => {
+                            tokio::join!(one(control), one(canary));
+                        }
+                        None => {
+                            stats.failures.fetch_add(2, Ordering::Relaxed);
+                            return;
+                        }
+                    },
+                }
             }
         }));
     }

@@ -999,6 +999,7 @@ async fn the_workload_generator_drives_every_archetype_into_profiles(pool: sqlx:
         session: Duration::from_secs(2),
         mix: Archetype::ALL.to_vec(),
         seed: 7,
+        paired: None,
     })
     .await;
     let done = stats.connections.load(std::sync::atomic::Ordering::Relaxed);

@@ -101,37 +101,101 @@ async fn a_trained_candidate_loads_in_the_optimizer_and_decides_the_known_policy
     assert_ne!(a, b);
 }
 
-/// The learned-vs-static benchmark compares arms on one mix of strata: two arms whose
-/// connections cost the same in each stratum come out equal even when one drew more of the
-/// costly stratum (vanished clients), which the plain means do not.
+/// The learned-vs-static benchmark compares cohorts over pairs of connections that ran the
+/// same traffic: pairs whose two sides cost the same come out at no change however much the
+/// pairs differ from each other, and a canary cheaper by a tenth in every pair at -10 %.
 #[test]
-fn the_learn_bench_weighs_each_stratum_alike_in_every_arm() {
-    use std::collections::BTreeMap;
-    use trimtab_tests::learn_bench::{Arm, common_strata, mix_adjusted};
-    let mut arms = BTreeMap::new();
-    // arm 1 (best static): 1 vanished client in 10; arm 2 (learned): 4 in 10; same costs.
-    for (arm, gone) in [(0usize, 2usize), (1, 1), (2, 4)] {
-        arms.insert(
-            ("iot".to_string(), arm),
-            Arm::of_costs(vec![30.0; 10 - gone]),
-        );
-        arms.insert(
-            ("iot/vanished".to_string(), arm),
-            Arm::of_costs(vec![60_000.0; gone]),
-        );
+fn the_learn_bench_compares_cohorts_pair_by_pair() {
+    use trimtab_tests::learn_bench::paired_change;
+    // Vanished devices cost two thousand times a healthy one; both sides of a pair vanish.
+    let same: Vec<(f64, f64)> = (0..40)
+        .map(|i| {
+            if i % 5 == 0 {
+                (60_000.0, 60_000.0)
+            } else {
+                (30.0 + i as f64, 30.0 + i as f64)
+            }
+        })
+        .collect();
+    let (m, (lo, hi)) = paired_change(&[&same], 500);
+    assert!(
+        m.abs() < 1e-12 && lo.abs() < 1e-12 && hi.abs() < 1e-12,
+        "{m} [{lo}, {hi}]"
+    );
+    let cheaper: Vec<(f64, f64)> = same.iter().map(|&(c, _)| (c, c * 0.9)).collect();
+    let (m, (lo, hi)) = paired_change(&[&cheaper], 500);
+    assert!((m + 0.1).abs() < 1e-9 && (lo + 0.1).abs() < 1e-9 && (hi + 0.1).abs() < 1e-9);
+    // On a mix, the costly archetype weighs by its cost: halving a cheap one moves little.
+    let cheap: Vec<(f64, f64)> = vec![(10.0, 5.0); 20];
+    let costly: Vec<(f64, f64)> = vec![(10_000.0, 10_000.0); 20];
+    let (m, (lo, hi)) = paired_change(&[&cheap, &costly], 500);
+    assert!((m - (-100.0 / 200_200.0)).abs() < 1e-12, "{m}");
+    assert!(lo <= m && m <= hi, "{m} [{lo}, {hi}]");
+    // no pairs: no figure
+    assert!(paired_change(&[&[]], 10).0.is_nan());
+}
+
+/// A paired workload under a rollout: each session runs as two connections at once, one from
+/// a client in the control and one from a client in the canary, with the same traffic; the
+/// learn bench's `compare` finds the pairs in the live profiles.
+#[sqlx::test(migrations = "../migrations")]
+async fn a_paired_workload_runs_each_session_once_in_each_cohort(pool: sqlx::PgPool) {
+    use std::time::Duration;
+    use trimtab_tests::learn_bench::{self, Params};
+    let url = trimtab_tests::harness::database_url_of(&pool).await;
+    let (opt, dp) = learn_bench::start(&pool, &url).await.expect("start");
+    let candidate = tuning::Settings {
+        buffer_size: 16 << 10,
+        ..Default::default()
+    };
+    learn_bench::register_constant(&pool, "candidate", &candidate)
+        .await
+        .expect("register");
+    let p = Params {
+        compare: Duration::from_secs(8),
+        concurrency: 12,
+        session: Duration::from_secs(1),
+        ..Params::default()
+    };
+    let w = learn_bench::phase(&pool, opt.addr, dp.proxy, "candidate", &p, 5)
+        .await
+        .expect("phase");
+    let c = learn_bench::compare(&pool, &w, "shipped-defaults", "candidate")
+        .await
+        .expect("compare");
+    let pairs: usize = c.pairs.values().map(Vec::len).sum();
+    assert!(pairs >= 15, "{pairs} pairs; {c:?}");
+    assert!(c.pairs.len() >= 5, "archetypes {:?}", c.pairs.keys());
+    // Primed: the phase's first connections are decided under the rollout too.
+    assert!(c.incomplete <= 2, "{c:?}");
+    // Both sides of a pair sent the same messages.
+    type Row = (String, String, i64);
+    let rows: Vec<Row> = sqlx::query_as(
+        "select client_key, cohort, c2u_messages from profiles where started_at >= $1 and started_at < $2",
+    )
+    .bind(w.since)
+    .bind(w.until)
+    .fetch_all(&pool)
+    .await
+    .expect("rows");
+    let mut by: std::collections::BTreeMap<String, Vec<(String, i64)>> = Default::default();
+    for (key, cohort, sent) in rows {
+        let pair = trimtab_tests::workload::pair_of(&key)
+            .expect("a pair's key")
+            .to_string();
+        by.entry(pair).or_default().push((cohort, sent));
     }
-    arms.insert(("feed/vanished".to_string(), 2), Arm::of_costs(vec![1.0]));
-    let counts = BTreeMap::from([
-        ("iot".to_string(), 23.0),
-        ("iot/vanished".to_string(), 7.0),
-        ("feed/vanished".to_string(), 1.0),
-    ]);
-    let w = common_strata(&arms, counts);
-    assert_eq!(w.len(), 2, "a stratum some arm lacks is left out: {w:?}");
-    assert!((w.values().sum::<f64>() - 1.0).abs() < 1e-9);
-    let (means, (lo, hi)) = mix_adjusted(&arms, &w, 200);
-    assert!((means[2] / means[1] - 1.0).abs() < 1e-9, "{means:?}");
-    assert!(lo <= 1e-9 && hi >= -1e-9, "[{lo}, {hi}]");
-    let plain = |gone: f64| (gone * 60_000.0 + (10.0 - gone) * 30.0) / 10.0;
-    assert!(plain(4.0) / plain(1.0) > 3.0);
+    let complete: Vec<_> = by.values().filter(|v| v.len() == 2).collect();
+    assert!(complete.len() >= pairs, "{by:?}");
+    for v in &complete {
+        let mut cohorts: Vec<&str> = v.iter().map(|(c, _)| c.as_str()).collect();
+        cohorts.sort_unstable();
+        assert_eq!(cohorts, ["canary", "control"], "{v:?}");
+    }
+    let same = complete.iter().filter(|v| v[0].1 == v[1].1).count();
+    assert!(
+        same * 10 >= complete.len() * 9,
+        "{same} of {} pairs sent alike: {complete:?}",
+        complete.len()
+    );
 }

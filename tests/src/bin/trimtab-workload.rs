@@ -52,6 +52,7 @@ async fn main() -> anyhow::Result<()> {
         session: Duration::from_secs(a.session_s),
         mix,
         seed: a.seed,
+        paired: None,
     })
     .await;
     eprintln!("workload done: {stats:?}");
