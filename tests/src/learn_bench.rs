@@ -301,6 +301,8 @@ pub struct Compared {
     pub pairs: BTreeMap<String, Vec<(f64, f64)>>,
     /// The control's and the canary's connections of those pairs, pooled.
     pub arms: [Arm; 2],
+    /// The same by archetype.
+    pub by_archetype: BTreeMap<String, [Arm; 2]>,
     /// Pairs left out: one of the two explored (ran a neighbour of its arm's choice).
     pub explored: usize,
     /// Pairs left out: a connection missing, or decided by another model than its arm's (at
@@ -349,6 +351,12 @@ pub async fn compare(
             .push((cost(c), cost(k)));
         out.arms[0].add(c, &weights);
         out.arms[1].add(k, &weights);
+        let arms = out
+            .by_archetype
+            .entry(c.context.service.clone())
+            .or_default();
+        arms[0].add(c, &weights);
+        arms[1].add(k, &weights);
     }
     Ok(out)
 }
@@ -368,18 +376,24 @@ fn report_phase(out: &mut String, c: &Compared, names: [&str; 2]) -> Vec<f64> {
     use std::fmt::Write as _;
     let _ = writeln!(
         out,
-        "{:<12}{:>7}{:>20}{:>20}{:>30}",
+        "{:<12}{:>7}{:>18}{:>18}{:>32}{:>20}",
         "archetype",
         "pairs",
         names[0],
         names[1],
-        format!("{} vs {}", names[1], names[0])
+        format!("{} vs {}", names[1], names[0]),
+        "p99 first msg, ms"
     );
     let mean = |v: &[(f64, f64)], side: usize| {
         v.iter()
             .map(|p| if side == 0 { p.0 } else { p.1 })
             .sum::<f64>()
             / v.len().max(1) as f64
+    };
+    let p99 = |arms: Option<&[Arm; 2]>| {
+        arms.map_or("-".to_string(), |a| {
+            format!("{:.2} / {:.2}", a[0].p99_first_ms(), a[1].p99_first_ms())
+        })
     };
     let mut changes = Vec::new();
     for a in Archetype::ALL {
@@ -392,23 +406,25 @@ fn report_phase(out: &mut String, c: &Compared, names: [&str; 2]) -> Vec<f64> {
         changes.push(ch.0);
         let _ = writeln!(
             out,
-            "{svc:<12}{:>7}{:>20.0}{:>20.0}{:>30}",
+            "{svc:<12}{:>7}{:>18.0}{:>18.0}{:>32}{:>20}",
             v.len(),
             mean(v, 0),
             mean(v, 1),
-            change_cell(ch)
+            change_cell(ch),
+            p99(c.by_archetype.get(svc))
         );
     }
     let all: Vec<(f64, f64)> = c.pairs.values().flatten().copied().collect();
     let groups: Vec<&[(f64, f64)]> = c.pairs.values().map(Vec::as_slice).collect();
     let _ = writeln!(
         out,
-        "{:<12}{:>7}{:>20.0}{:>20.0}{:>30}",
+        "{:<12}{:>7}{:>18.0}{:>18.0}{:>32}{:>20}",
         "whole mix",
         all.len(),
         mean(&all, 0),
         mean(&all, 1),
-        change_cell(paired_change(&groups, 2000))
+        change_cell(paired_change(&groups, 2000)),
+        p99(Some(&c.arms))
     );
     let _ = writeln!(
         out,
