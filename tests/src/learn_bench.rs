@@ -392,7 +392,15 @@ fn report_phase(out: &mut String, c: &Compared, names: [&str; 2]) -> Vec<f64> {
     };
     let p99 = |arms: Option<&[Arm; 2]>| {
         arms.map_or("-".to_string(), |a| {
-            format!("{:.2} / {:.2}", a[0].p99_first_ms(), a[1].p99_first_ms())
+            let ms = |arm: &Arm| {
+                let v = arm.p99_first_ms();
+                if v.is_nan() {
+                    "-".to_string()
+                } else {
+                    format!("{v:.2}")
+                }
+            };
+            format!("{} / {}", ms(&a[0]), ms(&a[1]))
         })
     };
     let mut changes = Vec::new();

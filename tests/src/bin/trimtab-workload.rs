@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use clap::Parser;
-use trimtab_tests::workload::{Archetype, Workload, run};
+use trimtab_tests::workload::{Archetype, Paired, Workload, run};
 
 /// Real traffic through a running data plane, bounded in connections and time.
 #[derive(Debug, Parser)]
@@ -29,11 +29,24 @@ struct Args {
     /// Seed.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Run every session twice at once, one client in each cohort of the rollout with this
+    /// salt (`salt` of `GET /v1/rollouts/{id}`), with the same traffic.
+    #[arg(long)]
+    pair_salt: Option<i64>,
+    /// The rollout's canary percentage, for `--pair-salt`.
+    #[arg(long, default_value_t = 50.0)]
+    pair_percent: f64,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
+    if a.pair_salt.is_some() && !(a.pair_percent > 0.0 && a.pair_percent < 100.0) {
+        anyhow::bail!(
+            "--pair-percent = {}: a pair needs both cohorts, so it must be above 0 and below 100",
+            a.pair_percent
+        );
+    }
     let mix = if a.mix.is_empty() {
         Archetype::ALL.to_vec()
     } else {
@@ -52,7 +65,10 @@ async fn main() -> anyhow::Result<()> {
         session: Duration::from_secs(a.session_s),
         mix,
         seed: a.seed,
-        paired: None,
+        paired: a.pair_salt.map(|salt| Paired {
+            salt: salt as u64,
+            percent: a.pair_percent,
+        }),
     })
     .await;
     eprintln!("workload done: {stats:?}");
