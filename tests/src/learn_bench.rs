@@ -48,7 +48,7 @@ impl Default for Params {
     fn default() -> Self {
         Params {
             collect: Duration::from_secs(180),
-            compare: Duration::from_secs(90),
+            compare: Duration::from_secs(120),
             concurrency: 32,
             session: Duration::from_secs(6),
         }

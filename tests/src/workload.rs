@@ -25,7 +25,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 /// A kind of traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Archetype {
-    /// Small compressible JSON both ways with long idle gaps (browsers).
+    /// Small compressible JSON both ways, 1–2 s apart; one session in three idles long once
+    /// (browsers).
     Chat,
     /// The server pushes many small messages a second (server-side consumers).
     Feed,
@@ -84,13 +85,28 @@ impl Archetype {
         }
     }
 
-    /// How long one of its sessions lasts, given the workload's session length.
-    pub fn life(self, session: Duration) -> Duration {
+    /// How long one of its sessions lasts, given the workload's session length and the
+    /// session's seed (a chat session may idle long; see [`Archetype::long_idle`]).
+    pub fn life(self, session: Duration, seed: u64) -> Duration {
         session.mul_f64(match self {
             Archetype::Bulk => 0.5,
             Archetype::Iot => 2.0,
             _ => 1.0,
-        })
+        }) + self.long_idle(session, seed).unwrap_or_default()
+    }
+
+    /// The long idle gap of a session, if it has one: one chat session in three goes quiet
+    /// after its first exchange for 6 to 8 session lengths (a user who left the tab open: 36–48 s
+    /// at the benchmark's 6 s sessions, past a 30 s idle timeout and inside a 60 s one). Drawn
+    /// from the session's seed alone, so both sessions of a pair idle alike.
+    pub fn long_idle(self, session: Duration, seed: u64) -> Option<Duration> {
+        if self != Archetype::Chat {
+            return None;
+        }
+        let mut s = (seed ^ 0x6c6f_6e67_6964_6c65).max(1);
+        let draw = rng(&mut s);
+        draw.is_multiple_of(3)
+            .then(|| session.mul_f64(6.0 + (draw >> 8) as f64 / (u64::MAX >> 8) as f64 * 2.0))
     }
 
     /// Parse a name.
@@ -208,13 +224,20 @@ pub async fn run(w: Workload) -> Arc<Stats> {
                     return;
                 }
                 let a = w.mix[(rng(&mut seed) as usize) % w.mix.len()];
+                let session_seed = rng(&mut seed).max(1);
                 // Start only sessions that can end on their own before the deadline: a session
                 // cut at the deadline would end abnormally and skew what the profiles say.
-                if Instant::now() + a.life(w.session) + Duration::from_secs(3) > deadline {
+                let life = a.life(w.session, session_seed);
+                let fits =
+                    |life: Duration| Instant::now() + life + Duration::from_secs(3) <= deadline;
+                if !fits(life) {
+                    // a session with a long idle may not fit where an ordinary one still does
+                    if fits(life - a.long_idle(w.session, session_seed).unwrap_or_default()) {
+                        continue;
+                    }
                     return;
                 }
                 let service = a.route().trim_start_matches('/');
-                let session_seed = rng(&mut seed).max(1);
                 let left = deadline.saturating_duration_since(Instant::now());
                 let one = |client: String| {
                     let (w, stats) = (&w, &stats);
@@ -267,8 +290,9 @@ async fn session(
         Archetype::Dashboard => "?push=2&size=3000",
         _ => "",
     };
+    let mut long_idle = a.long_idle(w.session, *seed);
+    let end = Instant::now() + a.life(w.session, *seed);
     let mut ws = ws_handshake(w.proxy, &format!("{}/stream{query}", a.route()), a, client).await?;
-    let end = Instant::now() + a.life(w.session);
     let (msg, gap): (Vec<u8>, Duration) = match a {
         Archetype::Chat => (
             br#"{"type":"message","room":"general","text":"hello everyone, how is it going?"}"#
@@ -287,8 +311,9 @@ async fn session(
                 .await?;
         }
         stats.sent.fetch_add(1, Ordering::Relaxed);
-        // read what arrives until the next send
-        let until = Instant::now() + gap;
+        // read what arrives until the next send (after the first exchange, a long idle gap
+        // if the session has one)
+        let until = Instant::now() + long_idle.take().map_or(gap, |idle| gap + idle);
         while let Ok(m) = tokio::time::timeout_at(until.into(), ws.next()).await {
             match m {
                 Some(Ok(Message::Close(_))) | None => return Ok(()),

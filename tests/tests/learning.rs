@@ -199,3 +199,41 @@ async fn a_paired_workload_runs_each_session_once_in_each_cohort(pool: sqlx::PgP
         complete.len()
     );
 }
+
+/// One chat session in three idles long once, 6 to 8 session lengths (36–48 s at the
+/// benchmark's 6 s sessions: past a 30 s idle timeout, inside a 60 s one), and its life
+/// includes it; no other archetype idles long.
+#[test]
+fn one_chat_session_in_three_idles_past_a_30_s_timeout() {
+    use std::time::Duration;
+    use trimtab_tests::workload::Archetype;
+    let session = Duration::from_secs(6);
+    let mut long = 0;
+    for seed in 1..=3000u64 {
+        for a in Archetype::ALL {
+            let idle = a.long_idle(session, seed);
+            assert_eq!(
+                a.long_idle(session, seed),
+                idle,
+                "drawn from the seed alone"
+            );
+            let base = a.life(session, seed) - idle.unwrap_or_default();
+            match idle {
+                Some(d) => {
+                    assert_eq!(a, Archetype::Chat);
+                    assert!(
+                        d >= Duration::from_secs(36) && d <= Duration::from_secs(48),
+                        "{d:?}"
+                    );
+                    assert_eq!(base, session);
+                    long += 1;
+                }
+                None => assert_eq!(base, a.life(session, seed)),
+            }
+        }
+    }
+    assert!(
+        (900..1100).contains(&long),
+        "{long} of 3000 chat sessions idle long"
+    );
+}

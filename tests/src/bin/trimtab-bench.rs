@@ -45,8 +45,9 @@ enum Bench {
         /// with 90 s the held-out window was too small for a steady balanced accuracy).
         #[arg(long, default_value_t = 180)]
         collect_s: u64,
-        /// Each comparison phase, seconds.
-        #[arg(long, default_value_t = 90)]
+        /// Each comparison phase, seconds (a chat session that idles long lasts up to 54 s, and
+        /// only sessions that can end within the phase start).
+        #[arg(long, default_value_t = 120)]
         compare_s: u64,
     },
     /// WebSocket round trips (64 B messages) against any echoing address, for profiling a
