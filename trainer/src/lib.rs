@@ -342,6 +342,7 @@ mod tests {
                 &data.labels(t).unwrap(),
                 &data.weights(t).unwrap(),
                 8,
+                1.0,
             )
             .unwrap();
             let theirs = linfa_tree.predict(&data.x);

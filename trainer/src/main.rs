@@ -78,6 +78,9 @@ enum Command {
         /// Deepest tree.
         #[arg(long, default_value_t = 8)]
         max_depth: usize,
+        /// Least total row weight in a leaf (row weights run from 1 to 16).
+        #[arg(long, default_value_t = 32.0)]
+        min_leaf_weight: f32,
         /// Share of the window (the latest rows) held out for evaluation.
         #[arg(long, default_value_t = 0.2)]
         test_share: f64,
@@ -143,11 +146,18 @@ async fn main() -> anyhow::Result<()> {
         Command::Train {
             window,
             max_depth,
+            min_leaf_weight,
             test_share,
         } => {
             let w = window.window(WEEK);
+            if !(min_leaf_weight.is_finite() && min_leaf_weight >= 1.0) {
+                anyhow::bail!(
+                    "--min-leaf-weight = {min_leaf_weight}: must be a number of at least 1"
+                );
+            }
             let params = trainer::learn::TrainParams {
                 max_depth,
+                min_leaf_weight,
                 test_share,
                 ..Default::default()
             };
