@@ -118,7 +118,11 @@ async fn main() -> anyhow::Result<()> {
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&t)?);
             } else {
-                print_report(&t);
+                println!(
+                    "evaluated model {} on the latest {} rows of the window (the {} before them feed the aggregates)",
+                    t.version, t.report.test_rows, t.report.train_rows
+                );
+                print_report(&t.report);
             }
         }
         Command::Export {
@@ -179,7 +183,11 @@ async fn main() -> anyhow::Result<()> {
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&t)?);
             } else {
-                print_report(&t);
+                println!(
+                    "registered candidate {} ({} bytes of ONNX); {} rows trained, {} held out",
+                    t.version, t.onnx_bytes, t.report.train_rows, t.report.test_rows
+                );
+                print_report(&t.report);
             }
         }
         Command::Summary { window } => {
@@ -198,12 +206,7 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_report(t: &trainer::Trained) {
-    let r = &t.report;
-    println!(
-        "registered candidate {} ({} bytes of ONNX); {} rows trained, {} held out",
-        t.version, t.onnx_bytes, r.train_rows, r.test_rows
-    );
+fn print_report(r: &trainer::learn::Report) {
     println!(
         "\n{:<16} {:>18} {:>10}",
         "target", "balanced accuracy", "macro F1"
