@@ -182,7 +182,7 @@ pub async fn phase(
     let salt = r["salt"]
         .as_i64()
         .ok_or_else(|| anyhow::anyhow!("rollout without a salt: {r}"))? as u64;
-    prime(proxy).await;
+    prime(db, proxy).await?;
     let since = Utc::now();
     drive(
         proxy,
@@ -205,11 +205,11 @@ pub async fn phase(
     })
 }
 
-/// One short connection of every archetype, then a pause: the data plane answers a bucket's
-/// first connection after a quiet spell from its stale cached answer (the data path never waits
-/// for the optimizer) and refreshes it meanwhile, so without this the first connections of a
-/// phase would run under the previous phase's decisions.
-async fn prime(proxy: SocketAddr) {
+/// Short connections of every archetype until one of each was decided under the rollout:
+/// the data plane answers a bucket's first connection after a quiet spell from its stale cached
+/// answer (the data path never waits for the optimizer) and refreshes it meanwhile, so without
+/// this the first connections of a phase would run under the previous phase's decisions.
+async fn prime(db: &sqlx::PgPool, proxy: SocketAddr) -> anyhow::Result<()> {
     let one = |a: Archetype| {
         crate::workload::run(Workload {
             proxy,
@@ -222,8 +222,28 @@ async fn prime(proxy: SocketAddr) {
             paired: None,
         })
     };
-    futures_util::future::join_all(Archetype::ALL.map(one)).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    for _ in 0..10 {
+        let round = Utc::now();
+        futures_util::future::join_all(Archetype::ALL.map(one)).await;
+        // Once the round's profiles are written: were all of them decided in a cohort?
+        let all = Archetype::ALL.len() as i64;
+        let written = crate::harness::eventually(Duration::from_secs(5), || async {
+            let (n, in_cohorts): (i64, i64) = sqlx::query_as(
+                "select count(distinct service), count(distinct service) filter (where cohort <> 'none')
+                   from profiles where started_at >= $1",
+            )
+            .bind(round)
+            .fetch_one(db)
+            .await
+            .ok()?;
+            (n == all).then_some(in_cohorts == all)
+        })
+        .await;
+        if written == Some(true) {
+            return Ok(());
+        }
+    }
+    anyhow::bail!("the data plane did not decide under the rollout after 10 rounds of priming")
 }
 
 /// The three arms.
