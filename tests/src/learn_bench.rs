@@ -268,6 +268,15 @@ impl Arm {
             self.first_message_us.push(us);
         }
     }
+    fn merge(&mut self, o: &Arm) {
+        self.costs.extend_from_slice(&o.costs);
+        self.terms.add(&o.terms);
+        self.premature += o.premature;
+        self.first_message_us.extend_from_slice(&o.first_message_us);
+    }
+    fn mean(&self) -> f64 {
+        self.costs.iter().sum::<f64>() / self.costs.len().max(1) as f64
+    }
     fn p99_first_ms(&self) -> f64 {
         let mut v = self.first_message_us.clone();
         v.sort_unstable();
@@ -317,17 +326,37 @@ pub fn paired_change(groups: &[&[(f64, f64)]], rounds: usize) -> (f64, (f64, f64
 /// The pairs of one comparison phase.
 #[derive(Debug, Default)]
 pub struct Compared {
-    /// Per archetype: `(control, canary)` composite cost of each complete pair.
-    pub pairs: BTreeMap<String, Vec<(f64, f64)>>,
-    /// The control's and the canary's connections of those pairs, pooled.
-    pub arms: [Arm; 2],
-    /// The same by archetype.
+    /// Per archetype, the control's and the canary's connections of its complete pairs (pair
+    /// `i` at index `i` on both sides).
     pub by_archetype: BTreeMap<String, [Arm; 2]>,
     /// Pairs left out: one of the two explored (ran a neighbour of its arm's choice).
     pub explored: usize,
     /// Pairs left out: a connection missing, or decided by another model than its arm's (at
     /// a phase's start the data plane's cache may still answer from the previous phase).
     pub incomplete: usize,
+}
+
+impl Compared {
+    /// Per archetype: the `(control, canary)` composite cost of each complete pair.
+    pub fn pairs(&self) -> BTreeMap<String, Vec<(f64, f64)>> {
+        self.by_archetype
+            .iter()
+            .map(|(svc, [c, k])| {
+                let v = c.costs.iter().copied().zip(k.costs.iter().copied());
+                (svc.clone(), v.collect())
+            })
+            .collect()
+    }
+
+    /// The control's and the canary's connections of every archetype, pooled.
+    pub fn pooled(&self) -> [Arm; 2] {
+        let mut out = [Arm::default(), Arm::default()];
+        for arms in self.by_archetype.values() {
+            out[0].merge(&arms[0]);
+            out[1].merge(&arms[1]);
+        }
+        out
+    }
 }
 
 /// Pair up the connections of a paired phase by client key, and cost them.
@@ -364,13 +393,6 @@ pub async fn compare(
             out.explored += 1;
             continue;
         }
-        let cost = |p: &Profile| cost_terms(p, &p.decision.settings, &weights).total();
-        out.pairs
-            .entry(c.context.service.clone())
-            .or_default()
-            .push((cost(c), cost(k)));
-        out.arms[0].add(c, &weights);
-        out.arms[1].add(k, &weights);
         let arms = out
             .by_archetype
             .entry(c.context.service.clone())
@@ -392,7 +414,7 @@ fn change_cell((m, (lo, hi)): (f64, (f64, f64))) -> String {
 
 /// A phase's table: per archetype and on the whole mix, control and canary mean cost over the
 /// complete pairs and the paired change; returns the per-archetype changes.
-fn report_phase(out: &mut String, c: &Compared, names: [&str; 2]) -> Vec<f64> {
+fn report_phase(out: &mut String, c: &Compared, names: [&str; 2]) {
     use std::fmt::Write as _;
     let _ = writeln!(
         out,
@@ -404,56 +426,42 @@ fn report_phase(out: &mut String, c: &Compared, names: [&str; 2]) -> Vec<f64> {
         format!("{} vs {}", names[1], names[0]),
         "p99 first msg, ms"
     );
-    let mean = |v: &[(f64, f64)], side: usize| {
-        v.iter()
-            .map(|p| if side == 0 { p.0 } else { p.1 })
-            .sum::<f64>()
-            / v.len().max(1) as f64
-    };
-    let p99 = |arms: Option<&[Arm; 2]>| {
-        arms.map_or("-".to_string(), |a| {
-            let ms = |arm: &Arm| {
-                let v = arm.p99_first_ms();
-                if v.is_nan() {
-                    "-".to_string()
-                } else {
-                    format!("{v:.2}")
-                }
-            };
-            format!("{} / {}", ms(&a[0]), ms(&a[1]))
-        })
+    let pairs = c.pairs();
+    let row = |out: &mut String, name: &str, arms: &[Arm; 2], change: (f64, (f64, f64))| {
+        let ms = |arm: &Arm| {
+            let v = arm.p99_first_ms();
+            if v.is_nan() {
+                "-".to_string()
+            } else {
+                format!("{v:.2}")
+            }
+        };
+        let _ = writeln!(
+            out,
+            "{name:<12}{:>7}{:>18.0}{:>18.0}{:>32}{:>20}",
+            arms[0].costs.len(),
+            arms[0].mean(),
+            arms[1].mean(),
+            change_cell(change),
+            format!("{} / {}", ms(&arms[0]), ms(&arms[1]))
+        );
     };
     let mut changes = Vec::new();
     for a in Archetype::ALL {
         let svc = a.route().trim_start_matches('/');
-        let Some(v) = c.pairs.get(svc).filter(|v| !v.is_empty()) else {
-            let _ = writeln!(out, "{svc:<12}{:>7}", 0);
-            continue;
-        };
-        let ch = paired_change(&[v], 2000);
-        changes.push(ch.0);
-        let _ = writeln!(
-            out,
-            "{svc:<12}{:>7}{:>18.0}{:>18.0}{:>32}{:>20}",
-            v.len(),
-            mean(v, 0),
-            mean(v, 1),
-            change_cell(ch),
-            p99(c.by_archetype.get(svc))
-        );
+        match (c.by_archetype.get(svc), pairs.get(svc)) {
+            (Some(arms), Some(v)) if !v.is_empty() => {
+                let ch = paired_change(&[v], 2000);
+                changes.push(ch.0);
+                row(out, svc, arms, ch);
+            }
+            _ => {
+                let _ = writeln!(out, "{svc:<12}{:>7}", 0);
+            }
+        }
     }
-    let all: Vec<(f64, f64)> = c.pairs.values().flatten().copied().collect();
-    let groups: Vec<&[(f64, f64)]> = c.pairs.values().map(Vec::as_slice).collect();
-    let _ = writeln!(
-        out,
-        "{:<12}{:>7}{:>18.0}{:>18.0}{:>32}{:>20}",
-        "whole mix",
-        all.len(),
-        mean(&all, 0),
-        mean(&all, 1),
-        change_cell(paired_change(&groups, 2000)),
-        p99(Some(&c.arms))
-    );
+    let groups: Vec<&[(f64, f64)]> = pairs.values().map(Vec::as_slice).collect();
+    row(out, "whole mix", &c.pooled(), paired_change(&groups, 2000));
     let _ = writeln!(
         out,
         "mean of the per-archetype changes: {:+.1}% ({} archetypes); pairs left out: {} explored, {} incomplete",
@@ -462,7 +470,6 @@ fn report_phase(out: &mut String, c: &Compared, names: [&str; 2]) -> Vec<f64> {
         c.explored,
         c.incomplete
     );
-    changes
 }
 
 /// An optimizer with the shipped defaults as its active model (a constant model), an echo
@@ -566,7 +573,8 @@ pub async fn run(db_url: &str, db: &sqlx::PgPool, p: Params) -> anyhow::Result<S
         "\n-- phase 2: learned (canary) vs best static (control)"
     );
     report_phase(&mut out, &p2, [ARMS[1], ARMS[2]]);
-    let pooled = [&p1.arms[0], &p2.arms[0], &p2.arms[1]];
+    let (pooled1, pooled2) = (p1.pooled(), p2.pooled());
+    let pooled = [&pooled1[0], &pooled2[0], &pooled2[1]];
     let _ = writeln!(
         out,
         "\n== pooled cost terms, mean per connection (the paired connections; shipped defaults from phase 1, the\n   others from phase 2)"

@@ -163,9 +163,14 @@ async fn a_paired_workload_runs_each_session_once_in_each_cohort(pool: sqlx::PgP
     let c = learn_bench::compare(&pool, &w, "shipped-defaults", "candidate")
         .await
         .expect("compare");
-    let pairs: usize = c.pairs.values().map(Vec::len).sum();
+    let by_archetype = c.pairs();
+    let pairs: usize = by_archetype.values().map(Vec::len).sum();
     assert!(pairs >= 15, "{pairs} pairs; {c:?}");
-    assert!(c.pairs.len() >= 5, "archetypes {:?}", c.pairs.keys());
+    assert!(
+        by_archetype.len() >= 5,
+        "archetypes {:?}",
+        by_archetype.keys()
+    );
     // Primed: the phase's first connections are decided under the rollout too.
     assert!(c.incomplete <= 2, "{c:?}");
     // Both sides of a pair sent the same messages.

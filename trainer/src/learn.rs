@@ -74,6 +74,12 @@ impl TrainParams {
                 self.max_depth
             )));
         }
+        if !(self.min_leaf_weight.is_finite() && self.min_leaf_weight >= 1.0) {
+            return Err(LearnError::Param(format!(
+                "min_leaf_weight = {} must be a number of at least 1",
+                self.min_leaf_weight
+            )));
+        }
         if !(0.05..=0.5).contains(&self.test_share) {
             return Err(LearnError::Param(format!(
                 "test_share = {} must be between 0.05 and 0.5",
@@ -244,7 +250,7 @@ pub fn fit_tree(
         .with_weights(w.iter().copied().collect::<Array1<f32>>());
     let params = DecisionTree::params()
         .max_depth(Some(max_depth))
-        .min_weight_leaf(min_leaf_weight.max(1.0));
+        .min_weight_leaf(min_leaf_weight);
     // linfa asserts on degenerate splits; a training failure must not take the process down.
     let fitted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| params.fit(&ds)))
         .map_err(|_| LearnError::Data("the tree learner failed on this data".into()))?

@@ -402,6 +402,14 @@ mod tests {
             p.check().unwrap_err().to_string(),
             "max_depth = 0 must be between 1 and 32"
         );
+        let p = learn::TrainParams {
+            min_leaf_weight: 0.5,
+            ..Default::default()
+        };
+        assert_eq!(
+            p.check().unwrap_err().to_string(),
+            "min_leaf_weight = 0.5 must be a number of at least 1"
+        );
         sqlx::query("drop table profiles cascade")
             .execute(&db)
             .await

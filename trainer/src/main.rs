@@ -154,11 +154,6 @@ async fn main() -> anyhow::Result<()> {
             test_share,
         } => {
             let w = window.window(WEEK);
-            if !(min_leaf_weight.is_finite() && min_leaf_weight >= 1.0) {
-                anyhow::bail!(
-                    "--min-leaf-weight = {min_leaf_weight}: must be a number of at least 1"
-                );
-            }
             let params = trainer::learn::TrainParams {
                 max_depth,
                 min_leaf_weight,
