@@ -94,12 +94,16 @@ fn via_contains(h: &HeaderMap, token: &str) -> bool {
     h.get_all(header::VIA)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|hop| {
-            hop.split_whitespace()
-                .nth(1)
-                .is_some_and(|by| by.eq_ignore_ascii_case(token))
-        })
+        .any(|v| via_names(v, token))
+}
+
+/// Whether one `Via` field value lists a hop received by `token`.
+pub fn via_names(v: &str, token: &str) -> bool {
+    v.split(',').any(|hop| {
+        hop.split_whitespace()
+            .nth(1)
+            .is_some_and(|by| by.eq_ignore_ascii_case(token))
+    })
 }
 
 /// The Via entry of a proxy named `token`: `1.1 <token>` (made once, appended to every
@@ -141,6 +145,11 @@ impl Client {
             node: value(node),
         }
     }
+
+    /// The address as `X-Forwarded-For` writes it.
+    pub fn addr(&self) -> &[u8] {
+        self.addr.as_bytes()
+    }
 }
 
 /// A `Forwarded` token (RFC 7230 tchar) needs no quotes.
@@ -170,13 +179,21 @@ pub fn add_forwarded(h: &mut HeaderMap, client: &Client, proto: &str, host: Opti
     if let Some(host) = host {
         h.insert(X_FORWARDED_HOST, host.clone());
     }
+    let f = forwarded_value(client, proto, host.map(HeaderValue::as_bytes));
+    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(f)) {
+        h.append(header::FORWARDED, v);
+    }
+}
+
+/// The `Forwarded` element (RFC 7239) for this hop: `for=…;proto=…[;host=…]`.
+pub fn forwarded_value(client: &Client, proto: &str, host: Option<&[u8]>) -> Vec<u8> {
     let node = client.node.as_bytes();
     let mut f = Vec::with_capacity(24 + node.len() + host.map_or(0, |v| 2 * v.len() + 2));
     f.extend_from_slice(b"for=");
     f.extend_from_slice(node);
     f.extend_from_slice(b";proto=");
     f.extend_from_slice(proto.as_bytes());
-    if let Some(host) = host.map(HeaderValue::as_bytes) {
+    if let Some(host) = host {
         f.extend_from_slice(b";host=");
         if is_token(host) {
             f.extend_from_slice(host);
@@ -191,9 +208,7 @@ pub fn add_forwarded(h: &mut HeaderMap, client: &Client, proto: &str, host: Opti
             f.push(b'"');
         }
     }
-    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(f)) {
-        h.append(header::FORWARDED, v);
-    }
+    f
 }
 
 #[cfg(test)]

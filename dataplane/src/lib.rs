@@ -14,6 +14,7 @@ pub mod deflate;
 pub mod detect;
 pub mod forward;
 pub mod frames;
+pub mod h1;
 pub mod h2c;
 pub mod headers;
 pub mod pool;

@@ -18,11 +18,42 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::PoolLimits;
 
+/// How a pooled connection is driven.
+#[derive(Debug)]
+pub enum Link {
+    /// By hyper's client (its own task on the connection's worker): requests the fast path
+    /// hands back to hyper.
+    Hyper(SendRequest<ClientBody>),
+    /// By the request that checked it out ([`crate::h1`], the plain HTTP/1.1 fast path).
+    Raw(TcpStream),
+}
+
+impl Link {
+    fn is_raw(&self) -> bool {
+        matches!(self, Link::Raw(_))
+    }
+
+    /// Known closed (hyper's view; a raw connection is found closed when it is used).
+    fn is_closed(&self) -> bool {
+        match self {
+            Link::Hyper(s) => s.is_closed(),
+            Link::Raw(_) => false,
+        }
+    }
+
+    fn is_ready(&self) -> bool {
+        match self {
+            Link::Hyper(s) => s.is_ready(),
+            Link::Raw(_) => true,
+        }
+    }
+}
+
 /// A connection checked out of the pool.
 #[derive(Debug)]
 pub struct Conn {
-    /// Send the request here.
-    pub sender: SendRequest<ClientBody>,
+    /// The connection.
+    pub link: Link,
     /// The upstream address.
     pub upstream: Arc<str>,
     /// When it was opened.
@@ -78,14 +109,15 @@ struct Upstream {
 
 impl Upstream {
     /// The most recently idle usable connection of worker `me`, or with `others` of any other
-    /// worker; expired or closed ones met on the way are dropped.
-    fn take(&mut self, me: usize, others: bool, limits: PoolLimits) -> Option<Conn> {
+    /// worker, that can serve the kind asked for (`raw`: only a raw one; hyper can take over
+    /// a raw one); expired or closed ones met on the way are dropped.
+    fn take(&mut self, me: usize, others: bool, raw: bool, limits: PoolLimits) -> Option<Conn> {
         let now = Instant::now();
         let usable = |c: &Conn| {
             now.saturating_duration_since(c.created) < limits.max_lifetime
                 && now.saturating_duration_since(c.idle_since) < limits.idle_timeout
-                && !c.sender.is_closed()
-                && c.sender.is_ready()
+                && !c.link.is_closed()
+                && c.link.is_ready()
         };
         let n = self.idle.len();
         let rest = (0..n).filter(|w| others && *w != me);
@@ -93,7 +125,8 @@ impl Upstream {
             let Some(list) = self.idle.get_mut(w) else {
                 continue;
             };
-            while let Some(c) = list.pop() {
+            while let Some(i) = list.iter().rposition(|c| !raw || c.link.is_raw()) {
+                let c = list.remove(i);
                 if usable(&c) {
                     return Some(c);
                 }
@@ -102,6 +135,27 @@ impl Upstream {
         }
         None
     }
+
+    /// With `raw`, close one idle connection hyper drives (any worker's); whether there was
+    /// one.
+    fn evict_hyper(&mut self, raw: bool) -> bool {
+        if !raw {
+            return false;
+        }
+        for list in &mut self.idle {
+            if let Some(i) = list.iter().position(|c| !c.link.is_raw()) {
+                list.remove(i);
+                return true;
+            }
+        }
+        false
+    }
+}
+
+/// What [`Pool::take_or_reserve`] found.
+enum Got {
+    Idle(Conn),
+    Open(Arc<str>, Arc<Semaphore>, Option<OwnedSemaphorePermit>),
 }
 
 /// The pool of every upstream.
@@ -113,38 +167,18 @@ pub struct Pool {
 impl Pool {
     /// Take an idle connection (not expired, still open) or open a new one: an idle one this
     /// worker drives; else a new one while the upstream's limit allows; else another worker's
-    /// idle one (its bytes then cross threads); else wait for the limit.
+    /// idle one (its bytes then cross threads); else wait for the limit. `raw` asks for a
+    /// connection the caller drives itself ([`Link::Raw`]), else one hyper drives.
     pub async fn checkout(
         &self,
         upstream: &str,
         limits: PoolLimits,
         connect_timeout: Duration,
+        raw: bool,
     ) -> Result<Conn, ConnectError> {
-        let (key, sem, permit) = {
-            let mut map = self.upstreams.lock().expect("pool lock");
-            let key: Arc<str> = match map.get_key_value(upstream) {
-                Some((k, _)) => k.clone(),
-                None => upstream.into(),
-            };
-            let u = map.entry(key.clone()).or_insert_with(|| Upstream {
-                idle: Vec::new(),
-                limit: Arc::new(Semaphore::new(limits.max_per_upstream)),
-            });
-            let me = crate::server::worker_index();
-            let reused = |mut c: Conn| {
-                c.reused = true;
-                Ok(c)
-            };
-            if let Some(c) = u.take(me, false, limits) {
-                return reused(c);
-            }
-            match u.limit.clone().try_acquire_owned() {
-                Ok(p) => (key, u.limit.clone(), Some(p)),
-                Err(_) => match u.take(me, true, limits) {
-                    Some(c) => return reused(c),
-                    None => (key, u.limit.clone(), None),
-                },
-            }
+        let (key, sem, permit) = match self.take_or_reserve(upstream, limits, raw) {
+            Got::Idle(c) => return reuse(c, raw).await,
+            Got::Open(key, sem, permit) => (key, sem, permit),
         };
         let permit = match permit {
             Some(p) => p,
@@ -155,13 +189,46 @@ impl Pool {
         };
         // Boxed: the connect and handshake state exists only while a connection opens, not in
         // every request's future (which hyper moves as a whole).
-        Box::pin(open(key, permit, connect_timeout)).await
+        Box::pin(open(key, permit, connect_timeout, raw)).await
+    }
+
+    /// An idle connection, or the upstream's key, limit and (if the limit allows) a permit
+    /// for a new one.
+    fn take_or_reserve(&self, upstream: &str, limits: PoolLimits, raw: bool) -> Got {
+        let mut map = self.upstreams.lock().expect("pool lock");
+        let key: Arc<str> = match map.get_key_value(upstream) {
+            Some((k, _)) => k.clone(),
+            None => upstream.into(),
+        };
+        let u = map.entry(key.clone()).or_insert_with(|| Upstream {
+            idle: Vec::new(),
+            limit: Arc::new(Semaphore::new(limits.max_per_upstream)),
+        });
+        let me = crate::server::worker_index();
+        if let Some(c) = u.take(me, false, raw, limits) {
+            return Got::Idle(c);
+        }
+        if let Ok(p) = u.limit.clone().try_acquire_owned() {
+            Got::Open(key, u.limit.clone(), Some(p))
+        } else if let Some(c) = u.take(me, true, raw, limits) {
+            Got::Idle(c)
+        } else if u.evict_hyper(raw) {
+            // An idle connection hyper holds cannot serve a raw request: it is closed and its
+            // place goes to a new one, rather than the request waiting for the limit.
+            Got::Open(
+                key,
+                u.limit.clone(),
+                u.limit.clone().try_acquire_owned().ok(),
+            )
+        } else {
+            Got::Open(key, u.limit.clone(), None)
+        }
     }
 
     /// Give a connection back after its response completed.
     pub fn checkin(&self, mut c: Conn, limits: PoolLimits) {
         let now = Instant::now();
-        if c.sender.is_closed() || now.saturating_duration_since(c.created) >= limits.max_lifetime {
+        if c.link.is_closed() || now.saturating_duration_since(c.created) >= limits.max_lifetime {
             return;
         }
         c.idle_since = now;
@@ -186,7 +253,7 @@ impl Pool {
                 list.retain(|c| {
                     c.idle_since.elapsed() < l.idle_timeout
                         && c.created.elapsed() < l.max_lifetime
-                        && !c.sender.is_closed()
+                        && !c.link.is_closed()
                 });
             }
         }
@@ -202,11 +269,13 @@ impl Pool {
     }
 }
 
-/// Open a new connection to `key` under `permit`, and spawn the task that drives it.
+/// Open a new connection to `key` under `permit`; unless `raw`, spawn hyper's task that
+/// drives it.
 async fn open(
     key: Arc<str>,
     permit: OwnedSemaphorePermit,
     connect_timeout: Duration,
+    raw: bool,
 ) -> Result<Conn, ConnectError> {
     let tcp = tokio::time::timeout(connect_timeout, TcpStream::connect(&*key))
         .await
@@ -219,29 +288,50 @@ async fn open(
             reason: e.to_string(),
         })?;
     let _ = tcp.set_nodelay(true);
-    let (sender, conn) = hyper::client::conn::http1::Builder::new()
-        .handshake(TokioIo::new(tcp))
-        .await
-        .map_err(|e| ConnectError::Connect {
-            upstream: key.clone(),
-            reason: e.to_string(),
-        })?;
-    let up = key.clone();
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(upstream = %up, error = %e, "upstream connection ended");
-        }
-    });
     let now = Instant::now();
-    Ok(Conn {
-        sender,
-        upstream: key,
+    let conn = |link| Conn {
+        link,
+        upstream: key.clone(),
         created: now,
         idle_since: now,
         reused: false,
         worker: crate::server::worker_index(),
         _permit: permit,
-    })
+    };
+    if raw {
+        return Ok(conn(Link::Raw(tcp)));
+    }
+    Ok(conn(Link::Hyper(hyper_over(tcp, &key).await?)))
+}
+
+/// An idle connection taken for a request; a raw one asked for by hyper is handed to it.
+async fn reuse(mut c: Conn, raw: bool) -> Result<Conn, ConnectError> {
+    c.reused = true;
+    if !raw && let Link::Raw(tcp) = c.link {
+        c.link = Link::Hyper(hyper_over(tcp, &c.upstream).await?);
+    }
+    Ok(c)
+}
+
+/// Hand an upstream connection to hyper's client: spawn the task that drives it.
+async fn hyper_over(
+    tcp: TcpStream,
+    upstream: &Arc<str>,
+) -> Result<SendRequest<ClientBody>, ConnectError> {
+    let (sender, driver) = hyper::client::conn::http1::Builder::new()
+        .handshake(TokioIo::new(tcp))
+        .await
+        .map_err(|e| ConnectError::Connect {
+            upstream: upstream.clone(),
+            reason: e.to_string(),
+        })?;
+    let up = upstream.clone();
+    tokio::spawn(async move {
+        if let Err(e) = driver.await {
+            tracing::debug!(upstream = %up, error = %e, "upstream connection ended");
+        }
+    });
+    Ok(sender)
 }
 
 /// A client's request body on its way upstream; remembers whether the client's framing broke
@@ -425,10 +515,13 @@ mod tests {
         let mut mine = Vec::new();
         for w in [0, 1] {
             set_worker_index(w);
-            let mut c = pool.checkout(&addr, limits, connect).await.unwrap();
+            let mut c = pool.checkout(&addr, limits, connect, false).await.unwrap();
             assert!(!c.reused);
             assert_eq!(c.worker, w);
-            c.sender.ready().await.unwrap();
+            let Link::Hyper(s) = &mut c.link else {
+                panic!("asked for a hyper connection")
+            };
+            s.ready().await.unwrap();
             mine.push(c);
         }
         let created: Vec<Instant> = mine.iter().map(|c| c.created).collect();
@@ -437,20 +530,65 @@ mod tests {
         }
         assert_eq!(pool.idle_count(&addr), 2);
         set_worker_index(1);
-        let own = pool.checkout(&addr, limits, connect).await.unwrap();
+        let own = pool.checkout(&addr, limits, connect, false).await.unwrap();
         assert!(own.reused);
         assert_eq!((own.worker, own.created), (1, created[1]));
         // None of its own left, the limit (3) not reached: a new connection, not worker 0's.
-        let new = pool.checkout(&addr, limits, connect).await.unwrap();
+        let new = pool.checkout(&addr, limits, connect, false).await.unwrap();
         assert!(!new.reused);
         assert_eq!(new.worker, 1);
         assert_eq!(pool.idle_count(&addr), 1);
         // The limit reached: worker 0's idle connection rather than a wait for one to close.
-        let other = pool.checkout(&addr, limits, connect).await.unwrap();
+        let other = pool.checkout(&addr, limits, connect, false).await.unwrap();
         assert!(other.reused);
         assert_eq!((other.worker, other.created), (0, created[0]));
         assert_eq!(pool.idle_count(&addr), 0);
         set_worker_index(0);
+        held.abort();
+    }
+
+    /// Hyper takes over an idle connection the plain path left; the plain path cannot use
+    /// one hyper drives, so at the limit it closes that one rather than wait.
+    #[tokio::test]
+    async fn raw_and_hyper_requests_share_an_upstreams_limit() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let held = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((s, _)) = l.accept().await {
+                open.push(s);
+            }
+        });
+        let pool = Pool::default();
+        let limits = PoolLimits {
+            max_per_upstream: 1,
+            idle_timeout: Duration::from_secs(60),
+            max_lifetime: Duration::from_secs(600),
+        };
+        let connect = Duration::from_secs(2);
+        let raw = pool.checkout(&addr, limits, connect, true).await.unwrap();
+        assert!(matches!(raw.link, Link::Raw(_)) && !raw.reused);
+        let created = raw.created;
+        pool.checkin(raw, limits);
+        let mut h = pool.checkout(&addr, limits, connect, false).await.unwrap();
+        assert!(h.reused, "hyper took the idle raw connection");
+        assert_eq!(h.created, created);
+        let Link::Hyper(s) = &mut h.link else {
+            panic!("handed to hyper")
+        };
+        s.ready().await.unwrap();
+        pool.checkin(h, limits);
+        assert_eq!(pool.idle_count(&addr), 1);
+        // The limit (1) is held by hyper's idle connection: it goes, a new raw one comes.
+        let raw = tokio::time::timeout(
+            Duration::from_millis(500),
+            pool.checkout(&addr, limits, connect, true),
+        )
+        .await
+        .expect("no wait for the limit")
+        .unwrap();
+        assert!(matches!(raw.link, Link::Raw(_)) && !raw.reused);
+        assert_eq!(pool.idle_count(&addr), 0);
         held.abort();
     }
 }

@@ -263,8 +263,22 @@ impl Proxy {
     }
 
     fn pick_upstream<'a>(&self, s: &'a Service) -> &'a str {
-        let i = self.rr.fetch_add(1, Ordering::Relaxed);
-        &s.upstreams[i % s.upstreams.len()]
+        &s.upstreams[self.pick_upstream_index(s)]
+    }
+
+    /// The next of a service's upstreams in turn.
+    pub(crate) fn pick_upstream_index(&self, s: &Service) -> usize {
+        self.rr.fetch_add(1, Ordering::Relaxed) % s.upstreams.len()
+    }
+
+    /// The token our `Via` entries name (a request that already has it is a loop).
+    pub(crate) fn via_token(&self) -> &str {
+        &self.via_token
+    }
+
+    /// Our `Via` entry.
+    pub(crate) fn via(&self) -> &HeaderValue {
+        &self.via
     }
 
     /// Handle one request from a client connection.
@@ -382,7 +396,7 @@ impl Proxy {
         loop {
             let mut c = match self
                 .pool
-                .checkout(&upstream, service.pool, limits.connect_timeout)
+                .checkout(&upstream, service.pool, limits.connect_timeout, false)
                 .await
             {
                 Ok(c) => c,
@@ -416,7 +430,10 @@ impl Proxy {
             } else {
                 METRICS.pool_new.fetch_add(1, Ordering::Relaxed);
             }
-            match c.sender.try_send_request(req).await {
+            let crate::pool::Link::Hyper(sender) = &mut c.link else {
+                unreachable!("checkout(raw = false) gives a hyper connection")
+            };
+            match sender.try_send_request(req).await {
                 Ok(resp) => {
                     let (mut parts, body) = resp.into_parts();
                     headers::strip_hop_by_hop(&mut parts.headers);

@@ -406,8 +406,7 @@ async fn serve_connection(
     match detected.kind {
         Kind::Http1 => {
             METRICS.detected("http1");
-            let (stream, marks) = crate::sniff::Sniff::new(Prefixed::new(detected.head, stream));
-            serve_http1(proxy, stream, info(marks)).await;
+            crate::h1::serve(proxy, stream, detected.head, info(Default::default())).await;
         }
         Kind::H2 => {
             METRICS.detected("h2");
@@ -485,7 +484,7 @@ where
     }
 }
 
-async fn serve_http1(proxy: Arc<Proxy>, stream: Http1Io, info: ConnInfo) {
+pub(crate) async fn serve_http1(proxy: Arc<Proxy>, stream: Http1Io, info: ConnInfo) {
     let limits = proxy.routes().config.limits;
     let mut shutdown = proxy.shutdown.clone();
     let peer = info.peer;

@@ -2,6 +2,7 @@
 //! and the real PostgreSQL schema. One test binary for the whole workspace's end-to-end suite.
 
 mod decisions;
+mod http1;
 mod learning;
 mod observability;
 mod profiles;
@@ -477,15 +478,8 @@ async fn http_bodies_stream_both_ways_and_pool_reuses_connections() {
     // One worker: both client connections draw on the same worker's idle upstream connections
     // (with more, each worker opens its own first; `pool::tests` covers that).
     let dp = DataPlaneProc::start(&config(echo, "zero_copy", "", "workers = 1"));
-    // chunked request body echoed back
-    let resp = http_get(
-        dp.proxy,
-        "POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
-    )
-    .await;
-    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
-    assert!(resp.ends_with("hello world"), "{resp}");
-    // keep-alive requests on one client connection, reusing one upstream connection
+    // Keep-alive requests on one client connection (the plain HTTP/1.1 path), reusing one
+    // upstream connection.
     let mut s = TcpStream::connect(dp.proxy).await.expect("connect");
     for i in 0..5 {
         let body = format!("req {i}");
@@ -505,6 +499,15 @@ async fn http_bodies_stream_both_ways_and_pool_reuses_connections() {
             got.extend_from_slice(&buf[..n]);
         }
     }
+    // A chunked request body, echoed back: hyper serves it, on the upstream connection the
+    // plain path left idle.
+    let resp = http_get(
+        dp.proxy,
+        "POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(resp.ends_with("hello world"), "{resp}");
     let metrics = reqwest_metrics(dp.admin).await;
     assert!(
         metrics.contains("trimtab_dataplane_pool_requests_total{connection=\"reused\"} 5")

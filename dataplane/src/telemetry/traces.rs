@@ -120,11 +120,12 @@ fn random<const N: usize>() -> [u8; N] {
 impl TraceContext {
     /// Continue the request's trace (a valid `traceparent`), or start a new, sampled one.
     pub fn from_headers(h: &HeaderMap) -> TraceContext {
-        let incoming = h
-            .get(TRACEPARENT)
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_traceparent);
-        match incoming {
+        TraceContext::from_traceparent(h.get(TRACEPARENT).and_then(|v| v.to_str().ok()))
+    }
+
+    /// As [`TraceContext::from_headers`], from the `traceparent` value if there is one.
+    pub fn from_traceparent(v: Option<&str>) -> TraceContext {
+        match v.and_then(parse_traceparent) {
             Some((trace_id, parent, flags)) => TraceContext {
                 trace_id,
                 span_id: random(),
