@@ -90,18 +90,33 @@ pub(crate) async fn serve(
             Read::Done => return,
             Read::Hyper => break,
         };
+        METRICS.h1_plain.fetch_add(1, Ordering::Relaxed);
         match exchange(&proxy, &mut client, *plan).await {
             Next::KeepAlive if !*shutdown.borrow() => {}
-            Next::KeepAlive | Next::Close => {
-                let _ = client.shutdown().await;
-                return;
-            }
+            Next::KeepAlive | Next::Close => return linger(&mut client).await,
             Next::Abort => return,
         }
     }
-    let (stream, marks) = crate::sniff::Sniff::new(crate::prefixed::Prefixed::new(buf, client));
+    METRICS.h1_handoffs.fetch_add(1, Ordering::Relaxed);
+    // Only the bytes go on, in a block of their size; the read buffer goes back to the worker's
+    // spares (a WebSocket handshake comes this way, and its connection may stay for hours).
+    let head = buf.clone();
+    give_buf(buf);
+    let (stream, marks) = crate::sniff::Sniff::new(crate::prefixed::Prefixed::new(head, client));
     info.marks = marks;
     crate::server::serve_http1(proxy, stream, info).await;
+}
+
+/// Close after the last response: send FIN, then read and drop what the client still sends
+/// (a request it pipelined, a body nobody read) for up to 2 s, so that closing with unread
+/// bytes does not reset the connection under a response the client has not read yet.
+async fn linger(client: &mut TcpStream) {
+    let _ = client.shutdown().await;
+    let mut sink = [0u8; 1024];
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Ok(1..) = client.read(&mut sink).await {}
+    })
+    .await;
 }
 
 /// What reading the next request gave.
@@ -659,6 +674,9 @@ fn response_head(
             || is("te")
             || is("upgrade")
             || (sse && framing_field)
+            // Transfer-Encoding overrides a Content-Length beside it (RFC 9112 §6.3), which
+            // must not reach the client with it.
+            || (coded && is("content-length"))
             || (!sse && framing == Framing::Close && is("transfer-encoding"))
             || named.iter().any(|t| f.name.eq_ignore_ascii_case(t))
         {
@@ -1156,6 +1174,16 @@ mod tests {
         let head = String::from_utf8(rh.head).unwrap();
         assert!(!head.to_ascii_lowercase().contains("content-length"));
         assert!(head.contains("transfer-encoding: chunked\r\n"));
+
+        // Chunked with a Content-Length beside it: the length goes.
+        let up = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let rh = response_head(up, false, false, b"1.1 t", 8192)
+            .unwrap()
+            .unwrap();
+        assert_eq!(rh.framing, Framing::Chunked(Chunked::default()));
+        let head = String::from_utf8(rh.head).unwrap();
+        assert!(!head.contains("Content-Length"), "{head}");
+        assert!(head.contains("Transfer-Encoding: chunked\r\n"), "{head}");
 
         // HEAD, 204 and 304 have no body whatever the fields say.
         let up = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n";

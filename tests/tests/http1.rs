@@ -261,4 +261,8 @@ routes = [{{ path_prefix = "/" }}]
         .expect("write");
     let r = read_bytes_to(&mut c, &mut got, b"hi").await;
     assert_eq!(r, [0x81, 2, b'h', b'i']);
+    assert_eq!(
+        metric(dp.admin, "trimtab_dataplane_http1_handoffs_total").await,
+        Some(1.0)
+    );
 }

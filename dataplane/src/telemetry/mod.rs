@@ -102,6 +102,10 @@ pub struct Metrics {
     pub upstream_errors: [[[AtomicU64; CONN_AGES.len()]; 2]; UPSTREAM_ERRORS.len()],
     /// Idempotent requests retried after a reused connection failed before sending.
     pub retries: AtomicU64,
+    /// Requests the plain HTTP/1.1 path served ([`crate::h1`]).
+    pub h1_plain: AtomicU64,
+    /// HTTP/1.1 connections the plain path handed to hyper.
+    pub h1_handoffs: AtomicU64,
     /// Requests sent on a reused pooled connection.
     pub pool_reused: AtomicU64,
     /// Requests sent on a new connection.
@@ -155,6 +159,8 @@ impl Metrics {
             sse_idle_closes: Z,
             upstream_errors: [ZREUSED; UPSTREAM_ERRORS.len()],
             retries: Z,
+            h1_plain: Z,
+            h1_handoffs: Z,
             pool_reused: Z,
             pool_new: Z,
             dead_peers: Z,
@@ -347,6 +353,16 @@ impl Metrics {
                 "trimtab_dataplane_retries_total",
                 "Idempotent requests retried once after a reused connection failed before sending.",
                 &self.retries,
+            ),
+            (
+                "trimtab_dataplane_http1_plain_requests_total",
+                "HTTP/1.1 requests the proxy's own plain path forwarded.",
+                &self.h1_plain,
+            ),
+            (
+                "trimtab_dataplane_http1_handoffs_total",
+                "HTTP/1.1 connections handed to hyper (an upgrade, CONNECT, a chunked body, HTTP/1.0, a head the plain path does not serve).",
+                &self.h1_handoffs,
             ),
             (
                 "trimtab_dataplane_h2c_upgrades_total",
