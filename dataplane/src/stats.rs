@@ -101,16 +101,22 @@ pub struct DirStats {
     first_message_us: u64,
     /// Microseconds from `origin` to the last complete message ([`NONE`]: none yet).
     last_message_us: u64,
-    origin: Instant,
 }
 
 /// No message yet (the offsets above are kept as plain integers: 16 bytes less per direction
 /// than two `Option`s).
 const NONE: u64 = u64::MAX;
 
+impl Default for DirStats {
+    fn default() -> Self {
+        DirStats::new()
+    }
+}
+
 impl DirStats {
-    /// Start counting; `origin` is the moment the connection was upgraded.
-    pub fn new(origin: Instant) -> DirStats {
+    /// Start counting. Times are given from the connection's origin (the moment it was
+    /// upgraded), which the forwarder holds once for both directions.
+    pub fn new() -> DirStats {
         DirStats {
             bytes: 0,
             messages: 0,
@@ -122,7 +128,6 @@ impl DirStats {
             sampled_out: 0,
             first_message_us: NONE,
             last_message_us: NONE,
-            origin,
         }
     }
 
@@ -133,12 +138,12 @@ impl DirStats {
         self.read_sizes.record(n as u64);
     }
 
-    /// A complete message of `size` bytes passed at `now`.
+    /// A complete message of `size` bytes passed at `now`; `origin` as given to every call.
     #[inline]
-    pub fn on_message(&mut self, size: u64, now: Instant) {
+    pub fn on_message(&mut self, size: u64, now: Instant, origin: Instant) {
         self.messages += 1;
         self.msg_sizes.record(size);
-        let us = (now.saturating_duration_since(self.origin).as_micros() as u64).min(NONE - 1);
+        let us = (now.saturating_duration_since(origin).as_micros() as u64).min(NONE - 1);
         if self.last_message_us == NONE {
             self.first_message_us = us;
             self.max_gap_ms = self.max_gap_ms.max(us / 1000);
@@ -162,8 +167,8 @@ impl DirStats {
     }
 
     /// Close the books at `end`: the trailing silence counts toward the longest gap.
-    pub fn finish(self, end: Instant) -> DirectionStats {
-        let end_us = end.saturating_duration_since(self.origin).as_micros() as u64;
+    pub fn finish(self, end: Instant, origin: Instant) -> DirectionStats {
+        let end_us = end.saturating_duration_since(origin).as_micros() as u64;
         let since = if self.last_message_us == NONE {
             0
         } else {
@@ -192,11 +197,11 @@ mod tests {
     #[test]
     fn gaps_and_first_message_are_recorded() {
         let t0 = Instant::now();
-        let mut d = DirStats::new(t0);
+        let mut d = DirStats::new();
         d.on_read(10);
-        d.on_message(10, t0 + Duration::from_millis(5));
-        d.on_message(20, t0 + Duration::from_millis(105));
-        let s = d.finish(t0 + Duration::from_millis(1105));
+        d.on_message(10, t0 + Duration::from_millis(5), t0);
+        d.on_message(20, t0 + Duration::from_millis(105), t0);
+        let s = d.finish(t0 + Duration::from_millis(1105), t0);
         assert_eq!(s.messages, 2);
         assert_eq!(s.bytes, 10);
         assert_eq!(s.first_message_us, Some(5000));

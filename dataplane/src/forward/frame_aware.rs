@@ -205,7 +205,7 @@ where
                 } as u64;
                 let now = Instant::now();
                 stats.on_read(n as usize);
-                stats.on_message(n, now.into_std());
+                stats.on_message(n, now.into_std(), shared.origin.into_std());
                 if super::samples(stats.messages, SAMPLE_EVERY, stats.sampled_in()) {
                     let payload: &[u8] = match &msg {
                         Message::Text(t) => t.as_bytes(),
@@ -378,8 +378,8 @@ where
         first_close: Mutex::new(None),
         closing: AtomicBool::new(false),
     };
-    let mut c2u = DirStats::new(shared.origin.into_std());
-    let mut u2c = DirStats::new(shared.origin.into_std());
+    let mut c2u = DirStats::new();
+    let mut u2c = DirStats::new();
     let c_pings = Mutex::new(Pings::default());
     let u_pings = Mutex::new(Pings::default());
     let idle = Duration::from_secs(u64::from(settings.idle_timeout));
@@ -560,8 +560,8 @@ where
     } else {
         out.closed_by = Some(ClosedBy::Proxy);
     }
-    out.c2u = c2u.finish(end);
-    out.u2c = u2c.finish(end);
+    out.c2u = c2u.finish(end, shared.origin.into_std());
+    out.u2c = u2c.finish(end, shared.origin.into_std());
     out.ping_client = c_pings.lock().expect("pings").stats();
     out.ping_upstream = u_pings.lock().expect("pings").stats();
     out.paused = Duration::from_nanos(shared.paused_ns.load(Ordering::Relaxed));

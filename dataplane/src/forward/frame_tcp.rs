@@ -247,9 +247,9 @@ struct Dir {
 }
 
 impl Dir {
-    fn new(from_client: bool, origin: Instant) -> Dir {
+    fn new(from_client: bool) -> Dir {
         Dir {
-            stats: DirStats::new(origin),
+            stats: DirStats::new(),
             parser: Parser {
                 from_client,
                 head: [0; MAX_HEAD],
@@ -604,7 +604,7 @@ async fn process(
                         return Err(refuse_frame(d, dst, data, run, frame_start, stall).await);
                     }
                     let n = d.parser.message_bytes;
-                    d.stats.on_message(n, Instant::now());
+                    d.stats.on_message(n, Instant::now(), sh.origin);
                     d.parser.message = None;
                     d.parser.message_bytes = 0;
                     d.parser.utf8 = Utf8::default();
@@ -780,8 +780,8 @@ pub async fn run(
         first_close: Mutex::new(None),
         pings: [new_pings(), new_pings()],
     };
-    let mut c2u = Dir::new(true, origin);
-    let mut u2c = Dir::new(false, origin);
+    let mut c2u = Dir::new(true);
+    let mut u2c = Dir::new(false);
     let bs = settings.buffer_size as usize;
     let idle = Duration::from_secs(u64::from(settings.idle_timeout));
     let socks = [&client, &upstream];
@@ -929,7 +929,7 @@ pub async fn run(
     }
     // An upstream that stopped reading while the client was not reading its replies either
     // is backpressure from the client, not a stall of its own.
-    if error_class == Some("upstream_stalled") && (client_stalled || u2c.paused.since.is_some()) {
+    if error_class == Some("upstream_stalled") && (client_stalled || u2c.paused.waiting()) {
         error_class = Some("client_stalled");
         let mut first = sh.first_close.lock().expect("close lock");
         if let Some((ClosedBy::Proxy, 1008, reason)) = first.as_mut() {
@@ -941,7 +941,7 @@ pub async fn run(
         error_class,
         dead_peer,
         idle_timeout_fired,
-        paused: c2u.paused.total + u2c.paused.total,
+        paused: c2u.paused.total() + u2c.paused.total(),
         ..Outcome::default()
     };
     if let Some((by, code, reason)) = sh.first_close.lock().expect("close lock").take() {
@@ -951,8 +951,8 @@ pub async fn run(
     } else {
         out.closed_by = Some(ClosedBy::Proxy);
     }
-    out.c2u = c2u.stats.finish(end);
-    out.u2c = u2c.stats.finish(end);
+    out.c2u = c2u.stats.finish(end, origin);
+    out.u2c = u2c.stats.finish(end, origin);
     let stats = |leg: usize| {
         sh.pings[leg]
             .lock()

@@ -74,27 +74,37 @@ pub(crate) fn deflated_size(payload: &[u8]) -> (u64, u64) {
 /// seen by the proxy and not sampled.
 pub const ZERO_COPY_SAMPLE_EVERY: u64 = 64;
 
-/// Time a direction waited for its destination to accept bytes.
+/// Time a direction waited for its destination to accept bytes (16 bytes: every live
+/// connection holds one per direction).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Paused {
-    /// All waits so far.
-    pub total: Duration,
-    /// Since when the current wait runs; still set when the direction was stopped waiting.
-    pub since: Option<std::time::Instant>,
+    /// All waits so far, in nanoseconds.
+    nanos: u64,
+    /// A wait runs; still set when the direction was stopped waiting.
+    waiting: bool,
 }
 
 impl Paused {
     /// A wait begins.
     pub fn begin(&mut self) -> std::time::Instant {
-        let t = std::time::Instant::now();
-        self.since = Some(t);
-        t
+        self.waiting = true;
+        std::time::Instant::now()
     }
 
     /// The wait that began at `t` ended.
     pub fn end(&mut self, t: std::time::Instant) {
-        self.total += t.elapsed();
-        self.since = None;
+        self.nanos = self.nanos.saturating_add(t.elapsed().as_nanos() as u64);
+        self.waiting = false;
+    }
+
+    /// All waits so far.
+    pub fn total(&self) -> Duration {
+        Duration::from_nanos(self.nanos)
+    }
+
+    /// Whether a wait runs (or ran when the direction stopped).
+    pub fn waiting(&self) -> bool {
+        self.waiting
     }
 }
 
