@@ -33,7 +33,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::config::{Service, UpstreamProtocol};
-use crate::pool::{ConnectError, Link};
+use crate::pool::Link;
 use crate::proxy::{ConnInfo, Proxy};
 use crate::sse::{Due, Keeper, PING};
 use crate::telemetry::METRICS;
@@ -420,15 +420,7 @@ async fn exchange(proxy: &Proxy, client: &mut TcpStream, plan: Plan) -> Next {
         {
             Ok(c) => c,
             Err(e) => {
-                let saturated = matches!(e, ConnectError::Saturated(_));
-                METRICS.upstream_error(
-                    if saturated { "saturated" } else { "connect" },
-                    false,
-                    None,
-                );
-                METRICS.finish("http", "upstream_error");
-                tracing::warn!(side = "upstream", service = %service.name, %upstream, error = %e, "upstream unavailable");
-                let r = if saturated {
+                let r = if e.report(&service.name, upstream) {
                     refuse(
                         503,
                         "upstream connection limit reached",
@@ -441,11 +433,6 @@ async fn exchange(proxy: &Proxy, client: &mut TcpStream, plan: Plan) -> Next {
             }
         };
         let reused = c.reused;
-        if reused {
-            METRICS.pool_reused.fetch_add(1, Ordering::Relaxed);
-        } else {
-            METRICS.pool_new.fetch_add(1, Ordering::Relaxed);
-        }
         let Link::Raw(up) = &mut c.link else {
             unreachable!("checkout(raw = true) gives a raw connection")
         };

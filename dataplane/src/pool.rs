@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -17,6 +18,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::PoolLimits;
+use crate::telemetry::METRICS;
 
 /// How a pooled connection is driven.
 #[derive(Debug)]
@@ -99,6 +101,18 @@ pub enum ConnectError {
     },
 }
 
+impl ConnectError {
+    /// Count and log an upstream connection that could not be had for a request to
+    /// `service`; whether it was the limit (503) rather than the connect (502).
+    pub fn report(&self, service: &str, upstream: &str) -> bool {
+        let saturated = matches!(self, ConnectError::Saturated(_));
+        METRICS.upstream_error(if saturated { "saturated" } else { "connect" }, false, None);
+        METRICS.finish("http", "upstream_error");
+        tracing::warn!(side = "upstream", %service, %upstream, error = %self, "upstream unavailable");
+        saturated
+    }
+}
+
 #[derive(Debug)]
 struct Upstream {
     /// Idle connections by the worker that drives them: a request takes one of its own
@@ -177,7 +191,10 @@ impl Pool {
         raw: bool,
     ) -> Result<Conn, ConnectError> {
         let (key, sem, permit) = match self.take_or_reserve(upstream, limits, raw) {
-            Got::Idle(c) => return reuse(c, raw).await,
+            Got::Idle(c) => {
+                METRICS.pool_reused.fetch_add(1, Ordering::Relaxed);
+                return reuse(c, raw).await;
+            }
             Got::Open(key, sem, permit) => (key, sem, permit),
         };
         let permit = match permit {
@@ -187,6 +204,7 @@ impl Pool {
                 .map_err(|_| ConnectError::Saturated(key.clone()))?
                 .expect("semaphore never closed"),
         };
+        METRICS.pool_new.fetch_add(1, Ordering::Relaxed);
         // Boxed: the connect and handshake state exists only while a connection opens, not in
         // every request's future (which hyper moves as a whole).
         Box::pin(open(key, permit, connect_timeout, raw)).await
@@ -495,22 +513,34 @@ mod tests {
 
     /// A request takes an idle connection its own worker drives first; then opens one while
     /// the upstream's limit allows; then takes another worker's idle one.
-    #[tokio::test]
-    async fn a_request_takes_its_own_workers_idle_connection_first() {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    /// An upstream that accepts and holds every connection, and its address.
+    fn holding_upstream() -> (String, tokio::task::JoinHandle<()>) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
         let addr = l.local_addr().unwrap().to_string();
+        let l = tokio::net::TcpListener::from_std(l).unwrap();
         let held = tokio::spawn(async move {
             let mut open = Vec::new();
             while let Ok((s, _)) = l.accept().await {
                 open.push(s);
             }
         });
-        let pool = Pool::default();
-        let limits = PoolLimits {
-            max_per_upstream: 3,
+        (addr, held)
+    }
+
+    fn limits(max_per_upstream: usize) -> PoolLimits {
+        PoolLimits {
+            max_per_upstream,
             idle_timeout: Duration::from_secs(60),
             max_lifetime: Duration::from_secs(600),
-        };
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_takes_its_own_workers_idle_connection_first() {
+        let (addr, held) = holding_upstream();
+        let pool = Pool::default();
+        let limits = limits(3);
         let connect = Duration::from_secs(2);
         let mut mine = Vec::new();
         for w in [0, 1] {
@@ -551,20 +581,9 @@ mod tests {
     /// one hyper drives, so at the limit it closes that one rather than wait.
     #[tokio::test]
     async fn raw_and_hyper_requests_share_an_upstreams_limit() {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap().to_string();
-        let held = tokio::spawn(async move {
-            let mut open = Vec::new();
-            while let Ok((s, _)) = l.accept().await {
-                open.push(s);
-            }
-        });
+        let (addr, held) = holding_upstream();
         let pool = Pool::default();
-        let limits = PoolLimits {
-            max_per_upstream: 1,
-            idle_timeout: Duration::from_secs(60),
-            max_lifetime: Duration::from_secs(600),
-        };
+        let limits = limits(1);
         let connect = Duration::from_secs(2);
         let raw = pool.checkout(&addr, limits, connect, true).await.unwrap();
         assert!(matches!(raw.link, Link::Raw(_)) && !raw.reused);

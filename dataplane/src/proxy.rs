@@ -401,14 +401,7 @@ impl Proxy {
             {
                 Ok(c) => c,
                 Err(e) => {
-                    let saturated = matches!(e, crate::pool::ConnectError::Saturated(_));
-                    METRICS.upstream_error(
-                        if saturated { "saturated" } else { "connect" },
-                        false,
-                        None,
-                    );
-                    METRICS.finish("http", "upstream_error");
-                    tracing::warn!(side = "upstream", service = %service.name, %upstream, error = %e, "upstream unavailable");
+                    let saturated = e.report(&service.name, &upstream);
                     let status = if saturated { 503 } else { 502 };
                     traces::request(&trace, &service.name, &method, Some(status), t0.elapsed());
                     return if saturated {
@@ -425,11 +418,6 @@ impl Proxy {
                 }
             };
             let reused = c.reused;
-            if reused {
-                METRICS.pool_reused.fetch_add(1, Ordering::Relaxed);
-            } else {
-                METRICS.pool_new.fetch_add(1, Ordering::Relaxed);
-            }
             let crate::pool::Link::Hyper(sender) = &mut c.link else {
                 unreachable!("checkout(raw = false) gives a hyper connection")
             };
