@@ -119,6 +119,19 @@ async fn linger(client: &mut TcpStream) {
     .await;
 }
 
+/// Write all of `b` unless the peer takes none of it for `stall` (`limits.stall_timeout`): a
+/// client that stops reading, or an upstream that stops taking a body, is given up rather than
+/// holding the connections for ever. A write that completes at once arms no timer.
+async fn put(s: &mut TcpStream, b: &[u8], stall: Duration) -> std::io::Result<()> {
+    match tokio::time::timeout(stall, s.write_all(b)).await {
+        Ok(r) => r,
+        Err(_) => {
+            METRICS.stalled_closes.fetch_add(1, Ordering::Relaxed);
+            Err(std::io::ErrorKind::TimedOut.into())
+        }
+    }
+}
+
 /// What reading the next request gave.
 enum Read {
     /// A request this path serves.
@@ -153,6 +166,8 @@ struct Plan {
     close: bool,
     trace: TraceContext,
     t0: Instant,
+    /// `limits.stall_timeout`.
+    stall: Duration,
 }
 
 /// Read until a whole request head is buffered (within the head timeout), then plan it.
@@ -374,6 +389,7 @@ fn plan(
             close,
             trace,
             t0: Instant::now(),
+            stall: routes.config.limits.stall_timeout,
         },
         head_only,
     })
@@ -429,15 +445,15 @@ async fn exchange(proxy: &Proxy, client: &mut TcpStream, plan: Plan) -> Next {
                 } else {
                     refuse(502, "upstream connect failed", "")
                 };
-                return reply(client, &r, plan.close || plan.body_left > 0).await;
+                return reply(client, &r, plan.close || plan.body_left > 0, plan.stall).await;
             }
         };
         let reused = c.reused;
         let Link::Raw(up) = &mut c.link else {
             unreachable!("checkout(raw = true) gives a raw connection")
         };
-        let sent = match up.write_all(&plan.head).await {
-            Ok(()) if plan.body_left > 0 => send_body(client, up, plan.body_left).await,
+        let sent = match put(up, &plan.head, plan.stall).await {
+            Ok(()) if plan.body_left > 0 => send_body(client, up, plan.body_left, plan.stall).await,
             Ok(()) => Ok(()),
             Err(e) => Err(Side::Upstream(e)),
         };
@@ -481,14 +497,14 @@ async fn exchange(proxy: &Proxy, client: &mut TcpStream, plan: Plan) -> Next {
                 METRICS.finish("http", "upstream_error");
                 let r = refuse(502, "upstream request failed", "");
                 // Part of a body may still be on its way from the client.
-                return reply(client, &r, plan.close || plan.body_left > 0).await;
+                return reply(client, &r, plan.close || plan.body_left > 0, plan.stall).await;
             }
             Failure::BadResponse(why) => {
                 METRICS.upstream_error("send", reused, Some(c.age()));
                 METRICS.finish("http", "upstream_error");
                 tracing::warn!(side = "upstream", service = %service.name, %upstream, method = %plan.method, reason = why, "upstream sent a malformed response");
                 let r = refuse(502, "upstream sent a malformed response", "");
-                return reply(client, &r, plan.close).await;
+                return reply(client, &r, plan.close, plan.stall).await;
             }
             Failure::MidBody(why) => {
                 tracing::warn!(side = "upstream", service = %service.name, %upstream, method = %plan.method, reason = %why, "response cut off");
@@ -506,8 +522,8 @@ fn is_idempotent(m: &Method) -> bool {
 }
 
 /// Write a response of the proxy's own; the connection then closes if `close`.
-async fn reply(client: &mut TcpStream, r: &[u8], close: bool) -> Next {
-    match client.write_all(r).await {
+async fn reply(client: &mut TcpStream, r: &[u8], close: bool, stall: Duration) -> Next {
+    match put(client, r, stall).await {
         Ok(()) if close => Next::Close,
         Ok(()) => Next::KeepAlive,
         Err(_) => Next::Abort,
@@ -532,20 +548,28 @@ enum Failure {
 
 /// Copy the rest of a `Content-Length` body from the client to the upstream.
 /// (The client's buffer is empty here: every body byte it held went with the head.)
-async fn send_body(client: &mut TcpStream, up: &mut TcpStream, mut left: u64) -> Result<(), Side> {
+async fn send_body(
+    client: &mut TcpStream,
+    up: &mut TcpStream,
+    mut left: u64,
+    stall: Duration,
+) -> Result<(), Side> {
     use bytes::BufMut;
     let mut chunk = take_buf();
     while left > 0 {
         chunk.clear();
         let want = READ_CHUNK.min(left as usize);
-        let n = client
-            .read_buf(&mut (&mut chunk).limit(want))
+        // A client that sends none of its announced body for `stall` is given up as well.
+        let n = match tokio::time::timeout(stall, client.read_buf(&mut (&mut chunk).limit(want)))
             .await
-            .map_err(Side::Client)?;
+        {
+            Ok(r) => r.map_err(Side::Client)?,
+            Err(_) => return Err(Side::Client(std::io::ErrorKind::TimedOut.into())),
+        };
         if n == 0 {
             return Err(Side::Client(std::io::ErrorKind::UnexpectedEof.into()));
         }
-        up.write_all(&chunk).await.map_err(Side::Upstream)?;
+        put(up, &chunk, stall).await.map_err(Side::Upstream)?;
         left -= n as u64;
     }
     give_buf(chunk);
@@ -719,8 +743,7 @@ async fn relay_response(
                 return Err(Failure::BadResponse("101 to a request without Upgrade"));
             }
             if (100..200).contains(&rh.status) {
-                client
-                    .write_all(&rh.head)
+                put(client, &rh.head, plan.stall)
                     .await
                     .map_err(|e| Failure::MidBody(e.to_string()))?;
                 rb.drain(..rh.head_len);
@@ -763,13 +786,12 @@ async fn relay_response(
             Duration::from_secs(u64::from(s.ping_interval)),
             Duration::from_secs(u64::from(s.idle_timeout)),
         );
-        client
-            .write_all(&rh.head)
+        put(client, &rh.head, plan.stall)
             .await
             .map_err(|e| Failure::MidBody(e.to_string()))?;
-        rechunk(client, up, &mut rb, &mut framing, keeper).await?
+        rechunk(client, up, &mut rb, &mut framing, keeper, plan.stall).await?
     } else {
-        passthrough(client, up, &mut rb, &mut framing, rh.head).await?
+        passthrough(client, up, &mut rb, &mut framing, rh.head, plan.stall).await?
     };
     give_buf(rb);
     let keep = !rh.upstream_close && end == End::Clean;
@@ -799,6 +821,7 @@ async fn passthrough(
     rb: &mut Vec<u8>,
     framing: &mut Framing,
     first: Vec<u8>,
+    stall: Duration,
 ) -> Result<End, Failure> {
     let mut head = Some(first);
     loop {
@@ -809,9 +832,9 @@ async fn passthrough(
             // The head and the first body bytes in one write.
             Some(mut h) => {
                 h.extend_from_slice(&rb[..n]);
-                client.write_all(&h).await
+                put(client, &h, stall).await
             }
-            None if n > 0 => client.write_all(&rb[..n]).await,
+            None if n > 0 => put(client, &rb[..n], stall).await,
             None => Ok(()),
         };
         sent.map_err(|e| Failure::MidBody(e.to_string()))?;
@@ -836,6 +859,7 @@ async fn rechunk(
     rb: &mut Vec<u8>,
     framing: &mut Framing,
     mut keeper: Keeper,
+    stall: Duration,
 ) -> Result<End, Failure> {
     let mut out = Vec::new();
     let mid = |e: std::io::Error| Failure::MidBody(e.to_string());
@@ -861,7 +885,7 @@ async fn rechunk(
             out.extend_from_slice(b"0\r\n\r\n");
         }
         if !out.is_empty() {
-            client.write_all(&out).await.map_err(mid)?;
+            put(client, &out, stall).await.map_err(mid)?;
             out.clear();
         }
         if done {
@@ -876,15 +900,13 @@ async fn rechunk(
         let wait = loop {
             match keeper.due(tokio::time::Instant::now()) {
                 Due::Ping => {
-                    client
-                        .write_all(format!("{:x}\r\n", PING.len()).as_bytes())
-                        .await
-                        .map_err(mid)?;
-                    client.write_all(PING).await.map_err(mid)?;
-                    client.write_all(b"\r\n").await.map_err(mid)?;
+                    let mut chunk = format!("{:x}\r\n", PING.len()).into_bytes();
+                    chunk.extend_from_slice(PING);
+                    chunk.extend_from_slice(b"\r\n");
+                    put(client, &chunk, stall).await.map_err(mid)?;
                 }
                 Due::End => {
-                    client.write_all(b"0\r\n\r\n").await.map_err(mid)?;
+                    put(client, b"0\r\n\r\n", stall).await.map_err(mid)?;
                     return Ok(End::Spent);
                 }
                 Due::Wait(w) => break w,
@@ -900,7 +922,7 @@ async fn rechunk(
         match read {
             None => {}
             Some(Ok(0)) if *framing == Framing::Close => {
-                client.write_all(b"0\r\n\r\n").await.map_err(mid)?;
+                put(client, b"0\r\n\r\n", stall).await.map_err(mid)?;
                 return Ok(End::Spent);
             }
             Some(Ok(0)) => return Err(Failure::MidBody("upstream closed inside the body".into())),

@@ -70,6 +70,17 @@ async fn scripted_upstream() -> SocketAddr {
                             let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the close").await;
                             return;
                         }
+                        ["GET", "/big"] => {
+                            // 64 MiB, more than the sockets between can hold.
+                            let _ = s.write_all(format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", 64 << 20).as_bytes()).await;
+                            let chunk = vec![b'x'; 1 << 20];
+                            for _ in 0..64 {
+                                if s.write_all(&chunk).await.is_err() {
+                                    return;
+                                }
+                            }
+                            continue;
+                        }
                         ["GET", "/stale"] => {
                             // Answered, then the connection is dropped without a word, as an
                             // upstream's keep-alive timeout does.
@@ -265,4 +276,51 @@ routes = [{{ path_prefix = "/" }}]
         metric(dp.admin, "trimtab_dataplane_http1_handoffs_total").await,
         Some(1.0)
     );
+}
+
+#[tokio::test]
+async fn plain_http1_gives_up_a_client_that_stops_reading_at_the_stall_limit() {
+    let up = scripted_upstream().await;
+    let dp = DataPlaneProc::start(&format!(
+        r#"
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+[limits]
+stall_timeout = "1s"
+[services.s]
+upstreams = ["{up}"]
+routes = [{{ path_prefix = "/" }}]
+"#
+    ));
+    let mut c = TcpStream::connect(dp.proxy).await.expect("connect");
+    c.write_all(b"GET /big HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .expect("write");
+    // The client reads nothing; the proxy's writes stop, and a second later it gives up.
+    let t0 = std::time::Instant::now();
+    loop {
+        let n = metric(dp.admin, "trimtab_dataplane_stalled_closes_total").await;
+        if n == Some(1.0) {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no stall close: {n:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // What the sockets held arrives, then the connection ends: the body is cut short.
+    let mut got = 0usize;
+    let mut b = vec![0u8; 1 << 16];
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match c.read(&mut b).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got += n,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the proxy kept the connection open");
+    assert!(got < 64 << 20, "the whole body arrived ({got} bytes)");
 }
