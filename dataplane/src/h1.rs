@@ -121,9 +121,22 @@ async fn linger(client: &mut TcpStream) {
 
 /// Write all of `b` unless the peer takes none of it for `stall` (`limits.stall_timeout`): a
 /// client that stops reading, or an upstream that stops taking a body, is given up rather than
-/// holding the connections for ever. A write that completes at once arms no timer.
+/// holding the connections for ever. A write the socket takes at once arms no timer (most do;
+/// making the timer cost about 0.3 µs of user time per request under load).
 async fn put(s: &mut TcpStream, b: &[u8], stall: Duration) -> std::io::Result<()> {
-    match tokio::time::timeout(stall, s.write_all(b)).await {
+    let mut at = 0;
+    while at < b.len() {
+        match s.try_write(&b[at..]) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => at += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e),
+        }
+    }
+    if at == b.len() {
+        return Ok(());
+    }
+    match tokio::time::timeout(stall, s.write_all(&b[at..])).await {
         Ok(r) => r,
         Err(_) => {
             METRICS.stalled_closes.fetch_add(1, Ordering::Relaxed);
