@@ -1232,4 +1232,56 @@ mod tests {
             Some(true)
         );
     }
+
+    proptest::proptest! {
+        /// Any chunked body (sizes, extensions, trailers), cut into any three reads, gives
+        /// back its data and ends exactly where it ends.
+        #[test]
+        fn chunked_bodies_are_found_whole_in_any_reads(
+            chunks in proptest::collection::vec(proptest::collection::vec(proptest::num::u8::ANY, 1..300), 0..6),
+            ext in proptest::bool::ANY,
+            trailers in 0usize..3,
+            cuts in (0.0f64..1.0, 0.0f64..1.0),
+        ) {
+            let mut body = Vec::new();
+            for c in &chunks {
+                body.extend_from_slice(format!("{:X}", c.len()).as_bytes());
+                if ext {
+                    body.extend_from_slice(b";name=\"v\"");
+                }
+                body.extend_from_slice(b"\r\n");
+                body.extend_from_slice(c);
+                body.extend_from_slice(b"\r\n");
+            }
+            body.extend_from_slice(b"0\r\n");
+            for t in 0..trailers {
+                body.extend_from_slice(format!("x-t{t}: v\r\n").as_bytes());
+            }
+            body.extend_from_slice(b"\r\n");
+            let end = body.len();
+            body.extend_from_slice(b"GET /next");
+            let (a, b) = (cuts.0.min(cuts.1), cuts.0.max(cuts.1));
+            let (a, b) = ((a * end as f64) as usize, (b * end as f64) as usize);
+            let mut f = Framing::Chunked(Chunked::default());
+            let mut data = Vec::new();
+            let mut used = 0;
+            let mut done = false;
+            for part in [&body[..a], &body[a..b], &body[b..]] {
+                let mut at = 0;
+                while at < part.len() && !done {
+                    let s = f.scan(&part[at..]).expect("well-formed");
+                    data.extend_from_slice(&part[at + s.data.start..at + s.data.end]);
+                    at += s.consumed;
+                    done = s.done;
+                }
+                used += at;
+                if done {
+                    break;
+                }
+            }
+            proptest::prop_assert!(done);
+            proptest::prop_assert_eq!(used, end);
+            proptest::prop_assert_eq!(data, chunks.concat());
+        }
+    }
 }
