@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use trimtab_tests::harness::{DataPlaneProc, metric};
+use trimtab_tests::harness::{DataPlaneProc, eventually, metric};
 use trimtab_tests::upstream::spawn_echo;
 
 /// Read one request head and its Content-Length body; `None` at EOF.
@@ -202,12 +202,12 @@ routes = [{{ path_prefix = "/" }}]
     assert!(r.starts_with("HTTP/1.1 200"), "{r:?}");
 
     // The upstream drops the connection after /stale; the next GET, sent on that pooled
-    // connection, fails and is sent again on a new one.
+    // connection, fails (its write or its read, whichever meets the close first) and is sent
+    // again on a new one.
     c.write_all(b"GET /stale HTTP/1.1\r\nHost: a\r\n\r\n")
         .await
         .expect("write");
     read_to(&mut c, &mut got, b"stale").await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
     c.write_all(b"GET /len HTTP/1.1\r\nHost: a\r\n\r\n")
         .await
         .expect("write");
@@ -297,18 +297,12 @@ routes = [{{ path_prefix = "/" }}]
         .await
         .expect("write");
     // The client reads nothing; the proxy's writes stop, and a second later it gives up.
-    let t0 = std::time::Instant::now();
-    loop {
-        let n = metric(dp.admin, "trimtab_dataplane_stalled_closes_total").await;
-        if n == Some(1.0) {
-            break;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "no stall close: {n:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let closed = eventually(Duration::from_secs(10), || async {
+        (metric(dp.admin, "trimtab_dataplane_stalled_closes_total").await == Some(1.0))
+            .then_some(())
+    })
+    .await;
+    assert!(closed.is_some(), "no stall close within 10 s");
     // What the sockets held arrives, then the connection ends: the body is cut short.
     let mut got = 0usize;
     let mut b = vec![0u8; 1 << 16];
