@@ -139,7 +139,14 @@ impl Upstream {
             let Some(list) = self.idle.get_mut(w) else {
                 continue;
             };
-            while let Some(i) = list.iter().rposition(|c| !raw || c.link.is_raw()) {
+            // One of the kind asked for first; hyper takes over a raw one only when it has none
+            // of its own here (the plain path cannot use hyper's).
+            let pick = |list: &Vec<Conn>| {
+                list.iter()
+                    .rposition(|c| c.link.is_raw() == raw)
+                    .or_else(|| (!raw).then(|| list.iter().rposition(|c| c.link.is_raw()))?)
+            };
+            while let Some(i) = pick(list) {
                 let c = list.remove(i);
                 if usable(&c) {
                     return Some(c);
@@ -608,6 +615,35 @@ mod tests {
         .unwrap();
         assert!(matches!(raw.link, Link::Raw(_)) && !raw.reused);
         assert_eq!(pool.idle_count(&addr), 0);
+        held.abort();
+    }
+
+    /// A request for hyper takes an idle connection hyper drives before it takes over a raw
+    /// one (which the plain path could still use).
+    #[tokio::test]
+    async fn a_hyper_request_takes_a_hyper_connection_before_a_raw_one() {
+        let (addr, held) = holding_upstream();
+        let pool = Pool::default();
+        let limits = limits(2);
+        let connect = Duration::from_secs(2);
+        let mut h = pool.checkout(&addr, limits, connect, false).await.unwrap();
+        let Link::Hyper(s) = &mut h.link else {
+            panic!("asked for a hyper connection")
+        };
+        s.ready().await.unwrap();
+        let hyper_created = h.created;
+        let raw = pool.checkout(&addr, limits, connect, true).await.unwrap();
+        pool.checkin(h, limits);
+        // The raw one is the most recently idle.
+        pool.checkin(raw, limits);
+        let again = pool.checkout(&addr, limits, connect, false).await.unwrap();
+        assert!(again.reused);
+        assert_eq!(again.created, hyper_created);
+        let left = pool.checkout(&addr, limits, connect, true).await.unwrap();
+        assert!(
+            left.reused && matches!(left.link, Link::Raw(_)),
+            "the raw one stayed"
+        );
         held.abort();
     }
 }
