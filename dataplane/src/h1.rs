@@ -102,6 +102,7 @@ pub(crate) async fn serve(
     let head = buf.clone();
     give_buf(buf);
     let (stream, marks) = crate::sniff::Sniff::new(crate::prefixed::Prefixed::new(head, client));
+    let stream = crate::stall::StallGuard::new(stream, proxy.routes().config.limits.stall_timeout);
     info.marks = marks;
     crate::server::serve_http1(proxy, stream, info).await;
 }

@@ -27,6 +27,7 @@ pub mod server;
 pub mod sniff;
 pub mod source;
 pub mod sse;
+pub mod stall;
 pub mod stats;
 pub mod telemetry;
 pub mod tls;

@@ -113,7 +113,7 @@ pub enum ClientLeg {
 
 /// The TCP socket and every byte already read from it, from an upgraded HTTP/1.1 connection.
 fn into_tcp(parts: hyper::upgrade::Parts<TokioIo<crate::server::Http1Io>>) -> (TcpStream, Vec<u8>) {
-    let (tcp, rest) = parts.io.into_inner().into_inner().into_parts();
+    let (tcp, rest) = parts.io.into_inner().into_inner().into_inner().into_parts();
     // hyper's buffer holds what it read past the request head; the detection head's unread
     // part (if any) comes after it, then the socket.
     let mut head = detach(parts.read_buf);

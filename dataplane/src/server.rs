@@ -353,7 +353,7 @@ impl Drop for ActiveGuard {
 }
 
 /// The client stream under hyper's HTTP/1.1 server (upgrades downcast to it).
-pub type Http1Io = crate::sniff::Sniff<Prefixed<TcpStream>>;
+pub type Http1Io = crate::stall::StallGuard<crate::sniff::Sniff<Prefixed<TcpStream>>>;
 
 async fn serve_connection(
     proxy: Arc<Proxy>,

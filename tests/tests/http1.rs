@@ -279,7 +279,7 @@ routes = [{{ path_prefix = "/" }}]
 }
 
 #[tokio::test]
-async fn plain_http1_gives_up_a_client_that_stops_reading_at_the_stall_limit() {
+async fn a_client_that_stops_reading_is_given_up_at_the_stall_limit_on_both_paths() {
     let up = scripted_upstream().await;
     let dp = DataPlaneProc::start(&format!(
         r#"
@@ -292,29 +292,43 @@ upstreams = ["{up}"]
 routes = [{{ path_prefix = "/" }}]
 "#
     ));
-    let mut c = TcpStream::connect(dp.proxy).await.expect("connect");
-    c.write_all(b"GET /big HTTP/1.1\r\nHost: a\r\n\r\n")
-        .await
-        .expect("write");
-    // The client reads nothing; the proxy's writes stop, and a second later it gives up.
-    let closed = eventually(Duration::from_secs(10), || async {
-        (metric(dp.admin, "trimtab_dataplane_stalled_closes_total").await == Some(1.0))
-            .then_some(())
-    })
-    .await;
-    assert!(closed.is_some(), "no stall close within 10 s");
-    // What the sockets held arrives, then the connection ends: the body is cut short.
-    let mut got = 0usize;
-    let mut b = vec![0u8; 1 << 16];
-    let ended = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match c.read(&mut b).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => got += n,
+    // The plain path, then hyper's (`TE: trailers` is one of the things the plain path hands on).
+    for (i, extra) in ["", "TE: trailers\r\n"].into_iter().enumerate() {
+        let mut c = TcpStream::connect(dp.proxy).await.expect("connect");
+        c.write_all(format!("GET /big HTTP/1.1\r\nHost: a\r\n{extra}\r\n").as_bytes())
+            .await
+            .expect("write");
+        // The client reads nothing; the proxy's writes stop, and a second later it gives up.
+        let want = (i + 1) as f64;
+        let closed = eventually(Duration::from_secs(10), || async {
+            (metric(dp.admin, "trimtab_dataplane_stalled_closes_total").await == Some(want))
+                .then_some(())
+        })
+        .await;
+        assert!(closed.is_some(), "no stall close within 10 s ({extra:?})");
+        // What the sockets held arrives, then the connection ends: the body is cut short.
+        let mut got = 0usize;
+        let mut b = vec![0u8; 1 << 16];
+        let ended = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match c.read(&mut b).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got += n,
+                }
             }
-        }
-    })
-    .await;
-    assert!(ended.is_ok(), "the proxy kept the connection open");
-    assert!(got < 64 << 20, "the whole body arrived ({got} bytes)");
+        })
+        .await;
+        assert!(
+            ended.is_ok(),
+            "the proxy kept the connection open ({extra:?})"
+        );
+        assert!(
+            got < 64 << 20,
+            "the whole body arrived ({got} bytes, {extra:?})"
+        );
+    }
+    assert_eq!(
+        metric(dp.admin, "trimtab_dataplane_http1_handoffs_total").await,
+        Some(1.0)
+    );
 }
