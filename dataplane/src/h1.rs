@@ -121,28 +121,16 @@ async fn linger(client: &mut TcpStream) {
 
 /// Write all of `b` unless the peer takes none of it for `stall` (`limits.stall_timeout`): a
 /// client that stops reading, or an upstream that stops taking a body, is given up rather than
-/// holding the connections for ever. A write the socket takes at once arms no timer: most do,
-/// and a timer made for every write showed in the user time per request (`h2load`, by hand).
+/// holding the connections for ever. The forwarders' own write: a write the socket takes at
+/// once arms no timer.
 async fn put(s: &mut TcpStream, b: &[u8], stall: Duration) -> std::io::Result<()> {
-    let mut at = 0;
-    while at < b.len() {
-        match s.try_write(&b[at..]) {
-            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(n) => at += n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-            Err(e) => return Err(e),
-        }
+    let r = crate::forward::zero_copy::write_all(s, b, stall, &mut Default::default()).await;
+    if r.as_ref()
+        .is_err_and(|e| e.kind() == std::io::ErrorKind::TimedOut)
+    {
+        METRICS.stalled_closes.fetch_add(1, Ordering::Relaxed);
     }
-    if at == b.len() {
-        return Ok(());
-    }
-    match tokio::time::timeout(stall, s.write_all(&b[at..])).await {
-        Ok(r) => r,
-        Err(_) => {
-            METRICS.stalled_closes.fetch_add(1, Ordering::Relaxed);
-            Err(std::io::ErrorKind::TimedOut.into())
-        }
-    }
+    r
 }
 
 /// What reading the next request gave.
@@ -201,10 +189,9 @@ async fn next_request(
             match req.parse(buf) {
                 Ok(httparse::Status::Complete(n)) => {
                     return match plan(proxy, &routes, &req, n, buf, info) {
-                        Some(p) => {
-                            let taken = n + (p.plan.head.len() - p.head_only);
+                        Some((p, taken)) => {
                             buf.drain(..taken);
-                            Read::Plan(Box::new(p.plan))
+                            Read::Plan(Box::new(p))
                         }
                         None => Read::Hyper,
                     };
@@ -251,12 +238,6 @@ async fn next_request(
     }
 }
 
-/// A plan and how much of it is head (the rest is body taken from the buffer).
-struct Planned {
-    plan: Plan,
-    head_only: usize,
-}
-
 /// Whether a `Connection` value holds only `close` and `keep-alive`; and whether `close`.
 fn connection_options(v: &[u8]) -> Option<bool> {
     let mut close = false;
@@ -286,8 +267,9 @@ fn put_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// The upstream request for a parsed head of `n` bytes at the front of `buf`, or `None`
-/// when hyper should serve it.
+/// The upstream request for a parsed head of `n` bytes at the front of `buf`, and how many
+/// bytes of `buf` it took (the head and the body bytes already read); `None` when hyper should
+/// serve it.
 fn plan(
     proxy: &Proxy,
     routes: &crate::proxy::Routes,
@@ -295,7 +277,7 @@ fn plan(
     n: usize,
     buf: &[u8],
     info: &ConnInfo,
-) -> Option<Planned> {
+) -> Option<(Plan, usize)> {
     let (method, target) = (req.method?, req.path?);
     if req.version != Some(1) || method == "CONNECT" || !target.starts_with('/') {
         return None;
@@ -388,24 +370,21 @@ fn plan(
     put_field(&mut head, b"via", proxy.via().as_bytes());
     put_field(&mut head, b"traceparent", trace.traceparent().as_bytes());
     head.extend_from_slice(b"\r\n");
-    let head_only = head.len();
     let length = length.unwrap_or(0);
     let have = ((buf.len() - n) as u64).min(length) as usize;
     head.extend_from_slice(&buf[n..n + have]);
-    Some(Planned {
-        plan: Plan {
-            upstream: proxy.pick_upstream_index(&service),
-            service,
-            head,
-            body_left: length - have as u64,
-            method,
-            close,
-            trace,
-            t0: Instant::now(),
-            stall: routes.config.limits.stall_timeout,
-        },
-        head_only,
-    })
+    let plan = Plan {
+        upstream: proxy.pick_upstream_index(&service),
+        service,
+        head,
+        body_left: length - have as u64,
+        method,
+        close,
+        trace,
+        t0: Instant::now(),
+        stall: routes.config.limits.stall_timeout,
+    };
+    Some((plan, n + have))
 }
 
 /// A short plain-text response of the proxy's own.
@@ -428,9 +407,12 @@ async fn exchange(proxy: &Proxy, client: &mut TcpStream, plan: Plan) -> Next {
     let upstream = service.upstreams[plan.upstream].as_str();
     let connect_timeout = proxy.routes().config.limits.connect_timeout;
     // With the whole body in hand a request can be sent again.
-    let resendable = plan.body_left == 0 && is_idempotent(&plan.method);
+    let resendable = plan.body_left == 0 && crate::proxy::is_idempotent(&plan.method);
     let mut retried = false;
-    let refuse = |status: u16, reason: &str, extra: &str| {
+    // Before the body went upstream whole, some of it may still be on its way from the client,
+    // and it cannot be told apart from a next request: a refusal then closes.
+    let unread = plan.close || plan.body_left > 0;
+    let refuse = |status: u16, reason: &str, extra: &str, close: bool| {
         traces::request(
             &plan.trace,
             &service.name,
@@ -438,8 +420,7 @@ async fn exchange(proxy: &Proxy, client: &mut TcpStream, plan: Plan) -> Next {
             Some(status),
             plan.t0.elapsed(),
         );
-        // A body the client still has to send cannot be told apart from the next request.
-        own_response(status, reason, extra, plan.close || plan.body_left > 0)
+        own_response(status, reason, extra, close)
     };
     loop {
         let mut c = match proxy
@@ -454,11 +435,12 @@ async fn exchange(proxy: &Proxy, client: &mut TcpStream, plan: Plan) -> Next {
                         503,
                         "upstream connection limit reached",
                         "retry-after: 1\r\n",
+                        unread,
                     )
                 } else {
-                    refuse(502, "upstream connect failed", "")
+                    refuse(502, "upstream connect failed", "", unread)
                 };
-                return reply(client, &r, plan.close || plan.body_left > 0, plan.stall).await;
+                return reply(client, &r, unread, plan.stall).await;
             }
         };
         let reused = c.reused;
@@ -472,8 +454,7 @@ async fn exchange(proxy: &Proxy, client: &mut TcpStream, plan: Plan) -> Next {
         };
         let failure = match sent {
             Ok(()) => match relay_response(proxy, client, up, &plan).await {
-                Ok(relayed) => {
-                    let (next, keep) = relayed;
+                Ok((next, keep)) => {
                     if keep {
                         proxy.pool.checkin(c, service.pool);
                     }
@@ -508,30 +489,26 @@ async fn exchange(proxy: &Proxy, client: &mut TcpStream, plan: Plan) -> Next {
                     continue;
                 }
                 METRICS.finish("http", "upstream_error");
-                let r = refuse(502, "upstream request failed", "");
-                // Part of a body may still be on its way from the client.
-                return reply(client, &r, plan.close || plan.body_left > 0, plan.stall).await;
+                let r = refuse(502, "upstream request failed", "", unread);
+                return reply(client, &r, unread, plan.stall).await;
             }
             Failure::BadResponse(why) => {
                 METRICS.upstream_error("send", reused, Some(c.age()));
                 METRICS.finish("http", "upstream_error");
                 tracing::warn!(side = "upstream", service = %service.name, %upstream, method = %plan.method, reason = why, "upstream sent a malformed response");
-                let r = refuse(502, "upstream sent a malformed response", "");
+                let r = refuse(502, "upstream sent a malformed response", "", plan.close);
                 return reply(client, &r, plan.close, plan.stall).await;
             }
             Failure::MidBody(why) => {
                 tracing::warn!(side = "upstream", service = %service.name, %upstream, method = %plan.method, reason = %why, "response cut off");
                 return Next::Abort;
             }
+            Failure::ClientGone(e) => {
+                tracing::info!(side = "client", service = %service.name, method = %plan.method, error = %e, "client left (or stalled) during the response");
+                return Next::Abort;
+            }
         }
     }
-}
-
-fn is_idempotent(m: &Method) -> bool {
-    matches!(
-        *m,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    )
 }
 
 /// Write a response of the proxy's own; the connection then closes if `close`.
@@ -555,8 +532,11 @@ enum Failure {
     BeforeResponse(std::io::Error),
     /// The response head was not HTTP.
     BadResponse(&'static str),
-    /// The client already has part of the response: both connections are dropped.
+    /// The upstream broke off a response the client already has part of: both connections
+    /// are dropped.
     MidBody(String),
+    /// The client went away, or stalled, while the response was written to it.
+    ClientGone(std::io::Error),
 }
 
 /// Copy the rest of a `Content-Length` body from the client to the upstream.
@@ -758,7 +738,7 @@ async fn relay_response(
             if (100..200).contains(&rh.status) {
                 put(client, &rh.head, plan.stall)
                     .await
-                    .map_err(|e| Failure::MidBody(e.to_string()))?;
+                    .map_err(Failure::ClientGone)?;
                 rb.drain(..rh.head_len);
                 continue;
             }
@@ -801,7 +781,7 @@ async fn relay_response(
         );
         put(client, &rh.head, plan.stall)
             .await
-            .map_err(|e| Failure::MidBody(e.to_string()))?;
+            .map_err(Failure::ClientGone)?;
         rechunk(client, up, &mut rb, &mut framing, keeper, plan.stall).await?
     } else {
         passthrough(client, up, &mut rb, &mut framing, rh.head, plan.stall).await?
@@ -850,7 +830,7 @@ async fn passthrough(
             None if n > 0 => put(client, &rb[..n], stall).await,
             None => Ok(()),
         };
-        sent.map_err(|e| Failure::MidBody(e.to_string()))?;
+        sent.map_err(Failure::ClientGone)?;
         if done {
             return Ok(if n < rb.len() { End::Spent } else { End::Clean });
         }
@@ -875,7 +855,6 @@ async fn rechunk(
     stall: Duration,
 ) -> Result<End, Failure> {
     let mut out = Vec::new();
-    let mid = |e: std::io::Error| Failure::MidBody(e.to_string());
     loop {
         let mut at = 0;
         let mut done = false;
@@ -898,7 +877,9 @@ async fn rechunk(
             out.extend_from_slice(b"0\r\n\r\n");
         }
         if !out.is_empty() {
-            put(client, &out, stall).await.map_err(mid)?;
+            put(client, &out, stall)
+                .await
+                .map_err(Failure::ClientGone)?;
             out.clear();
         }
         if done {
@@ -916,10 +897,14 @@ async fn rechunk(
                     let mut chunk = format!("{:x}\r\n", PING.len()).into_bytes();
                     chunk.extend_from_slice(PING);
                     chunk.extend_from_slice(b"\r\n");
-                    put(client, &chunk, stall).await.map_err(mid)?;
+                    put(client, &chunk, stall)
+                        .await
+                        .map_err(Failure::ClientGone)?;
                 }
                 Due::End => {
-                    put(client, b"0\r\n\r\n", stall).await.map_err(mid)?;
+                    put(client, b"0\r\n\r\n", stall)
+                        .await
+                        .map_err(Failure::ClientGone)?;
                     return Ok(End::Spent);
                 }
                 Due::Wait(w) => break w,
@@ -935,12 +920,14 @@ async fn rechunk(
         match read {
             None => {}
             Some(Ok(0)) if *framing == Framing::Close => {
-                put(client, b"0\r\n\r\n", stall).await.map_err(mid)?;
+                put(client, b"0\r\n\r\n", stall)
+                    .await
+                    .map_err(Failure::ClientGone)?;
                 return Ok(End::Spent);
             }
             Some(Ok(0)) => return Err(Failure::MidBody("upstream closed inside the body".into())),
             Some(Ok(_)) => {}
-            Some(Err(e)) => return Err(mid(e)),
+            Some(Err(e)) => return Err(Failure::MidBody(e.to_string())),
         }
     }
 }

@@ -192,7 +192,8 @@ fn bad_request(reason: &str) -> Response<RespBody> {
     r
 }
 
-fn is_idempotent(m: &Method) -> bool {
+/// Methods a request may be sent again for (RFC 9110 §9.2.2).
+pub(crate) fn is_idempotent(m: &Method) -> bool {
     matches!(
         *m,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE

@@ -91,8 +91,9 @@ fn close_frame(code: u16, reason: &str, masked: bool) -> ([u8; 133], usize) {
 }
 
 /// Write all of `data`, waiting for the destination when it is full; a destination that
-/// accepts nothing for `stall` is an error of kind `TimedOut`.
-pub(super) async fn write_all(
+/// accepts nothing for `stall` is an error of kind `TimedOut` (the plain HTTP/1.1 path,
+/// [`crate::h1`], writes with it too).
+pub(crate) async fn write_all(
     dst: &TcpStream,
     mut data: &[u8],
     stall: Duration,
