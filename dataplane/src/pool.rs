@@ -35,11 +35,16 @@ impl Link {
         matches!(self, Link::Raw(_))
     }
 
-    /// Known closed (hyper's view; a raw connection is found closed when it is used).
+    /// Known closed (or, raw, readable while idle).
     fn is_closed(&self) -> bool {
         match self {
             Link::Hyper(s) => s.is_closed(),
-            Link::Raw(_) => false,
+            // An idle connection has nothing to read: read readiness means the upstream
+            // closed it (or sent bytes no request asked for). The reactor's recorded state,
+            // no system call.
+            Link::Raw(t) => t
+                .poll_read_ready(&mut Context::from_waker(std::task::Waker::noop()))
+                .is_ready(),
         }
     }
 
@@ -157,12 +162,9 @@ impl Upstream {
         None
     }
 
-    /// With `raw`, close one idle connection hyper drives (any worker's); whether there was
-    /// one.
-    fn evict_hyper(&mut self, raw: bool) -> bool {
-        if !raw {
-            return false;
-        }
+    /// Close one idle connection hyper drives (any worker's), for a raw request at the
+    /// limit; whether there was one.
+    fn evict_hyper(&mut self) -> bool {
         for list in &mut self.idle {
             if let Some(i) = list.iter().position(|c| !c.link.is_raw()) {
                 list.remove(i);
@@ -237,7 +239,7 @@ impl Pool {
             Got::Open(key, u.limit.clone(), Some(p))
         } else if let Some(c) = u.take(me, true, raw, limits) {
             Got::Idle(c)
-        } else if u.evict_hyper(raw) {
+        } else if raw && u.evict_hyper() {
             // An idle connection hyper holds cannot serve a raw request: it is closed and its
             // place goes to a new one, rather than the request waiting for the limit.
             Got::Open(
@@ -645,5 +647,41 @@ mod tests {
             "the raw one stayed"
         );
         held.abort();
+    }
+
+    /// A raw idle connection the upstream closed is not handed out again: the reactor has
+    /// marked it readable, and checkout opens a new one instead.
+    #[tokio::test]
+    async fn an_idle_raw_connection_the_upstream_closed_is_not_reused() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        // Accepts, then closes every connection at once.
+        let closer = tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                drop(s);
+            }
+        });
+        let pool = Pool::default();
+        let limits = limits(2);
+        let connect = Duration::from_secs(2);
+        let first = pool.checkout(&addr, limits, connect, true).await.unwrap();
+        let created = first.created;
+        pool.checkin(first, limits);
+        // Once the close has reached the reactor, the next checkout opens a new connection.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let fresh = loop {
+            let c = pool.checkout(&addr, limits, connect, true).await.unwrap();
+            if c.created != created {
+                break c;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the closed connection kept being reused"
+            );
+            pool.checkin(c, limits);
+            tokio::task::yield_now().await;
+        };
+        assert!(!fresh.reused);
+        closer.abort();
     }
 }
