@@ -32,7 +32,8 @@ pub enum Archetype {
     Feed,
     /// Large binary messages (server-side tools).
     Bulk,
-    /// Tiny messages every few seconds; some clients vanish without closing (devices).
+    /// Tiny messages every 20–60 s (at the benchmark's 6 s sessions); one device in five
+    /// vanishes without closing: no close frame, no FIN, nothing answered (devices).
     Iot,
     /// Medium compressible JSON at a steady rate (browsers).
     Dashboard,
@@ -90,7 +91,7 @@ impl Archetype {
     pub fn life(self, session: Duration, seed: u64) -> Duration {
         session.mul_f64(match self {
             Archetype::Bulk => 0.5,
-            Archetype::Iot => 2.0,
+            Archetype::Iot => 10.0,
             _ => 1.0,
         }) + self.long_idle(session, seed).unwrap_or_default()
     }
@@ -107,6 +108,14 @@ impl Archetype {
         let draw = rng(&mut s);
         draw.is_multiple_of(3)
             .then(|| session.mul_f64(6.0 + (draw >> 8) as f64 / (u64::MAX >> 8) as f64 * 2.0))
+    }
+
+    /// An IoT device's reporting interval: 10/3 to 10 session lengths (20–60 s at the
+    /// benchmark's 6 s sessions), drawn from the session's seed alone.
+    pub fn report_every(session: Duration, seed: u64) -> Duration {
+        let mut s = (seed ^ 0x7265_706f_7274_0001).max(1);
+        let u = (rng(&mut s) >> 11) as f64 / (1u64 << 53) as f64;
+        session.mul_f64(10.0 / 3.0 + u * 20.0 / 3.0)
     }
 
     /// Parse a name.
@@ -231,8 +240,9 @@ pub async fn run(w: Workload) -> Arc<Stats> {
                 let fits =
                     |life: Duration| Instant::now() + life + Duration::from_secs(3) <= deadline;
                 if !fits(life) {
-                    // a session with a long idle may not fit where an ordinary one still does
-                    if fits(life - a.long_idle(w.session, session_seed).unwrap_or_default()) {
+                    // a long session (an IoT device's, a chat with a long idle) may not fit
+                    // where an ordinary one still does: draw again
+                    if fits(w.session) {
                         continue;
                     }
                     return;
@@ -245,7 +255,7 @@ pub async fn run(w: Workload) -> Arc<Stats> {
                         let mut seed = session_seed;
                         let r = tokio::time::timeout(
                             left + Duration::from_secs(2),
-                            session(w, a, &client, &mut seed, stats),
+                            session(w, a, &client, &mut seed, stats, deadline),
                         )
                         .await;
                         match r {
@@ -281,6 +291,7 @@ async fn session(
     client: &str,
     seed: &mut u64,
     stats: &Stats,
+    deadline: Instant,
 ) -> anyhow::Result<()> {
     if a == Archetype::Terminal {
         return terminal(w, client, seed, stats).await;
@@ -292,7 +303,9 @@ async fn session(
     };
     let mut long_idle = a.long_idle(w.session, *seed);
     let end = Instant::now() + a.life(w.session, *seed);
-    let mut ws = ws_handshake(w.proxy, &format!("{}/stream{query}", a.route()), a, client).await?;
+    let (mut ws, socket) =
+        ws_handshake(w.proxy, &format!("{}/stream{query}", a.route()), a, client).await?;
+    let report_every = Archetype::report_every(w.session, *seed);
     let (msg, gap): (Vec<u8>, Duration) = match a {
         Archetype::Chat => (
             br#"{"type":"message","room":"general","text":"hello everyone, how is it going?"}"#
@@ -300,7 +313,7 @@ async fn session(
             Duration::from_millis(800 + rng(seed) % 1500),
         ),
         Archetype::Bulk => (vec![0xab; 256 << 10], Duration::from_millis(50)),
-        Archetype::Iot => (br#"{"t":21.5,"h":40}"#.to_vec(), Duration::from_secs(3)),
+        Archetype::Iot => (br#"{"t":21.5,"h":40}"#.to_vec(), report_every),
         _ => (br#"{"ack":1}"#.to_vec(), Duration::from_millis(1000)),
     };
     while Instant::now() < end {
@@ -325,24 +338,52 @@ async fn session(
         }
     }
     if a == Archetype::Iot && rng(seed).is_multiple_of(5) {
-        // a device that vanishes without a close frame
-        drop(ws);
-        return Ok(());
+        return vanish(ws, socket, deadline).await;
     }
     ws.close(None).await?;
     while let Ok(Some(Ok(_))) = tokio::time::timeout(Duration::from_secs(2), ws.next()).await {}
     Ok(())
 }
 
+/// A device that vanishes: it stops sending, reading and answering (no close frame, no pong),
+/// and its socket stays open, so no FIN tells the proxy either, as when a device loses power
+/// or its network. Only the proxy's pings or its idle timeout can find it. `socket` is a
+/// duplicate of the connection's socket: closing the WebSocket's own descriptor then sends
+/// nothing. What the proxy sends is discarded unread by the "device" (its pings go
+/// unanswered) until the proxy closes, or until the run's deadline, when the socket is
+/// dropped (a FIN: the run is bounded).
+async fn vanish(
+    ws: WebSocketStream<Box<dyn Io>>,
+    socket: std::os::fd::OwnedFd,
+    deadline: Instant,
+) -> anyhow::Result<()> {
+    drop(ws);
+    let std = std::net::TcpStream::from(socket);
+    std.set_nonblocking(true)?;
+    let mut s = TcpStream::from_std(std)?;
+    let mut sink = vec![0u8; 4096];
+    let _ = tokio::time::timeout_at(deadline.into(), async {
+        while let Ok(n) = s.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+    Ok(())
+}
+
 /// The WebSocket handshake as the archetype's client makes it (offering permessage-deflate
-/// when it does, and speaking it when the proxy agrees).
+/// when it does, and speaking it when the proxy agrees); with a duplicate of the socket's
+/// descriptor (for [`vanish`]).
 async fn ws_handshake(
     proxy: SocketAddr,
     path: &str,
     a: Archetype,
     client: &str,
-) -> anyhow::Result<WebSocketStream<Box<dyn Io>>> {
+) -> anyhow::Result<(WebSocketStream<Box<dyn Io>>, std::os::fd::OwnedFd)> {
     let mut tcp = TcpStream::connect(proxy).await?;
+    let socket = std::os::fd::AsFd::as_fd(&tcp).try_clone_to_owned()?;
     let key = generate_key();
     let mut head = format!(
         "GET {path} HTTP/1.1\r\nHost: {proxy}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nUser-Agent: {}\r\nX-Client-Id: {client}\r\n",
@@ -392,7 +433,10 @@ async fn ws_handshake(
         }
         None => Box::new(dataplane::prefixed::Prefixed::new(rest, tcp)),
     };
-    Ok(WebSocketStream::from_raw_socket(io, Role::Client, None).await)
+    Ok((
+        WebSocketStream::from_raw_socket(io, Role::Client, None).await,
+        socket,
+    ))
 }
 
 async fn terminal(w: &Workload, client: &str, seed: &mut u64, stats: &Stats) -> anyhow::Result<()> {

@@ -970,6 +970,90 @@ async fn a_client_that_never_finishes_its_request_head_is_cut_off_at_the_handsha
     );
 }
 
+/// A vanishing IoT device of the workload goes silent with its socket open: no close frame,
+/// no FIN, no pong. A stand-in proxy that pings a quiet connection tells the live devices (they
+/// answer, then close normally at the end of their session) from the vanished ones, and its
+/// closing a vanished one ends that session at once (the run does not wait for its deadline).
+#[tokio::test]
+async fn a_vanished_device_goes_silent_with_its_socket_open() {
+    use futures_util::{SinkExt as _, StreamExt as _};
+    use std::sync::{Arc, Mutex};
+    use tokio_tungstenite::tungstenite::Message;
+    use trimtab_tests::workload::{Archetype, Workload, run};
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum End {
+        Closed,
+        Fin,
+        Silent,
+    }
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let ends = Arc::new(Mutex::new(Vec::new()));
+    let record = ends.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let record = record.clone();
+            tokio::spawn(async move {
+                let mut ws = tokio_tungstenite::accept_async(s).await.unwrap();
+                let end = loop {
+                    let quiet = Duration::from_millis(1500);
+                    match tokio::time::timeout(quiet, ws.next()).await {
+                        Ok(Some(Ok(Message::Close(_)))) => break End::Closed,
+                        Ok(Some(Ok(m @ Message::Text(_)))) => ws.send(m).await.unwrap(),
+                        Ok(Some(Ok(_))) => {}
+                        Ok(None | Some(Err(_))) => break End::Fin,
+                        // Quiet: a live device answers a ping (it reads during its gaps).
+                        Err(_) => {
+                            ws.send(Message::Ping(vec![1].into())).await.unwrap();
+                            let pong = tokio::time::timeout(Duration::from_secs(1), async {
+                                loop {
+                                    match ws.next().await {
+                                        Some(Ok(Message::Pong(_))) => return Some(End::Closed),
+                                        Some(Ok(Message::Close(_))) => return None,
+                                        Some(Ok(_)) => {}
+                                        _ => return Some(End::Fin),
+                                    }
+                                }
+                            })
+                            .await;
+                            match pong {
+                                Ok(Some(End::Closed)) => {}
+                                Ok(None) => break End::Closed,
+                                Ok(Some(_)) => break End::Fin,
+                                Err(_) => break End::Silent,
+                            }
+                        }
+                    }
+                };
+                record.lock().unwrap().push(end);
+                // Dropped: the stand-in proxy closes the connection.
+            });
+        }
+    });
+    let t0 = std::time::Instant::now();
+    let stats = run(Workload {
+        proxy: addr,
+        concurrency: 12,
+        total: 12,
+        duration: Duration::from_secs(30),
+        // IoT sessions of 3 s, reporting every 1 to 3 s
+        session: Duration::from_millis(300),
+        mix: vec![Archetype::Iot],
+        seed: 7,
+        paired: None,
+    })
+    .await;
+    let took = t0.elapsed();
+    let ends = ends.lock().unwrap().clone();
+    assert_eq!(ends.len(), 12, "{ends:?} {stats:?}");
+    let count = |e| ends.iter().filter(|x| **x == e).count();
+    assert_eq!(count(End::Fin), 0, "{ends:?}");
+    assert!(count(End::Silent) >= 1, "{ends:?}");
+    assert!(count(End::Closed) >= 1, "{ends:?}");
+    assert_eq!(stats.failures.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert!(took < Duration::from_secs(15), "{took:?}");
+}
+
 /// The workload generator drives every archetype through a real data plane; each becomes
 /// profiles of its own service, and their traffic differs the way the archetypes say.
 #[sqlx::test(migrations = "../migrations")]
@@ -999,7 +1083,8 @@ async fn the_workload_generator_drives_every_archetype_into_profiles(pool: sqlx:
         concurrency: 6,
         total: 36,
         duration: Duration::from_secs(20),
-        session: Duration::from_secs(2),
+        // IoT sessions of 10 s
+        session: Duration::from_secs(1),
         mix: Archetype::ALL.to_vec(),
         seed: 7,
         paired: None,

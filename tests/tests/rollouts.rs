@@ -72,12 +72,18 @@ async fn session(proxy: SocketAddr, client: &str, idle: Duration) -> bool {
     ws.send(Message::text("a")).await.expect("send");
     ws.next().await.expect("echo").expect("ok");
     if !idle.is_zero() {
-        match tokio::time::timeout(idle, ws.next()).await {
-            Err(_) => {}
-            Ok(_) => {
-                while ws.next().await.is_some() {}
-                return false;
+        // Silent but alive: the proxy's pings are answered (tungstenite does, while read).
+        let quiet = async {
+            loop {
+                match ws.next().await {
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                    _ => return,
+                }
             }
+        };
+        if tokio::time::timeout(idle, quiet).await.is_ok() {
+            while ws.next().await.is_some() {}
+            return false;
         }
     }
     if ws.send(Message::text("b")).await.is_err() {

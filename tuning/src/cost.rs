@@ -20,7 +20,9 @@
 //! Censoring: when our own idle timeout closed a connection, its real idle gap is unknown beyond
 //! that timeout; every longer timeout is then scored as if the gap had ended right after it
 //! (no premature close) and the timeout used as premature. Labels of such rows lean long, never
-//! short.
+//! short. Not so for a dead peer (`dead_peer`: it missed its pongs, or never answered the idle
+//! close): the silence that ended it was no gap of a live client, so a timeout is premature only
+//! if it is shorter than the largest gap between its messages (from the gap histogram).
 
 use serde::{Deserialize, Serialize};
 
@@ -186,13 +188,23 @@ pub fn cost_terms(p: &Profile, s: &Settings, w: &CostWeights) -> CostTerms {
         t.dead_peer_delay += detect * w.dead_peer_second;
     }
     // idle_timeout: premature closes, and memory held by a vanished peer
-    let gap_s = p
-        .client_to_upstream
-        .max_gap_ms
-        .max(p.upstream_to_client.max_gap_ms) as f64
-        / 1e3;
+    let gap_s = if p.dead_peer {
+        // The silence after the peer died is no gap a live peer left: the largest gap between
+        // messages (its histogram bucket's midpoint), without the tail.
+        dirs.iter()
+            .filter_map(|d| d.gaps_ms.0.iter().rposition(|c| *c > 0))
+            .map(bucket_mid)
+            .fold(0.0, f64::max)
+            / 1e3
+    } else {
+        p.client_to_upstream
+            .max_gap_ms
+            .max(p.upstream_to_client.max_gap_ms) as f64
+            / 1e3
+    };
     let used = p.decision.settings.idle_timeout;
-    let premature = if p.idle_timeout_fired {
+    // A dead peer's connection closed by the idle timeout is not censored: its peer was gone.
+    let premature = if p.idle_timeout_fired && !p.dead_peer {
         // censored: the gap was at least `used`
         s.idle_timeout <= used
     } else {
@@ -364,6 +376,32 @@ mod tests {
     }
 
     #[test]
+    fn a_dead_peer_the_idle_timeout_found_is_not_censored() {
+        // A device that sent every 45 s, then went silent: the 120 s timeout closed it and it
+        // never answered the close.
+        let dead = profile(400, |p| {
+            traffic(&mut p.client_to_upstream, 6, 20);
+            for _ in 0..5 {
+                p.client_to_upstream.gaps_ms.record(45_000);
+            }
+            p.client_to_upstream.max_gap_ms = 120_000; // the silence before the close
+            p.decision.settings.idle_timeout = 120;
+            p.decision.settings.ping_interval = 0;
+            p.idle_timeout_fired = true;
+            p.dead_peer = true;
+        });
+        // The shortest timeout above its gaps, and pings that find it sooner still.
+        let best = oracle(&dead, &W);
+        assert_eq!((best.idle_timeout, best.ping_interval), (60, 15));
+        // The same profile from a live client (it answered the close) is censored: longer.
+        let live = Profile {
+            dead_peer: false,
+            ..dead.clone()
+        };
+        assert!(oracle(&live, &W).idle_timeout > 120);
+    }
+
+    #[test]
     fn a_censored_idle_close_labels_longer_than_the_timeout_used() {
         let p = profile(400, |p| {
             traffic(&mut p.client_to_upstream, 3, 100);
@@ -408,6 +446,8 @@ mod tests {
         // it in 45 s instead of 300.
         let dying = profile(3600, |p| {
             traffic(&mut p.client_to_upstream, 100, 100);
+            // a dead peer's gaps are read from the histogram (the largest gap is the silence)
+            p.client_to_upstream.gaps_ms.record(200_000);
             p.client_to_upstream.max_gap_ms = 200_000;
             p.dead_peer = true;
         });

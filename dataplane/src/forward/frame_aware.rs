@@ -50,13 +50,35 @@ pub(super) struct Pings {
 }
 
 impl Pings {
+    /// A ping is due: the id of the one to send, or `None` when the peer missed enough pongs
+    /// in a row to be dead (the one that was outstanding counts as missed).
+    pub(super) fn tick(&mut self) -> Option<u64> {
+        if self.outstanding.take().is_some() {
+            self.missed += 1;
+            self.consecutive_missed += 1;
+            if self.consecutive_missed >= tuning::settings::MISSED_PONGS_FOR_DEAD_PEER {
+                return None;
+            }
+        }
+        self.next_id += 1;
+        self.outstanding = Some((self.next_id, Instant::now()));
+        self.sent += 1;
+        Some(self.next_id)
+    }
+
     pub(super) fn on_pong(&mut self, payload: &[u8]) {
         let Ok(id) = <[u8; 8]>::try_from(payload).map(u64::from_be_bytes) else {
             return;
         };
-        if let Some((want, at)) = self.outstanding
-            && want == id
-        {
+        if self.outstanding.is_some_and(|(want, _)| want == id) {
+            self.answered_now();
+        }
+    }
+
+    /// The outstanding ping, if any, was answered now (`zero_copy` sees that a pong passed,
+    /// not its payload).
+    pub(super) fn answered_now(&mut self) {
+        if let Some((_, at)) = self.outstanding {
             let us = at.elapsed().as_micros() as u64;
             self.answered += 1;
             self.rtt_min = Some(self.rtt_min.map_or(us, |m| m.min(us)));
@@ -119,6 +141,8 @@ struct Shared {
     /// The first close seen: (by, code, reason).
     first_close: Mutex<Option<(ClosedBy, u16, String)>>,
     closing: AtomicBool,
+    /// The client sent a close frame.
+    client_closed: AtomicBool,
 }
 
 impl Shared {
@@ -243,6 +267,9 @@ where
             Message::Ping(_) | Message::Frame(_) => {}
             Message::Close(frame) => {
                 tracing::debug!(?leg, ?frame, "close frame received");
+                if leg == Leg::Client {
+                    shared.client_closed.store(true, Ordering::Relaxed);
+                }
                 let (code, reason) = frame.as_ref().map_or((1005, String::new()), |f| {
                     (u16::from(f.code), f.reason.to_string())
                 });
@@ -298,21 +325,10 @@ async fn pinger(interval: Duration, tx: mpsc::Sender<Message>, pings: &Mutex<Pin
     let mut tick = tokio::time::interval_at(Instant::now() + interval, interval);
     loop {
         tick.tick().await;
-        let payload = {
-            let mut p = pings.lock().expect("pings");
-            if p.outstanding.take().is_some() {
-                p.missed += 1;
-                p.consecutive_missed += 1;
-                if p.consecutive_missed >= tuning::settings::MISSED_PONGS_FOR_DEAD_PEER {
-                    return;
-                }
-            }
-            p.next_id += 1;
-            let id = p.next_id;
-            p.outstanding = Some((id, Instant::now()));
-            p.sent += 1;
-            id.to_be_bytes()
+        let Some(id) = pings.lock().expect("pings").tick() else {
+            return;
         };
+        let payload = id.to_be_bytes();
         // A full channel means the writer is busy with data: the ping waits its turn.
         if tx
             .send(Message::Ping(Bytes::copy_from_slice(&payload)))
@@ -377,6 +393,7 @@ where
         paused_ns: AtomicU64::new(0),
         first_close: Mutex::new(None),
         closing: AtomicBool::new(false),
+        client_closed: AtomicBool::new(false),
     };
     let mut c2u = DirStats::new();
     let mut u2c = DirStats::new();
@@ -531,6 +548,12 @@ where
                 break;
             }
         }
+        // A client that answered the idle close with neither a close frame nor the end of its
+        // stream within the grace had gone silent: the idle timeout found a dead peer.
+        if idle_timeout_fired && !rc_done && !shared.client_closed.load(Ordering::Relaxed) {
+            dead_peer = true;
+            error_class.get_or_insert("client_dead");
+        }
         // Let the writers deliver what is queued (close frames above all), then stop them.
         p_client.set(maybe(None));
         p_upstream.set(maybe(None));
@@ -664,6 +687,7 @@ mod tests {
         )
         .await;
         assert!(out.idle_timeout_fired);
+        assert!(!out.dead_peer, "the client answered the close");
         assert_eq!(out.close_code, Some(1001));
         assert!(t0.elapsed() >= Duration::from_secs(30));
         assert_eq!(up.await.unwrap(), Some((1001, "idle timeout".to_string())));
@@ -671,6 +695,32 @@ mod tests {
             client.await.unwrap(),
             Some((1001, "idle timeout".to_string()))
         );
+    }
+
+    /// A client that answers the idle close with nothing (no close frame, no end of stream)
+    /// within the grace had gone silent: a dead peer, which pings would have found sooner.
+    #[tokio::test(start_paused = true)]
+    async fn an_unanswered_idle_close_finds_a_dead_client() {
+        let (client_proxy, client_peer) = tokio::io::duplex(1 << 16);
+        let (up_proxy, up_peer) = tokio::io::duplex(1 << 16);
+        let up = upstream_peer(up_peer);
+        let (_tx, rx) = watch::channel(false);
+        let out = run(
+            client_proxy,
+            vec![],
+            up_proxy,
+            vec![],
+            settings(0, 30),
+            limits(),
+            rx,
+            Duration::ZERO,
+        )
+        .await;
+        drop(client_peer);
+        assert!(out.idle_timeout_fired);
+        assert!(out.dead_peer);
+        assert_eq!(out.error_class, Some("client_dead"));
+        assert_eq!(up.await.unwrap(), Some((1001, "idle timeout".to_string())));
     }
 
     fn upstream_peer_client(

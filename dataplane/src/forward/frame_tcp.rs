@@ -290,6 +290,8 @@ struct Shared {
     /// A close frame went (or is queued) to this leg.
     close_sent: [AtomicBool; 2],
     closing: AtomicBool,
+    /// The client sent a close frame.
+    client_closed: AtomicBool,
     first_close: Mutex<Option<(ClosedBy, u16, String)>>,
     /// Ping bookkeeping per leg, when the proxy pings.
     pings: [Mutex<Option<Box<Pings>>>; 2],
@@ -429,6 +431,7 @@ async fn on_control(
                 "close frame received"
             );
             let by = if me == CLIENT {
+                sh.client_closed.store(true, Ordering::Relaxed);
                 ClosedBy::Client
             } else {
                 ClosedBy::Upstream
@@ -735,17 +738,7 @@ async fn ping(sh: &Shared, leg: usize, sock: &TcpStream, grace: Duration) -> boo
     let payload = {
         let mut g = sh.pings[leg].lock().expect("pings");
         let Some(p) = g.as_mut() else { return true };
-        if p.outstanding.take().is_some() {
-            p.missed += 1;
-            p.consecutive_missed += 1;
-            if p.consecutive_missed >= tuning::settings::MISSED_PONGS_FOR_DEAD_PEER {
-                return false;
-            }
-        }
-        p.next_id += 1;
-        let id = p.next_id;
-        p.outstanding = Some((id, tokio::time::Instant::now()));
-        p.sent += 1;
+        let Some(id) = p.tick() else { return false };
         id.to_be_bytes()
     };
     sh.send(leg, sock, 9, &payload, grace).await;
@@ -777,6 +770,7 @@ pub async fn run(
         broken: [AtomicBool::new(false), AtomicBool::new(false)],
         close_sent: [AtomicBool::new(false), AtomicBool::new(false)],
         closing: AtomicBool::new(false),
+        client_closed: AtomicBool::new(false),
         first_close: Mutex::new(None),
         pings: [new_pings(), new_pings()],
     };
@@ -925,6 +919,12 @@ pub async fn run(
             if a_done && b_done {
                 break;
             }
+        }
+        // A client that answered the idle close with neither a close frame nor the end of its
+        // stream within the grace had gone silent: the idle timeout found a dead peer.
+        if idle_timeout_fired && !a_done && !sh.client_closed.load(Ordering::Relaxed) {
+            dead_peer = true;
+            error_class.get_or_insert("client_dead");
         }
     }
     // An upstream that stopped reading while the client was not reading its replies either
@@ -1211,6 +1211,45 @@ mod tests {
         assert_eq!((op, &p[..2]), (0x88, &1001u16.to_be_bytes()[..]));
     }
 
+    /// Idle closes: a client that answers with its close is alive; one that answers nothing
+    /// within the grace had gone silent, a dead peer.
+    #[tokio::test]
+    async fn an_idle_close_tells_a_live_client_from_a_dead_one() {
+        for answers in [true, false] {
+            let s = Settings {
+                idle_timeout: 1,
+                ..settings(0)
+            };
+            let (mut client, mut upstream, fwd) = forwarding(s, limits(1 << 20)).await;
+            // The upstream answers the proxy's close and waits for the end.
+            let up = tokio::spawn(async move {
+                let got = read_frame(&mut upstream).await;
+                let reply = frame(0x88, &1001u16.to_be_bytes(), None);
+                upstream.write_all(&reply).await.unwrap();
+                let _ = upstream.read_to_end(&mut Vec::new()).await;
+                got
+            });
+            let (op, _) = read_frame(&mut client).await;
+            assert_eq!(op, 0x88);
+            if answers {
+                let reply = frame(0x88, &1001u16.to_be_bytes(), Some([1, 2, 3, 4]));
+                client.write_all(&reply).await.unwrap();
+            }
+            let out = tokio::time::timeout(Duration::from_secs(10), fwd)
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(out.idle_timeout_fired);
+            assert_eq!(out.dead_peer, !answers, "{out:?}");
+            assert_eq!(
+                out.error_class,
+                (!answers).then_some("client_dead"),
+                "{out:?}"
+            );
+            assert_eq!(up.await.unwrap().0, 0x88);
+        }
+    }
+
     /// A peer that floods pings and never reads cannot grow the queue of pongs toward it.
     #[tokio::test]
     async fn pongs_for_a_peer_that_does_not_read_are_bounded() {
@@ -1224,6 +1263,7 @@ mod tests {
             broken: [AtomicBool::new(false), AtomicBool::new(false)],
             close_sent: [AtomicBool::new(false), AtomicBool::new(false)],
             closing: AtomicBool::new(false),
+            client_closed: AtomicBool::new(false),
             first_close: Mutex::new(None),
             pings: [Mutex::new(None), Mutex::new(None)],
         };

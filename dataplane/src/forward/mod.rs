@@ -288,14 +288,31 @@ pub enum CloseRequest {
     Idle,
     /// The data plane is shutting down (close 1001 "going away").
     Shutdown,
+    /// The client missed its pongs (`zero_copy`'s pings; the other modes decide this in their
+    /// own loops): 1001 "ping timeout" to it, 1001 "client not responding" to the upstream.
+    DeadClient,
+    /// The upstream missed its pongs: 1011 "upstream not responding" to the client, 1001
+    /// "ping timeout" to the upstream.
+    DeadUpstream,
 }
 
 impl CloseRequest {
-    /// The WebSocket close code and reason sent for it.
+    /// The WebSocket close code and reason sent to the client for it (the upstream gets the
+    /// same for an idle timeout or a shutdown; see [`CloseRequest::toward`]).
     pub fn code_reason(self) -> (u16, &'static str) {
-        match self {
-            CloseRequest::Idle => (1001, "idle timeout"),
-            CloseRequest::Shutdown => (1001, "proxy shutting down"),
+        self.toward(false)
+    }
+
+    /// The close code and reason sent toward the upstream (`true`) or the client.
+    pub fn toward(self, to_upstream: bool) -> (u16, &'static str) {
+        match (self, to_upstream) {
+            (CloseRequest::Idle, _) => (1001, "idle timeout"),
+            (CloseRequest::Shutdown, _) => (1001, "proxy shutting down"),
+            (CloseRequest::DeadClient, false) | (CloseRequest::DeadUpstream, true) => {
+                (1001, "ping timeout")
+            }
+            (CloseRequest::DeadClient, true) => (1001, "client not responding"),
+            (CloseRequest::DeadUpstream, false) => (1011, "upstream not responding"),
         }
     }
 }

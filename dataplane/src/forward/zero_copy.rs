@@ -17,6 +17,7 @@
 use std::io;
 use std::net::Shutdown;
 use std::pin::pin;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -25,6 +26,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tuning::{ClosedBy, Settings};
 
+use super::frame_aware::Pings;
 use super::{BUFFERS, CloseRequest, ForwardLimits, Outcome, Paused};
 use crate::frames::{FrameEvent, FrameTracker};
 use crate::stats::DirStats;
@@ -46,6 +48,9 @@ struct Dir {
     /// The destination is the upstream: frames we insert must be masked.
     to_upstream: bool,
     closed_by_proxy: bool,
+    /// After the proxy closed, the source sent nothing more: no close reply, no FIN within
+    /// the grace (a client that did not answer an idle close had gone silent: a dead peer).
+    silent: bool,
     /// Reads forwarded on the copy path (for compressibility sampling).
     reads: u64,
 }
@@ -64,11 +69,19 @@ enum End {
     WriteError(io::Error),
 }
 
-fn close_frame(code: u16, reason: &str, masked: bool) -> ([u8; 133], usize) {
-    let mut f = [0u8; 133];
+fn close_frame(code: u16, reason: &str, masked: bool) -> ([u8; 131], usize) {
     let reason = &reason.as_bytes()[..reason.len().min(123)];
-    let plen = 2 + reason.len();
-    f[0] = 0x88;
+    let mut payload = [0u8; 125];
+    payload[..2].copy_from_slice(&code.to_be_bytes());
+    payload[2..2 + reason.len()].copy_from_slice(reason);
+    control_frame(0x8, &payload[..2 + reason.len()], masked)
+}
+
+/// One control frame (`opcode`, a payload of at most 125 bytes), masked toward the upstream.
+fn control_frame(opcode: u8, payload: &[u8], masked: bool) -> ([u8; 131], usize) {
+    let mut f = [0u8; 131];
+    let plen = payload.len().min(125);
+    f[0] = 0x80 | opcode;
     f[1] = plen as u8 | if masked { 0x80 } else { 0 };
     let mut at = 2;
     let key = if masked {
@@ -81,9 +94,6 @@ fn close_frame(code: u16, reason: &str, masked: bool) -> ([u8; 133], usize) {
     } else {
         [0; 4]
     };
-    let mut payload = [0u8; 125];
-    payload[..2].copy_from_slice(&code.to_be_bytes());
-    payload[2..plen].copy_from_slice(reason);
     for i in 0..plen {
         f[at + i] = payload[i] ^ key[i % 4];
     }
@@ -169,19 +179,65 @@ pub(super) fn read_pooled(src: &TcpStream, size: usize) -> io::Result<Pooled> {
     }
 }
 
-/// Account for forwarded bytes; true when they carried a close frame.
-fn track(dir: &mut Dir, data: &[u8], now: Instant, origin: Instant) -> bool {
+/// What forwarded bytes carried.
+#[derive(Debug, Clone, Copy)]
+struct Tracked {
+    /// A close frame.
+    close: bool,
+    /// Nothing but whole pongs while the proxy pings: an answer, not traffic, so the idle
+    /// clock does not move (as in `frame_aware`, where the proxy takes pongs out).
+    only_pongs: bool,
+}
+
+/// Account for forwarded bytes: message statistics, and a pong answers the proxy's ping of
+/// the leg they came from.
+fn track(dir: &mut Dir, data: &[u8], now: Instant, sh: &Shared) -> Tracked {
     dir.stats.on_read(data.len());
-    let mut close = false;
+    let (mut close, mut pongs, mut other) = (false, 0u32, false);
     if let Some(t) = dir.tracker.as_mut() {
         let stats = &mut dir.stats;
         t.feed(data, |e| match e {
-            FrameEvent::Message(n) => stats.on_message(n, now, origin),
+            FrameEvent::Message(n) => {
+                other = true;
+                stats.on_message(n, now, sh.origin);
+            }
             FrameEvent::Close => close = true,
-            FrameEvent::Ping | FrameEvent::Pong => {}
+            FrameEvent::Ping => other = true,
+            FrameEvent::Pong => pongs += 1,
         });
+        if pongs > 0
+            && let Some(p) = sh.pings.as_deref()
+        {
+            // The source of the client → upstream direction is the client.
+            let from = if dir.to_upstream { CLIENT } else { UPSTREAM };
+            p.lock().expect("pings").legs[from].answered_now();
+            let only = !other && !close && t.at_frame_boundary();
+            return Tracked {
+                close,
+                only_pongs: only,
+            };
+        }
     }
-    close
+    Tracked {
+        close,
+        only_pongs: false,
+    }
+}
+
+/// The legs, as indices of [`ZcPings::legs`].
+const CLIENT: usize = 0;
+const UPSTREAM: usize = 1;
+
+/// The proxy's own WebSocket pings of both legs: a ping frame written at a frame boundary of
+/// the bytes going to that peer every `ping_interval`, answered by any pong the peer sends
+/// back (the pong passes on to the other peer, as RFC 6455 §5.5.3 allows an unsolicited pong).
+#[derive(Debug)]
+struct ZcPings {
+    every: Duration,
+    /// When the next pings are due.
+    next: Instant,
+    /// `[client, upstream]`.
+    legs: [Pings; 2],
 }
 
 /// Which close frames have been forwarded completely: bit 1 client→upstream, bit 2
@@ -208,15 +264,22 @@ impl Closes {
 /// What both directions of one connection share (borrowed by both pumps).
 #[derive(Debug)]
 struct Shared {
-    buffer_size: usize,
+    buffer_size: u32,
     limits: ForwardLimits,
     /// The moment of the upgrade; `activity` counts from it.
     origin: Instant,
     /// Nanoseconds from `origin` to the last forwarded bytes.
     activity: AtomicU64,
     closes: Closes,
-    /// The proxy's close request: 0 none, 1 idle timeout, 2 shutdown.
+    /// The proxy's close request: 0 none, 1 idle timeout, 2 shutdown, 3 dead client, 4 dead
+    /// upstream.
     close: AtomicU8,
+    /// Pings waiting to be written: bit 1 toward the upstream, bit 2 toward the client (set
+    /// when they are due, taken by the direction that writes to that peer).
+    ping_due: AtomicU8,
+    /// The proxy's pings, when it pings (`ping_interval` > 0 on a WebSocket); boxed, so that
+    /// a connection without them carries 8 bytes.
+    pings: Option<Box<Mutex<ZcPings>>>,
 }
 
 impl Shared {
@@ -237,6 +300,8 @@ impl Shared {
         let v = match r {
             CloseRequest::Idle => 1,
             CloseRequest::Shutdown => 2,
+            CloseRequest::DeadClient => 3,
+            CloseRequest::DeadUpstream => 4,
         };
         self.close.store(v, Ordering::Relaxed);
     }
@@ -245,9 +310,64 @@ impl Shared {
         match self.close.load(Ordering::Relaxed) {
             1 => Some(CloseRequest::Idle),
             2 => Some(CloseRequest::Shutdown),
+            3 => Some(CloseRequest::DeadClient),
+            4 => Some(CloseRequest::DeadUpstream),
             _ => None,
         }
     }
+
+    /// Whether a ping toward this direction's destination (`bit`) is due; takes it.
+    fn take_ping(&self, bit: u8) -> bool {
+        self.ping_due.load(Ordering::Relaxed) & bit != 0
+            && self.ping_due.fetch_and(!bit, Ordering::Relaxed) & bit != 0
+    }
+
+    /// The pings' clock at `now`: when they are due, each leg's outstanding ping is missed
+    /// (a dead peer after three in a row: the close to request) and a new one is handed to the
+    /// direction that writes it. Returns when the clock is next due.
+    fn ping_clock(&self, now: Instant) -> Result<Option<Instant>, CloseRequest> {
+        let Some(p) = self.pings.as_deref() else {
+            return Ok(None);
+        };
+        let mut p = p.lock().expect("pings");
+        if now >= p.next {
+            for (leg, bit, dead) in [
+                (CLIENT, 2, CloseRequest::DeadClient),
+                (UPSTREAM, 1, CloseRequest::DeadUpstream),
+            ] {
+                if p.legs[leg].tick().is_none() {
+                    return Err(dead);
+                }
+                self.ping_due.fetch_or(bit, Ordering::Relaxed);
+            }
+            p.next = now + p.every;
+        }
+        Ok(Some(p.next))
+    }
+}
+
+/// Write the ping due toward this direction's destination (its id as payload, masked toward
+/// the upstream).
+async fn write_ping(dir: &mut Dir, dst: &TcpStream, sh: &Shared) -> io::Result<()> {
+    let leg = if dir.to_upstream { UPSTREAM } else { CLIENT };
+    let id = sh
+        .pings
+        .as_deref()
+        .and_then(|p| p.lock().expect("pings").legs[leg].outstanding)
+        .map(|(id, _)| id);
+    let Some(id) = id else { return Ok(()) };
+    let (f, n) = control_frame(0x9, &id.to_be_bytes(), dir.to_upstream);
+    write_all(dst, &f[..n], sh.limits.stall_timeout, &mut dir.paused).await
+}
+
+/// What woke a direction.
+enum Wake {
+    /// The source is readable (or failed).
+    Readable(io::Result<()>),
+    /// The proxy asked to close.
+    Close(CloseRequest),
+    /// A ping toward the destination is due.
+    Ping,
 }
 
 /// One direction: forward what `src` sends to `dst` until it ends. While idle its whole state
@@ -257,7 +377,7 @@ impl Shared {
 async fn pump(dir: &mut Dir, src: &TcpStream, dst: &TcpStream, head: &[u8], sh: &Shared) -> End {
     let bit = if dir.to_upstream { 1 } else { 2 };
     if !head.is_empty() {
-        let close = track(dir, head, Instant::now(), sh.origin);
+        let close = track(dir, head, Instant::now(), sh).close;
         let w = Box::pin(write_all(
             dst,
             head,
@@ -282,20 +402,38 @@ async fn pump(dir: &mut Dir, src: &TcpStream, dst: &TcpStream, head: &[u8], sh: 
             }
         }
         let waiting_for_close = closing.is_none();
-        let ready = std::future::poll_fn(|cx| {
-            if waiting_for_close && let Some(req) = sh.close_requested() {
-                return Poll::Ready(Err(req));
+        // A due ping goes in between two frames (a control frame may, even inside a
+        // fragmented message); inside one it waits for the frame's end.
+        let can_ping =
+            waiting_for_close && dir.tracker.as_ref().is_some_and(|t| t.at_frame_boundary());
+        let ping = {
+            let ready = std::future::poll_fn(move |cx| {
+                if waiting_for_close {
+                    if let Some(req) = sh.close_requested() {
+                        return Poll::Ready(Wake::Close(req));
+                    }
+                    if can_ping && sh.take_ping(bit) {
+                        return Poll::Ready(Wake::Ping);
+                    }
+                }
+                src.poll_read_ready(cx).map(Wake::Readable)
+            })
+            .await;
+            match ready {
+                Wake::Close(req) => {
+                    closing = Some((req, Instant::now()));
+                    continue;
+                }
+                Wake::Ping => true,
+                Wake::Readable(Err(e)) => return End::ReadError(e),
+                Wake::Readable(Ok(())) => false,
             }
-            src.poll_read_ready(cx).map(Ok)
-        })
-        .await;
-        match ready {
-            Err(req) => {
-                closing = Some((req, Instant::now()));
-                continue;
+        };
+        if ping {
+            if let Err(e) = Box::pin(write_ping(dir, dst, sh)).await {
+                return write_end(e);
             }
-            Ok(Err(e)) => return End::ReadError(e),
-            Ok(Ok(())) => {}
+            continue;
         }
         // The common case costs no allocation and no await: what the source has is read into
         // the worker thread's scratch buffer and written to the destination at once. Only a
@@ -345,7 +483,7 @@ fn copy_ready(dir: &mut Dir, src: &TcpStream, dst: &TcpStream, sh: &Shared) -> C
     if splice::enabled() && splice_left(dir).is_some() {
         return Copied::Splice;
     }
-    let size = sh.buffer_size;
+    let size = sh.buffer_size as usize;
     SCRATCH.with_borrow_mut(|scratch| {
         if scratch.len() < size {
             scratch.resize(size, 0);
@@ -361,8 +499,10 @@ fn copy_ready(dir: &mut Dir, src: &TcpStream, dst: &TcpStream, sh: &Shared) -> C
             Err(e) => return Copied::End(End::ReadError(e)),
         };
         let now = Instant::now();
-        sh.touch_at(now);
-        let close = track(dir, &buf[..n], now, sh.origin);
+        let Tracked { close, only_pongs } = track(dir, &buf[..n], now, sh);
+        if !only_pongs {
+            sh.touch_at(now);
+        }
         let mut at = 0;
         while at < n {
             match dst.try_write(&buf[at..n]) {
@@ -428,7 +568,7 @@ async fn transfer(
     sh: &Shared,
     rest: Option<Rest>,
 ) -> Option<End> {
-    let (buffer_size, limits) = (sh.buffer_size, sh.limits);
+    let (buffer_size, limits) = (sh.buffer_size as usize, sh.limits);
     let bit = if dir.to_upstream { 1 } else { 2 };
     if let Some(Rest { buf, len, close }) = rest {
         let w = write_all(dst, &buf[..len], limits.stall_timeout, &mut dir.paused).await;
@@ -488,8 +628,11 @@ async fn transfer(
         Ok(Pooled::Nothing) => return None,
         Err(e) => return Some(End::ReadError(e)),
     };
-    sh.touch();
-    let close = track(dir, &buf[..n], Instant::now(), sh.origin);
+    let now = Instant::now();
+    let Tracked { close, only_pongs } = track(dir, &buf[..n], now, sh);
+    if !only_pongs {
+        sh.touch_at(now);
+    }
     let w = write_all(dst, &buf[..n], limits.stall_timeout, &mut dir.paused).await;
     if w.is_ok() {
         sample(dir, &buf[..n]);
@@ -516,7 +659,7 @@ async fn close_direction(
 ) -> End {
     let limits = sh.limits;
     if at_boundary && dir.tracker.is_some() {
-        let (code, reason) = req.code_reason();
+        let (code, reason) = req.toward(dir.to_upstream);
         let (f, n) = close_frame(code, reason, dir.to_upstream);
         let _ = write_all(dst, &f[..n], limits.close_grace, &mut dir.paused).await;
     }
@@ -533,7 +676,7 @@ async fn close_direction(
                 Ok(0) => return,
                 // The peer's close reply ends the handshake: no need to wait on.
                 Ok(n) => {
-                    if track(dir, &scratch[..n], Instant::now(), sh.origin) {
+                    if track(dir, &scratch[..n], Instant::now(), sh).close {
                         return;
                     }
                 }
@@ -542,7 +685,12 @@ async fn close_direction(
             }
         }
     };
-    let _ = tokio::time::timeout(limits.close_grace, drain).await;
+    if tokio::time::timeout(limits.close_grace, drain)
+        .await
+        .is_err()
+    {
+        dir.silent = dir.tracker.as_ref().is_some_and(|t| t.close().is_none());
+    }
     End::ProxyClosed
 }
 
@@ -784,16 +932,31 @@ pub fn run(
     drain_delay: Duration,
 ) -> impl std::future::Future<Output = Outcome> + Send + use<> {
     let origin = Instant::now();
+    // A WebSocket is pinged with ping frames, as `frame_aware` does: they find a peer that
+    // stopped answering whatever its kernel does (TCP keepalive, the stand-in for an opaque
+    // tunnel, is answered by the kernel of a peer whose process hangs).
+    let ping_every = (settings.ping_interval > 0 && framing == Framing::WebSocket)
+        .then(|| Duration::from_secs(u64::from(settings.ping_interval)));
     let sh = Shared {
-        buffer_size: settings.buffer_size as usize,
+        buffer_size: settings.buffer_size,
         limits,
         origin,
         activity: AtomicU64::new(0),
         closes: Closes::default(),
         close: AtomicU8::new(0),
+        ping_due: AtomicU8::new(0),
+        pings: ping_every.map(|every| {
+            Box::new(Mutex::new(ZcPings {
+                every,
+                next: origin + every,
+                legs: [Pings::default(), Pings::default()],
+            }))
+        }),
     };
-    set_keepalive(&client, settings.ping_interval);
-    set_keepalive(&upstream, settings.ping_interval);
+    if framing == Framing::Opaque {
+        set_keepalive(&client, settings.ping_interval);
+        set_keepalive(&upstream, settings.ping_interval);
+    }
     let tracker = || (framing == Framing::WebSocket).then(FrameTracker::default);
     let mut c2u = Dir {
         stats: DirStats::new(),
@@ -801,6 +964,7 @@ pub fn run(
         paused: Paused::default(),
         to_upstream: true,
         closed_by_proxy: false,
+        silent: false,
         reads: 0,
     };
     let mut u2c = Dir {
@@ -809,6 +973,7 @@ pub fn run(
         paused: Paused::default(),
         to_upstream: false,
         closed_by_proxy: false,
+        silent: false,
         reads: 0,
     };
     let idle = Duration::from_secs(u64::from(settings.idle_timeout));
@@ -821,7 +986,8 @@ pub fn run(
             let mut b = pin!(pump(&mut u2c, &upstream, &client, &upstream_head, &sh));
             // One timer for the connection's life: the idle deadline, then (once the data plane
             // drains) this connection's slot in the drain window. Reset, never made afresh.
-            let mut timer = pin!(tokio::time::sleep(idle));
+            let first = ping_every.map_or(idle, |p| p.min(idle));
+            let mut timer = pin!(tokio::time::sleep(first));
             let mut timer_for = Timer::Idle;
             let mut shut = pin!(shutdown.wait_for(|v| *v));
             let mut draining = false;
@@ -871,11 +1037,23 @@ pub fn run(
                         return Poll::Pending;
                     }
                     if timer_for == Timer::Idle {
+                        let now = Instant::now();
+                        // The one timer also keeps the pings' clock.
+                        let next_ping = match sh.ping_clock(now) {
+                            Ok(next) => next,
+                            Err(dead) => {
+                                sh.request_close(dead);
+                                timer_for = Timer::Off;
+                                continue;
+                            }
+                        };
                         let last =
                             origin + Duration::from_nanos(sh.activity.load(Ordering::Relaxed));
-                        if Instant::now() < last + idle {
-                            // Traffic since: wait for the new deadline.
-                            timer.as_mut().reset((last + idle).into());
+                        if now < last + idle {
+                            // Traffic since, or a ping due first: wait for the next deadline
+                            // (the directions see a due ping when polled again, right below).
+                            let at = next_ping.map_or(last + idle, |p| p.min(last + idle));
+                            timer.as_mut().reset(at.into());
                             continue;
                         }
                         idle_timeout_fired = true;
@@ -978,15 +1156,25 @@ pub fn run(
                     }
                 }
                 if proxy_closed {
-                    let req = if out.idle_timeout_fired {
-                        CloseRequest::Idle
-                    } else {
-                        CloseRequest::Shutdown
-                    };
-                    let (c, r) = req.code_reason();
+                    let req = sh.close_requested().unwrap_or(CloseRequest::Shutdown);
+                    // Recorded as `frame_aware` records it: the close sent to the peer that
+                    // is still there.
+                    let (c, r) = req.toward(req == CloseRequest::DeadClient);
                     if framing == Framing::WebSocket {
                         out.close_code = Some(c);
                         out.close_reason = Some(r.into());
+                    }
+                    if let Some(dead) = match req {
+                        CloseRequest::DeadClient => Some("client_dead"),
+                        CloseRequest::DeadUpstream => Some("upstream_dead"),
+                        // An idle client that did not answer the close had gone silent: the
+                        // idle timeout found a dead peer (what the cost model must know to
+                        // weigh pings against a longer timeout).
+                        CloseRequest::Idle if c2u.silent => Some("client_dead"),
+                        _ => None,
+                    } {
+                        out.dead_peer = true;
+                        out.error_class = Some(dead);
                     }
                 }
             }
@@ -994,6 +1182,11 @@ pub fn run(
         }
         out.c2u = c2u.stats.finish(end, origin);
         out.u2c = u2c.stats.finish(end, origin);
+        if let Some(p) = sh.pings.as_deref() {
+            let p = p.lock().expect("pings");
+            out.ping_client = p.legs[CLIENT].stats();
+            out.ping_upstream = p.legs[UPSTREAM].stats();
+        }
         out
     }
 }
@@ -1028,7 +1221,11 @@ mod tests {
 #[cfg(test)]
 mod sockets {
     use super::*;
+    use futures_util::StreamExt as _;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio_tungstenite::WebSocketStream;
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::Role;
 
     async fn pair() -> (TcpStream, TcpStream) {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1048,6 +1245,20 @@ mod sockets {
         tokio::task::JoinHandle<Outcome>,
         watch::Sender<bool>,
     ) {
+        forwarding_with(framing, drain_delay, Settings::default()).await
+    }
+
+    /// [`forwarding`] under `settings`.
+    async fn forwarding_with(
+        framing: Framing,
+        drain_delay: Duration,
+        settings: Settings,
+    ) -> (
+        TcpStream,
+        TcpStream,
+        tokio::task::JoinHandle<Outcome>,
+        watch::Sender<bool>,
+    ) {
         let (client, proxy_c) = pair().await;
         let (proxy_u, upstream) = pair().await;
         let (tx, rx) = watch::channel(false);
@@ -1061,7 +1272,7 @@ mod sockets {
             Vec::new(),
             proxy_u,
             Vec::new(),
-            Settings::default(),
+            settings,
             framing,
             limits,
             rx,
@@ -1172,6 +1383,110 @@ mod sockets {
         let out = client_leaves(Framing::Opaque, false).await;
         assert_eq!((out.close_code, out.error_class), (None, None));
     }
+
+    fn pinging(ping_interval: u32, idle_timeout: u32) -> Settings {
+        Settings {
+            ping_interval,
+            idle_timeout,
+            ..Settings::default()
+        }
+    }
+
+    /// A WebSocket peer that answers pings (tungstenite does) until the stream ends; returns
+    /// the close frame it got.
+    fn ws_peer(s: TcpStream, role: Role) -> tokio::task::JoinHandle<Option<(u16, String)>> {
+        tokio::spawn(async move {
+            let mut ws = WebSocketStream::from_raw_socket(s, role, None).await;
+            let mut close = None;
+            while let Some(Ok(m)) = ws.next().await {
+                if let Message::Close(Some(f)) = m {
+                    close = Some((u16::from(f.code), f.reason.to_string()));
+                }
+            }
+            close
+        })
+    }
+
+    /// A client whose process hangs (its socket open, no FIN, nothing read or answered) is
+    /// found by the proxy's ping frames: dead after three missed pongs, closed with 1001 "client
+    /// not responding" toward the upstream. The pings are real frames: unmasked to the
+    /// client, masked to the upstream (whose tungstenite refuses an unmasked frame).
+    #[tokio::test]
+    async fn ping_frames_find_a_silent_websocket_client() {
+        let (mut client, upstream, fwd, _tx) =
+            forwarding_with(Framing::WebSocket, Duration::ZERO, pinging(1, 900)).await;
+        let up = ws_peer(upstream, Role::Server);
+        let t0 = Instant::now();
+        let out = tokio::time::timeout(Duration::from_secs(10), fwd)
+            .await
+            .expect("forwarding ended")
+            .unwrap();
+        let took = t0.elapsed();
+        assert!(out.dead_peer);
+        assert_eq!(out.error_class, Some("client_dead"));
+        assert_eq!(out.closed_by, Some(ClosedBy::Proxy));
+        assert_eq!((out.ping_client.sent, out.ping_client.missed), (3, 3));
+        assert!(out.ping_upstream.answered >= 2, "{:?}", out.ping_upstream);
+        // Pings at 1, 2 and 3 s, dead at the fourth tick (as `frame_aware`: 3 intervals after
+        // the first ping), then the close grace for the client's reply that never comes.
+        assert!(
+            took >= Duration::from_secs(4) && took < Duration::from_secs(7),
+            "{took:?}"
+        );
+        assert_eq!(
+            up.await.unwrap(),
+            Some((1001, "client not responding".to_string()))
+        );
+        // What waits in the client's socket starts with the first ping: id 1, unmasked.
+        let mut first = [0u8; 10];
+        client.read_exact(&mut first).await.unwrap();
+        assert_eq!(first[..2], [0x89, 8]);
+        assert_eq!(u64::from_be_bytes(first[2..].try_into().unwrap()), 1);
+    }
+
+    /// A client that answers the pings is alive, and its pongs are no traffic: the idle
+    /// timeout still closes it on time, and as a live peer (it answered the close).
+    #[tokio::test]
+    async fn pongs_neither_hold_an_idle_connection_nor_make_it_dead() {
+        let (client, upstream, fwd, _tx) =
+            forwarding_with(Framing::WebSocket, Duration::ZERO, pinging(1, 3)).await;
+        let c = ws_peer(client, Role::Client);
+        let up = ws_peer(upstream, Role::Server);
+        let t0 = Instant::now();
+        let out = tokio::time::timeout(Duration::from_secs(10), fwd)
+            .await
+            .expect("forwarding ended")
+            .unwrap();
+        let took = t0.elapsed();
+        assert!(out.idle_timeout_fired);
+        assert!(!out.dead_peer, "{out:?}");
+        assert!(out.ping_client.answered >= 2, "{:?}", out.ping_client);
+        assert_eq!(out.ping_client.missed, 0);
+        assert!(
+            took < Duration::from_secs(5),
+            "pongs held it open: {took:?}"
+        );
+        assert_eq!(c.await.unwrap(), Some((1001, "idle timeout".to_string())));
+        assert_eq!(up.await.unwrap(), Some((1001, "idle timeout".to_string())));
+    }
+
+    /// Without pings, the idle timeout is what finds a silent client: one that does not answer
+    /// its close within the grace had gone away, and the profile says so.
+    #[tokio::test]
+    async fn an_unanswered_idle_close_finds_a_dead_client() {
+        let (_client, upstream, fwd, _tx) =
+            forwarding_with(Framing::WebSocket, Duration::ZERO, pinging(0, 2)).await;
+        let up = ws_peer(upstream, Role::Server);
+        let out = tokio::time::timeout(Duration::from_secs(10), fwd)
+            .await
+            .expect("forwarding ended")
+            .unwrap();
+        assert!(out.idle_timeout_fired);
+        assert!(out.dead_peer);
+        assert_eq!(out.error_class, Some("client_dead"));
+        assert_eq!(out.ping_client.sent, 0);
+        assert_eq!(up.await.unwrap(), Some((1001, "idle timeout".to_string())));
+    }
 }
 
 #[cfg(test)]
@@ -1206,7 +1521,8 @@ mod idle_size {
         );
         let size = std::mem::size_of_val(&f);
         eprintln!("zero_copy::run's state: {size} bytes");
-        // 1,520 bytes in a debug build, 1,504 in release (1,568 before `Paused` and the
+        // 1,504 bytes in a debug build (1,520 before the pings' 8 bytes went in and the buffer
+        // size became a u32 beside the flags), 1,504 in release before (1,568 before `Paused` and the
         // direction stats shed 32 bytes each; 3,060 before the one poll loop). tokio rounds a
         // task to 128 bytes: at 1,504 the tunnel's task is 1,664 bytes, at 1,568 it was 1,792
         // (heaptrack, 3,000 idle connections).

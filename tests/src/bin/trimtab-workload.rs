@@ -20,8 +20,10 @@ struct Args {
     /// Longest run, seconds.
     #[arg(long, default_value_t = 3600)]
     duration_s: u64,
-    /// Life of one connection, seconds.
-    #[arg(long, default_value_t = 15)]
+    /// Life of one connection, seconds (scaled per archetype: bulk half of it, IoT ten times,
+    /// reporting every 10/3 to 10 of it; at 6 s an IoT device reports every 20–60 s and a
+    /// long chat idle lasts 36–48 s).
+    #[arg(long, default_value_t = 6)]
     session_s: u64,
     /// Archetypes (chat, feed, bulk, iot, dashboard, terminal); default all.
     #[arg(long, value_delimiter = ',')]
