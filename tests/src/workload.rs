@@ -203,6 +203,18 @@ pub struct Stats {
     pub sent: AtomicU64,
     /// Messages received by clients.
     pub received: AtomicU64,
+    /// Why the first few failed connections failed (archetype: error).
+    pub errors: std::sync::Mutex<Vec<String>>,
+}
+
+impl Stats {
+    fn failed(&self, a: Archetype, why: String) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        let mut e = self.errors.lock().expect("errors");
+        if e.len() < 8 {
+            e.push(format!("{a:?}: {why}"));
+        }
+    }
 }
 
 fn rng(seed: &mut u64) -> u64 {
@@ -259,9 +271,12 @@ pub async fn run(w: Workload) -> Arc<Stats> {
                         )
                         .await;
                         match r {
-                            Ok(Ok(())) => stats.connections.fetch_add(1, Ordering::Relaxed),
-                            _ => stats.failures.fetch_add(1, Ordering::Relaxed),
-                        };
+                            Ok(Ok(())) => {
+                                stats.connections.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Ok(Err(e)) => stats.failed(a, format!("{e:#}")),
+                            Err(_) => stats.failed(a, "did not end by the deadline".into()),
+                        }
                     }
                 };
                 match w.paired {
@@ -325,8 +340,9 @@ async fn session(
         }
         stats.sent.fetch_add(1, Ordering::Relaxed);
         // read what arrives until the next send (after the first exchange, a long idle gap
-        // if the session has one)
-        let until = Instant::now() + long_idle.take().map_or(gap, |idle| gap + idle);
+        // if the session has one), or until the session's end: a session ends within its life
+        // (a device's 20–60 s interval would otherwise carry it past the end its run planned)
+        let until = (Instant::now() + long_idle.take().map_or(gap, |idle| gap + idle)).min(end);
         while let Ok(m) = tokio::time::timeout_at(until.into(), ws.next()).await {
             match m {
                 Some(Ok(Message::Close(_))) | None => return Ok(()),

@@ -20,9 +20,10 @@
 //! Censoring: when our own idle timeout closed a connection, its real idle gap is unknown beyond
 //! that timeout; every longer timeout is then scored as if the gap had ended right after it
 //! (no premature close) and the timeout used as premature. Labels of such rows lean long, never
-//! short. Not so for a dead peer (`dead_peer`: it missed its pongs, or never answered the idle
-//! close): the silence that ended it was no gap of a live client, so a timeout is premature only
-//! if it is shorter than the largest gap between its messages (from the gap histogram).
+//! short. Not so for a peer that died or vanished (`dead_peer`: it missed its pongs, or never
+//! answered the idle close; or its stream ended with no close frame, or failed): the silence
+//! that ended it was no gap of a live client, so a timeout is premature only if it is shorter
+//! than the largest gap between its messages (from the gap histogram).
 
 use serde::{Deserialize, Serialize};
 
@@ -188,9 +189,9 @@ pub fn cost_terms(p: &Profile, s: &Settings, w: &CostWeights) -> CostTerms {
         t.dead_peer_delay += detect * w.dead_peer_second;
     }
     // idle_timeout: premature closes, and memory held by a vanished peer
-    let gap_s = if p.dead_peer {
-        // The silence after the peer died is no gap a live peer left: the largest gap between
-        // messages (its histogram bucket's midpoint), without the tail.
+    let gap_s = if abnormal(p) {
+        // The silence before a peer died or vanished is no gap a live peer left: the largest
+        // gap between messages (its histogram bucket's midpoint), without the tail.
         dirs.iter()
             .filter_map(|d| d.gaps_ms.0.iter().rposition(|c| *c > 0))
             .map(bucket_mid)
@@ -204,7 +205,7 @@ pub fn cost_terms(p: &Profile, s: &Settings, w: &CostWeights) -> CostTerms {
     };
     let used = p.decision.settings.idle_timeout;
     // A dead peer's connection closed by the idle timeout is not censored: its peer was gone.
-    let premature = if p.idle_timeout_fired && !p.dead_peer {
+    let premature = if p.idle_timeout_fired && !abnormal(p) {
         // censored: the gap was at least `used`
         s.idle_timeout <= used
     } else {
@@ -399,6 +400,18 @@ mod tests {
             ..dead.clone()
         };
         assert!(oracle(&live, &W).idle_timeout > 120);
+        // A device whose stream ended with no close frame after 200 s of silence: that silence
+        // is no gap of a live client either (before, it labelled the timeout 300 s).
+        let gone = profile(400, |p| {
+            traffic(&mut p.client_to_upstream, 6, 20);
+            for _ in 0..5 {
+                p.client_to_upstream.gaps_ms.record(45_000);
+            }
+            p.client_to_upstream.max_gap_ms = 200_000;
+            p.close_code = Some(1006);
+            p.error_class = Some("client_gone".into());
+        });
+        assert_eq!(oracle(&gone, &W).idle_timeout, 60);
     }
 
     #[test]
