@@ -470,7 +470,14 @@ where
         .enable_connect_protocol()
         .max_header_list_size(limits.max_head_bytes as u32)
         .keep_alive_interval(Some(Duration::from_secs(30)))
-        .serve_connection(TokioIo::new(stream), service);
+        // A client that stops reading while its flow-control windows let the proxy write on
+        // fills the socket: its writes give up after the stall limit, as on HTTP/1.1. (With
+        // small windows nothing waits on the socket; hyper's keep-alive pings, unanswered by
+        // a client that reads nothing, end it.)
+        .serve_connection(
+            TokioIo::new(crate::stall::StallGuard::new(stream, limits.stall_timeout)),
+            service,
+        );
     tokio::pin!(conn);
     let r = tokio::select! {
         r = conn.as_mut() => r,

@@ -284,7 +284,7 @@ routes = [{{ path_prefix = "/" }}]
 }
 
 #[tokio::test]
-async fn a_client_that_stops_reading_is_given_up_at_the_stall_limit_on_both_paths() {
+async fn a_client_that_stops_reading_is_given_up_at_the_stall_limit_on_every_path() {
     let up = scripted_upstream().await;
     let dp = DataPlaneProc::start(&format!(
         r#"
@@ -336,4 +336,48 @@ routes = [{{ path_prefix = "/" }}]
         metric(dp.admin, "trimtab_dataplane_http1_handoffs_total").await,
         Some(1.0)
     );
+    // HTTP/2 (prior knowledge), a client that opens its flow-control windows wide (browsers
+    // open several MiB) and then reads nothing: the proxy may send more than the sockets hold.
+    // Raw frames, so that nothing on the client side reads the socket.
+    let mut c = TcpStream::connect(dp.proxy).await.expect("connect");
+    let frame = |kind: u8, flags: u8, stream: u32, payload: &[u8]| {
+        let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        f.extend([kind, flags]);
+        f.extend(stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    };
+    let max = 0x7fff_ffffu32;
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    // SETTINGS_INITIAL_WINDOW_SIZE = 2^31 - 1, and the connection window as wide.
+    let mut settings = 4u16.to_be_bytes().to_vec();
+    settings.extend(max.to_be_bytes());
+    out.extend(frame(0x4, 0, 0, &settings));
+    out.extend(frame(0x8, 0, 0, &(max - 65_535).to_be_bytes()));
+    // HEADERS (END_STREAM | END_HEADERS): GET http://a/big in HPACK (static-table indexes).
+    let mut block = vec![0x82, 0x86, 0x44, 4];
+    block.extend_from_slice(b"/big");
+    block.extend([0x41, 1, b'a']);
+    out.extend(frame(0x1, 0x5, 1, &block));
+    c.write_all(&out).await.expect("write");
+    let closed = eventually(Duration::from_secs(10), || async {
+        (metric(dp.admin, "trimtab_dataplane_stalled_closes_total").await == Some(3.0))
+            .then_some(())
+    })
+    .await;
+    assert!(closed.is_some(), "no stall close of the HTTP/2 connection");
+    // Read on: what the sockets held arrives, then the connection ends, the body cut short.
+    let mut got = 0usize;
+    let mut b = vec![0u8; 1 << 16];
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match c.read(&mut b).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got += n,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the proxy kept the HTTP/2 connection open");
+    assert!(got > 1 << 20 && got < 64 << 20, "{got} bytes");
 }
