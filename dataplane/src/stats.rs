@@ -14,7 +14,7 @@ const FEW: usize = 7;
 /// bytes; beyond that, all buckets move to the heap. The full array inline was 96 bytes, six of
 /// them per connection.
 #[derive(Debug, Clone)]
-enum Counts {
+pub(crate) enum Counts {
     Few {
         buckets: [u8; FEW],
         len: u8,
@@ -24,7 +24,7 @@ enum Counts {
 }
 
 impl Counts {
-    const fn new() -> Counts {
+    pub(crate) const fn new() -> Counts {
         Counts::Few {
             buckets: [0; FEW],
             len: 0,
@@ -33,7 +33,7 @@ impl Counts {
     }
 
     #[inline]
-    fn record(&mut self, v: u64) {
+    pub(crate) fn record(&mut self, v: u64) {
         let b = Hist::bucket(v);
         match self {
             Counts::All(all) => all[b] = all[b].saturating_add(1),
@@ -61,7 +61,7 @@ impl Counts {
         }
     }
 
-    fn widen(&self) -> Hist {
+    pub(crate) fn widen(&self) -> Hist {
         let mut h = [0u64; HIST_BUCKETS];
         match self {
             Counts::All(all) => {

@@ -23,7 +23,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
-use tuning::{ClosedBy, Hist, PingStats, Settings};
+use tuning::{ClosedBy, PingStats, Settings};
 
 use super::{CloseRequest, Failure, ForwardLimits, Outcome, SAMPLE_EVERY, deflated_size, verdict};
 use crate::stats::DirStats;
@@ -35,18 +35,35 @@ enum Leg {
     Upstream,
 }
 
-/// Ping bookkeeping for one leg.
-#[derive(Debug, Default)]
+/// Ping bookkeeping for one leg, compact (every pinged connection holds two: 80 bytes each):
+/// the ping ids are the count sent, RTTs in microseconds and a histogram that stays inline.
+#[derive(Debug)]
 pub(super) struct Pings {
-    pub(super) next_id: u64,
-    pub(super) outstanding: Option<(u64, Instant)>,
+    /// When the outstanding ping (id `sent`) went out.
+    pub(super) outstanding: Option<Instant>,
     pub(super) consecutive_missed: u32,
-    pub(super) sent: u64,
-    answered: u64,
-    pub(super) missed: u64,
-    rtt_min: Option<u64>,
-    rtt_max: Option<u64>,
-    rtts: Hist,
+    pub(super) sent: u32,
+    answered: u32,
+    pub(super) missed: u32,
+    /// Fastest and slowest answer, µs (`u32::MAX` / 0 before the first).
+    rtt_min: u32,
+    rtt_max: u32,
+    rtts: crate::stats::Counts,
+}
+
+impl Default for Pings {
+    fn default() -> Self {
+        Pings {
+            outstanding: None,
+            consecutive_missed: 0,
+            sent: 0,
+            answered: 0,
+            missed: 0,
+            rtt_min: u32::MAX,
+            rtt_max: 0,
+            rtts: crate::stats::Counts::new(),
+        }
+    }
 }
 
 impl Pings {
@@ -60,17 +77,21 @@ impl Pings {
                 return None;
             }
         }
-        self.next_id += 1;
-        self.outstanding = Some((self.next_id, Instant::now()));
         self.sent += 1;
-        Some(self.next_id)
+        self.outstanding = Some(Instant::now());
+        Some(u64::from(self.sent))
+    }
+
+    /// The id of the outstanding ping, if one is.
+    pub(super) fn outstanding_id(&self) -> Option<u64> {
+        self.outstanding.map(|_| u64::from(self.sent))
     }
 
     pub(super) fn on_pong(&mut self, payload: &[u8]) {
         let Ok(id) = <[u8; 8]>::try_from(payload).map(u64::from_be_bytes) else {
             return;
         };
-        if self.outstanding.is_some_and(|(want, _)| want == id) {
+        if self.outstanding_id() == Some(id) {
             self.answered_now();
         }
     }
@@ -78,26 +99,27 @@ impl Pings {
     /// The outstanding ping, if any, was answered now (`zero_copy` sees that a pong passed,
     /// not its payload).
     pub(super) fn answered_now(&mut self) {
-        if let Some((_, at)) = self.outstanding {
-            let us = at.elapsed().as_micros() as u64;
+        if let Some(at) = self.outstanding.take() {
+            let us = at.elapsed().as_micros().min(u128::from(u32::MAX - 1)) as u32;
             self.answered += 1;
-            self.rtt_min = Some(self.rtt_min.map_or(us, |m| m.min(us)));
-            self.rtt_max = Some(self.rtt_max.map_or(us, |m| m.max(us)));
-            self.rtts.record(us);
-            self.outstanding = None;
+            self.rtt_min = self.rtt_min.min(us);
+            self.rtt_max = self.rtt_max.max(us);
+            self.rtts.record(u64::from(us));
             self.consecutive_missed = 0;
         }
     }
 
     pub(super) fn stats(&self) -> PingStats {
+        let rtts = self.rtts.widen();
+        let answered = self.answered > 0;
         PingStats {
-            sent: self.sent,
-            answered: self.answered,
-            missed: self.missed,
-            rtt_min_us: self.rtt_min,
-            rtt_p50_us: self.rtts.quantile_upper(0.5),
-            rtt_p99_us: self.rtts.quantile_upper(0.99),
-            rtt_max_us: self.rtt_max,
+            sent: u64::from(self.sent),
+            answered: u64::from(self.answered),
+            missed: u64::from(self.missed),
+            rtt_min_us: answered.then_some(u64::from(self.rtt_min)),
+            rtt_p50_us: rtts.quantile_upper(0.5),
+            rtt_p99_us: rtts.quantile_upper(0.99),
+            rtt_max_us: answered.then_some(u64::from(self.rtt_max)),
         }
     }
 }

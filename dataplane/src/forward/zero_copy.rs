@@ -353,8 +353,7 @@ async fn write_ping(dir: &mut Dir, dst: &TcpStream, sh: &Shared) -> io::Result<(
     let id = sh
         .pings
         .as_deref()
-        .and_then(|p| p.lock().expect("pings").legs[leg].outstanding)
-        .map(|(id, _)| id);
+        .and_then(|p| p.lock().expect("pings").legs[leg].outstanding_id());
     let Some(id) = id else { return Ok(()) };
     let (f, n) = control_frame(0x9, &id.to_be_bytes(), dir.to_upstream);
     write_all(dst, &f[..n], sh.limits.stall_timeout, &mut dir.paused).await
