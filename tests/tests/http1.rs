@@ -283,6 +283,30 @@ routes = [{{ path_prefix = "/" }}]
     );
 }
 
+/// The data plane's `n`th stall close comes within 10 s; then what the sockets held arrives
+/// and the connection ends. Returns the bytes that arrived.
+async fn given_up(dp: &DataPlaneProc, c: &mut TcpStream, n: usize) -> usize {
+    let closed = eventually(Duration::from_secs(10), || async {
+        (metric(dp.admin, "trimtab_dataplane_stalled_closes_total").await == Some(n as f64))
+            .then_some(())
+    })
+    .await;
+    assert!(closed.is_some(), "no stall close number {n} within 10 s");
+    let mut got = 0usize;
+    let mut b = vec![0u8; 1 << 16];
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match c.read(&mut b).await {
+                Ok(0) | Err(_) => break,
+                Ok(k) => got += k,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the proxy kept connection {n} open");
+    got
+}
+
 #[tokio::test]
 async fn a_client_that_stops_reading_is_given_up_at_the_stall_limit_on_every_path() {
     let up = scripted_upstream().await;
@@ -304,29 +328,7 @@ routes = [{{ path_prefix = "/" }}]
             .await
             .expect("write");
         // The client reads nothing; the proxy's writes stop, and a second later it gives up.
-        let want = (i + 1) as f64;
-        let closed = eventually(Duration::from_secs(10), || async {
-            (metric(dp.admin, "trimtab_dataplane_stalled_closes_total").await == Some(want))
-                .then_some(())
-        })
-        .await;
-        assert!(closed.is_some(), "no stall close within 10 s ({extra:?})");
-        // What the sockets held arrives, then the connection ends: the body is cut short.
-        let mut got = 0usize;
-        let mut b = vec![0u8; 1 << 16];
-        let ended = tokio::time::timeout(Duration::from_secs(10), async {
-            loop {
-                match c.read(&mut b).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => got += n,
-                }
-            }
-        })
-        .await;
-        assert!(
-            ended.is_ok(),
-            "the proxy kept the connection open ({extra:?})"
-        );
+        let got = given_up(&dp, &mut c, i + 1).await;
         assert!(
             got < 64 << 20,
             "the whole body arrived ({got} bytes, {extra:?})"
@@ -360,24 +362,6 @@ routes = [{{ path_prefix = "/" }}]
     block.extend([0x41, 1, b'a']);
     out.extend(frame(0x1, 0x5, 1, &block));
     c.write_all(&out).await.expect("write");
-    let closed = eventually(Duration::from_secs(10), || async {
-        (metric(dp.admin, "trimtab_dataplane_stalled_closes_total").await == Some(3.0))
-            .then_some(())
-    })
-    .await;
-    assert!(closed.is_some(), "no stall close of the HTTP/2 connection");
-    // Read on: what the sockets held arrives, then the connection ends, the body cut short.
-    let mut got = 0usize;
-    let mut b = vec![0u8; 1 << 16];
-    let ended = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match c.read(&mut b).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => got += n,
-            }
-        }
-    })
-    .await;
-    assert!(ended.is_ok(), "the proxy kept the HTTP/2 connection open");
+    let got = given_up(&dp, &mut c, 3).await;
     assert!(got > 1 << 20 && got < 64 << 20, "{got} bytes");
 }

@@ -636,20 +636,11 @@ mod tests {
         }
     }
 
-    /// An upstream peer that answers pings (tungstenite does) and reports the close it got.
+    /// An upstream peer that answers pings and reports the close it got.
     fn upstream_peer(
         io: tokio::io::DuplexStream,
     ) -> tokio::task::JoinHandle<Option<(u16, String)>> {
-        tokio::spawn(async move {
-            let mut ws = WebSocketStream::from_raw_socket(io, Role::Server, None).await;
-            let mut close = None;
-            while let Some(Ok(m)) = ws.next().await {
-                if let Message::Close(Some(f)) = m {
-                    close = Some((u16::from(f.code), f.reason.to_string()));
-                }
-            }
-            close
-        })
+        super::super::tests::ws_peer(io, Role::Server)
     }
 
     #[tokio::test(start_paused = true)]
@@ -689,75 +680,52 @@ mod tests {
         );
     }
 
+    /// The idle timeout closes both legs with 1001 "idle timeout". A client that answers the
+    /// close is alive; one that answers nothing within the grace (no close frame, no end of
+    /// stream) had gone silent: a dead peer, which pings would have found sooner.
     #[tokio::test(start_paused = true)]
-    async fn idle_timeout_closes_both_legs_with_1001() {
-        let (client_proxy, client_peer) = tokio::io::duplex(1 << 16);
-        let (up_proxy, up_peer) = tokio::io::duplex(1 << 16);
-        let up = upstream_peer(up_peer);
-        let client = upstream_peer_client(client_peer);
-        let (_tx, rx) = watch::channel(false);
-        let t0 = Instant::now();
-        let out = run(
-            client_proxy,
-            vec![],
-            up_proxy,
-            vec![],
-            settings(0, 30),
-            limits(),
-            rx,
-            Duration::ZERO,
-        )
-        .await;
-        assert!(out.idle_timeout_fired);
-        assert!(!out.dead_peer, "the client answered the close");
-        assert_eq!(out.close_code, Some(1001));
-        assert!(t0.elapsed() >= Duration::from_secs(30));
-        assert_eq!(up.await.unwrap(), Some((1001, "idle timeout".to_string())));
-        assert_eq!(
-            client.await.unwrap(),
-            Some((1001, "idle timeout".to_string()))
-        );
-    }
-
-    /// A client that answers the idle close with nothing (no close frame, no end of stream)
-    /// within the grace had gone silent: a dead peer, which pings would have found sooner.
-    #[tokio::test(start_paused = true)]
-    async fn an_unanswered_idle_close_finds_a_dead_client() {
-        let (client_proxy, client_peer) = tokio::io::duplex(1 << 16);
-        let (up_proxy, up_peer) = tokio::io::duplex(1 << 16);
-        let up = upstream_peer(up_peer);
-        let (_tx, rx) = watch::channel(false);
-        let out = run(
-            client_proxy,
-            vec![],
-            up_proxy,
-            vec![],
-            settings(0, 30),
-            limits(),
-            rx,
-            Duration::ZERO,
-        )
-        .await;
-        drop(client_peer);
-        assert!(out.idle_timeout_fired);
-        assert!(out.dead_peer);
-        assert_eq!(out.error_class, Some("client_dead"));
-        assert_eq!(up.await.unwrap(), Some((1001, "idle timeout".to_string())));
+    async fn idle_timeout_closes_both_legs_with_1001_and_finds_a_silent_client_dead() {
+        for answers in [true, false] {
+            let (client_proxy, client_peer) = tokio::io::duplex(1 << 16);
+            let (up_proxy, up_peer) = tokio::io::duplex(1 << 16);
+            let up = upstream_peer(up_peer);
+            let (client, _silent) = if answers {
+                (Some(upstream_peer_client(client_peer)), None)
+            } else {
+                (None, Some(client_peer))
+            };
+            let (_tx, rx) = watch::channel(false);
+            let t0 = Instant::now();
+            let out = run(
+                client_proxy,
+                vec![],
+                up_proxy,
+                vec![],
+                settings(0, 30),
+                limits(),
+                rx,
+                Duration::ZERO,
+            )
+            .await;
+            assert!(out.idle_timeout_fired);
+            assert!(t0.elapsed() >= Duration::from_secs(30));
+            assert_eq!(out.close_code, Some(1001));
+            assert_eq!(out.dead_peer, !answers, "{out:?}");
+            assert_eq!(out.error_class, (!answers).then_some("client_dead"));
+            assert_eq!(up.await.unwrap(), Some((1001, "idle timeout".to_string())));
+            if let Some(client) = client {
+                assert_eq!(
+                    client.await.unwrap(),
+                    Some((1001, "idle timeout".to_string()))
+                );
+            }
+        }
     }
 
     fn upstream_peer_client(
         io: tokio::io::DuplexStream,
     ) -> tokio::task::JoinHandle<Option<(u16, String)>> {
-        tokio::spawn(async move {
-            let mut ws = WebSocketStream::from_raw_socket(io, Role::Client, None).await;
-            let mut close = None;
-            while let Some(Ok(m)) = ws.next().await {
-                if let Message::Close(Some(f)) = m {
-                    close = Some((u16::from(f.code), f.reason.to_string()));
-                }
-            }
-            close
-        })
+        super::super::tests::ws_peer(io, Role::Client)
     }
 
     #[tokio::test]

@@ -412,8 +412,31 @@ impl BufPool {
 pub static BUFFERS: BufPool = BufPool::new(512);
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// A WebSocket peer on `io` in `role` that answers pings (tungstenite does, while it
+    /// reads) until the stream ends; returns the close frame it got.
+    pub(crate) fn ws_peer<S>(
+        io: S,
+        role: tokio_tungstenite::tungstenite::protocol::Role,
+    ) -> tokio::task::JoinHandle<Option<(u16, String)>>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        use futures_util::StreamExt as _;
+        use tokio_tungstenite::tungstenite::Message;
+        tokio::spawn(async move {
+            let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(io, role, None).await;
+            let mut close = None;
+            while let Some(Ok(m)) = ws.next().await {
+                if let Message::Close(Some(f)) = m {
+                    close = Some((u16::from(f.code), f.reason.to_string()));
+                }
+            }
+            close
+        })
+    }
 
     /// The reused compressor measures what a fresh deflate stream of the same level does,
     /// sample after sample, for compressible and incompressible bytes alike.

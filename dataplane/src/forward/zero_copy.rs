@@ -1220,10 +1220,7 @@ mod tests {
 #[cfg(test)]
 mod sockets {
     use super::*;
-    use futures_util::StreamExt as _;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    use tokio_tungstenite::WebSocketStream;
-    use tokio_tungstenite::tungstenite::Message;
     use tokio_tungstenite::tungstenite::protocol::Role;
 
     async fn pair() -> (TcpStream, TcpStream) {
@@ -1391,19 +1388,14 @@ mod sockets {
         }
     }
 
-    /// A WebSocket peer that answers pings (tungstenite does) until the stream ends; returns
-    /// the close frame it got.
-    fn ws_peer(s: TcpStream, role: Role) -> tokio::task::JoinHandle<Option<(u16, String)>> {
-        tokio::spawn(async move {
-            let mut ws = WebSocketStream::from_raw_socket(s, role, None).await;
-            let mut close = None;
-            while let Some(Ok(m)) = ws.next().await {
-                if let Message::Close(Some(f)) = m {
-                    close = Some((u16::from(f.code), f.reason.to_string()));
-                }
-            }
-            close
-        })
+    use super::super::tests::ws_peer;
+
+    /// The forwarding's outcome, within 10 s.
+    async fn ended(fwd: tokio::task::JoinHandle<Outcome>) -> Outcome {
+        tokio::time::timeout(Duration::from_secs(10), fwd)
+            .await
+            .expect("forwarding ended")
+            .unwrap()
     }
 
     /// A client whose process hangs (its socket open, no FIN, nothing read or answered) is
@@ -1416,10 +1408,7 @@ mod sockets {
             forwarding_with(Framing::WebSocket, Duration::ZERO, pinging(1, 900)).await;
         let up = ws_peer(upstream, Role::Server);
         let t0 = Instant::now();
-        let out = tokio::time::timeout(Duration::from_secs(10), fwd)
-            .await
-            .expect("forwarding ended")
-            .unwrap();
+        let out = ended(fwd).await;
         let took = t0.elapsed();
         assert!(out.dead_peer);
         assert_eq!(out.error_class, Some("client_dead"));
@@ -1452,10 +1441,7 @@ mod sockets {
         let c = ws_peer(client, Role::Client);
         let up = ws_peer(upstream, Role::Server);
         let t0 = Instant::now();
-        let out = tokio::time::timeout(Duration::from_secs(10), fwd)
-            .await
-            .expect("forwarding ended")
-            .unwrap();
+        let out = ended(fwd).await;
         let took = t0.elapsed();
         assert!(out.idle_timeout_fired);
         assert!(!out.dead_peer, "{out:?}");
@@ -1476,10 +1462,7 @@ mod sockets {
         let (_client, upstream, fwd, _tx) =
             forwarding_with(Framing::WebSocket, Duration::ZERO, pinging(0, 2)).await;
         let up = ws_peer(upstream, Role::Server);
-        let out = tokio::time::timeout(Duration::from_secs(10), fwd)
-            .await
-            .expect("forwarding ended")
-            .unwrap();
+        let out = ended(fwd).await;
         assert!(out.idle_timeout_fired);
         assert!(out.dead_peer);
         assert_eq!(out.error_class, Some("client_dead"));
