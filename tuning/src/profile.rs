@@ -182,7 +182,8 @@ pub struct Profile {
     pub close_reason: Option<String>,
     /// Error class when it ended with an error (e.g. `upstream_connect`, `client_reset`).
     pub error_class: Option<String>,
-    /// A peer missed enough pongs to be declared dead.
+    /// A peer was declared dead: it missed enough pongs (or keepalive probes), or a WebSocket
+    /// client never answered the proxy's idle-timeout close.
     pub dead_peer: bool,
     /// Our idle timeout closed it (the idle-time label is censored).
     pub idle_timeout_fired: bool,

@@ -347,7 +347,8 @@ pub struct Outcome {
     pub close_reason: Option<String>,
     /// Error class, when it ended with an error.
     pub error_class: Option<&'static str>,
-    /// A peer stopped answering pings (or TCP keepalive probes).
+    /// A peer stopped answering pings (or TCP keepalive probes), or a WebSocket client never
+    /// answered the idle close.
     pub dead_peer: bool,
     /// The idle timeout fired.
     pub idle_timeout_fired: bool,

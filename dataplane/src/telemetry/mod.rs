@@ -386,7 +386,7 @@ impl Metrics {
             ),
             (
                 "trimtab_dataplane_dead_peers_total",
-                "Peers declared dead (missed pongs or keepalive probes).",
+                "Peers declared dead: missed pongs, unanswered keepalive probes (opaque tunnels), or an idle close a WebSocket client never answered.",
                 &self.dead_peers,
             ),
             (
