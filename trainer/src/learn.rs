@@ -106,6 +106,20 @@ pub struct Dataset {
     pub x: Array2<f32>,
     /// The profiles, row for row (the replay costs need their histograms).
     pub profiles: Vec<Profile>,
+    /// Per target (in `Target::ALL`'s order), each row's replay cost under each class, the
+    /// other targets at the row's oracle (rows × classes, row-major), for the targets whose
+    /// leaves answer by cost ([`relabel_by_cost`]); empty for the others.
+    pub class_costs: Vec<Vec<f32>>,
+}
+
+/// The targets whose leaves answer the class of least summed replay cost. Compression and mode
+/// keep the weighted majority: a class of one is invalid beside some values of the other
+/// (compression needs `frame_aware`), so a row's cost of it alone is not defined.
+fn by_cost(t: Target) -> bool {
+    matches!(
+        t,
+        Target::BufferSize | Target::PingInterval | Target::IdleTimeout
+    )
 }
 
 fn data_err(e: PolarsError) -> LearnError {
@@ -186,7 +200,12 @@ impl Dataset {
         }
         let table = DataFrame::new(n, cols).map_err(data_err)?;
         let x = feature_matrix(&table)?;
-        Ok(Dataset { table, x, profiles })
+        Ok(Dataset {
+            table,
+            x,
+            profiles,
+            class_costs: vec![Vec::new(); Target::ALL.len()],
+        })
     }
 }
 
@@ -210,6 +229,7 @@ pub fn dataset(profiles: Vec<Profile>, w: &CostWeights) -> Result<Dataset, Learn
     let mut x = Vec::with_capacity(profiles.len() * tuning::feature_len());
     let mut labels = vec![Vec::with_capacity(profiles.len()); Target::ALL.len()];
     let mut weights = vec![Vec::with_capacity(profiles.len()); Target::ALL.len()];
+    let mut class_costs = vec![Vec::new(); Target::ALL.len()];
     for p in &profiles {
         x.extend(tuning::encode(&p.context, &agg.get(&p.context)));
         agg.observe(p);
@@ -223,9 +243,11 @@ pub fn dataset(profiles: Vec<Profile>, w: &CostWeights) -> Result<Dataset, Learn
             let mut costs = Vec::new();
             for c in 0..t.classes() {
                 t.set_class(&mut s, c);
-                if s.validate().is_ok() {
-                    costs.push(replay_cost(p, &s, w));
+                let cost = s.validate().is_ok().then(|| replay_cost(p, &s, w));
+                if by_cost(*t) {
+                    class_costs[i].push(cost.map_or(f32::INFINITY, |c| c as f32));
                 }
+                costs.extend(cost);
             }
             let lo = costs.iter().copied().fold(f64::INFINITY, f64::min);
             let hi = costs.iter().copied().fold(0.0, f64::max);
@@ -235,7 +257,51 @@ pub fn dataset(profiles: Vec<Profile>, w: &CostWeights) -> Result<Dataset, Learn
             weights[i].push((1.0 + (hi - lo).max(0.0)).ln().round().clamp(0.0, 15.0) as f32 + 1.0);
         }
     }
-    Dataset::assemble(profiles, &x, labels, weights)
+    let mut d = Dataset::assemble(profiles, &x, labels, weights)?;
+    d.class_costs = class_costs;
+    Ok(d)
+}
+
+/// Each leaf of a fitted tree answers the class whose replay cost, summed over the training
+/// rows that reach it, is least, instead of linfa's weighted majority of hindsight labels.
+/// Rows a context cannot tell apart share a leaf, and the cheapest answer for all of them is
+/// the policy's business: one device in five vanishing is worth pings for every device of its
+/// kind (each vanished one costs tens of thousands, the pings of the others a few dozen), where
+/// the majority of labels (the live devices', which need no pings) said no pings, and the
+/// log-scaled weights could not outvote it. Leaves no training row reaches keep their class.
+pub fn relabel_by_cost(mut tree: Tree, d: &Dataset, t: Target, train: usize) -> Tree {
+    let Some(costs) = Target::ALL
+        .iter()
+        .position(|x| *x == t)
+        .map(|i| &d.class_costs[i])
+        .filter(|c| !c.is_empty())
+    else {
+        return tree;
+    };
+    let k = t.classes();
+    let mut sums: std::collections::BTreeMap<usize, Vec<f64>> = Default::default();
+    for r in 0..train.min(costs.len() / k) {
+        let row = d.x.row(r);
+        let leaf = match row.as_slice() {
+            Some(x) => tree.leaf(x),
+            None => tree.leaf(&row.to_vec()),
+        };
+        let s = sums.entry(leaf).or_insert_with(|| vec![0.0; k]);
+        for (c, v) in s.iter_mut().enumerate() {
+            *v += f64::from(costs[r * k + c]);
+        }
+    }
+    for (leaf, s) in sums {
+        if let Some((class, _)) = s
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| v.is_finite())
+            .min_by(|a, b| a.1.total_cmp(b.1))
+        {
+            tree.nodes[leaf] = TreeNode::Leaf { class };
+        }
+    }
+    tree
 }
 
 /// Fit one cost-weighted tree and convert it to the exported form.
@@ -432,7 +498,7 @@ pub fn fit_and_evaluate(p: &CheckedParams, d: &Dataset) -> Result<(Fitted, Repor
                 p.min_leaf_weight,
             )
             .map_err(|e| LearnError::Data(format!("{}: {e}", t.name())))?;
-            tree
+            relabel_by_cost(tree, d, *t, train)
         };
         models.push(TargetModel {
             target: *t,
@@ -682,6 +748,56 @@ mod tests {
             answers(TrainParams::default().min_leaf_weight),
             std::collections::BTreeSet::from([1])
         );
+    }
+
+    /// Ten devices that report every 45 s and two that vanish, in one context: the labels say
+    /// no pings for ten rows and 15 s for two (whose log-scaled weights cannot outvote them),
+    /// while pings for all cost 320 and save 60 000. The leaf answers 15 s.
+    #[test]
+    fn a_leaf_answers_the_class_of_least_summed_cost_not_the_majority_label() {
+        let ctx = tuning::ConnectionContext {
+            service: "iot".into(),
+            route: "/iot".into(),
+            protocol: tuning::Protocol::Websocket,
+            subprotocol: None,
+            offers_deflate: false,
+            client_class: tuning::ClientClass::Other,
+            client_region: "eu".into(),
+            hour_of_week: 0,
+            client_key: None,
+        };
+        let device = |vanished: bool| {
+            let mut p = Profile::new(
+                ctx.clone(),
+                tuning::Decision::fixed(Settings::default(), tuning::Reason::Default),
+            );
+            p.duration_us = if vanished { 150 } else { 60 } * 1_000_000;
+            let d = &mut p.client_to_upstream;
+            d.messages = 2;
+            d.bytes = 40;
+            d.msg_sizes.record(20);
+            d.msg_sizes.record(20);
+            d.gaps_ms.record(45_000);
+            d.max_gap_ms = if vanished { 100_000 } else { 45_000 };
+            p.dead_peer = vanished;
+            p
+        };
+        let profiles: Vec<Profile> = (0..12).map(|i| device(i % 6 == 5)).collect();
+        let d = dataset(profiles, &CostWeights::default()).unwrap();
+        let t = Target::PingInterval;
+        let i = Target::ALL.iter().position(|x| *x == t).unwrap();
+        let labels = d.labels(t).unwrap();
+        assert_eq!(labels.iter().filter(|c| **c == 0).count(), 10);
+        let w = d.weights(t).unwrap();
+        let by_weight =
+            |c: usize| -> f32 { (0..12).filter(|r| labels[*r] == c).map(|r| w[r]).sum() };
+        assert!(by_weight(0) > by_weight(1), "the majority says no pings");
+        let tree = relabel_by_cost(Tree::constant(0), &d, t, 12);
+        assert_eq!(
+            tuning::settings::PING_INTERVALS[tree.predict(&vec![0.0; d.x.ncols()])],
+            15
+        );
+        assert_eq!(d.class_costs[i].len(), 12 * t.classes());
     }
 
     #[test]

@@ -61,10 +61,18 @@ impl Tree {
 
     /// The class this tree gives a feature vector.
     pub fn predict(&self, x: &[f32]) -> usize {
+        match self.nodes[self.leaf(x)] {
+            TreeNode::Leaf { class } => class,
+            TreeNode::Branch { .. } => unreachable!("leaf() ends at a leaf"),
+        }
+    }
+
+    /// The index of the leaf a feature vector reaches.
+    pub fn leaf(&self, x: &[f32]) -> usize {
         let mut i = 0;
         loop {
             match self.nodes[i] {
-                TreeNode::Leaf { class } => return class,
+                TreeNode::Leaf { .. } => return i,
                 TreeNode::Branch {
                     feature,
                     threshold,
