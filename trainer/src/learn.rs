@@ -714,6 +714,21 @@ type Dataset2 = linfa::DatasetBase<Array2<f32>, Array1<usize>>;
 mod tests {
     use super::*;
 
+    /// A WebSocket context of `service` (route `/{service}`), nothing else told apart.
+    fn context(service: &str) -> tuning::ConnectionContext {
+        tuning::ConnectionContext {
+            service: service.into(),
+            route: format!("/{service}"),
+            protocol: tuning::Protocol::Websocket,
+            subprotocol: None,
+            offers_deflate: false,
+            client_class: tuning::ClientClass::Other,
+            client_region: "eu".into(),
+            hour_of_week: 0,
+            client_key: None,
+        }
+    }
+
     /// One context, one in three rows heavy (weight 13, class 1) and the rest light (weight 1,
     /// class 0), and a feature that only drifts (as an aggregate does while a window is read):
     /// with leaves of a single row the tree carves light rows out along the drift and answers
@@ -755,17 +770,7 @@ mod tests {
     /// while pings for all cost 320 and save 60 000. The leaf answers 15 s.
     #[test]
     fn a_leaf_answers_the_class_of_least_summed_cost_not_the_majority_label() {
-        let ctx = tuning::ConnectionContext {
-            service: "iot".into(),
-            route: "/iot".into(),
-            protocol: tuning::Protocol::Websocket,
-            subprotocol: None,
-            offers_deflate: false,
-            client_class: tuning::ClientClass::Other,
-            client_region: "eu".into(),
-            hour_of_week: 0,
-            client_key: None,
-        };
+        let ctx = context("iot");
         let device = |vanished: bool| {
             let mut p = Profile::new(
                 ctx.clone(),
@@ -802,17 +807,7 @@ mod tests {
 
     #[test]
     fn a_class_with_too_few_training_rows_is_refused_by_name() {
-        let ctx = tuning::ConnectionContext {
-            service: "s".into(),
-            route: "/".into(),
-            protocol: tuning::Protocol::Websocket,
-            subprotocol: None,
-            offers_deflate: false,
-            client_class: tuning::ClientClass::Other,
-            client_region: "eu".into(),
-            hour_of_week: 0,
-            client_key: None,
-        };
+        let ctx = context("s");
         let n = 40;
         let p = Profile::new(
             ctx,
