@@ -361,12 +361,13 @@ async fn session(
     Ok(())
 }
 
-/// A device that vanishes: it stops sending, reading and answering (no close frame, no pong),
+/// A device that vanishes: it stops sending and answering (no close frame, no pong),
 /// and its socket stays open, so no FIN tells the proxy either, as when a device loses power
 /// or its network. Only the proxy's pings or its idle timeout can find it. `socket` is a
 /// duplicate of the connection's socket: closing the WebSocket's own descriptor then sends
-/// nothing. What the proxy sends is discarded unread by the "device" (its pings go
-/// unanswered) until the proxy closes, or until the run's deadline, when the socket is
+/// nothing. What the proxy sends is read from the duplicate and thrown away, never
+/// answered (its pings get no pong; reading keeps the receive window open, where a powered-off
+/// device's would stop acknowledging) until the proxy closes, or until the run's deadline, when the socket is
 /// dropped (a FIN: the run is bounded).
 async fn vanish(
     ws: WebSocketStream<Box<dyn Io>>,

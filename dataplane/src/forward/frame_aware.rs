@@ -40,11 +40,11 @@ enum Leg {
 #[derive(Debug)]
 pub(super) struct Pings {
     /// When the outstanding ping (id `sent`) went out.
-    pub(super) outstanding: Option<Instant>,
-    pub(super) consecutive_missed: u32,
-    pub(super) sent: u32,
+    outstanding: Option<Instant>,
+    consecutive_missed: u32,
+    sent: u32,
     answered: u32,
-    pub(super) missed: u32,
+    missed: u32,
     /// Fastest and slowest answer, µs (`u32::MAX` / 0 before the first).
     rtt_min: u32,
     rtt_max: u32,
