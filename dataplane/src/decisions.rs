@@ -5,7 +5,9 @@
 //! `tuning`'s own exploration draw and client overrides ([`BucketDecision::for_connection`]).
 //! A miss decides at once too, with the service's static settings (reason `fallback`), and asks
 //! the optimizer in the background; a stale entry is used (up to `max_stale`) while it is
-//! refreshed. An unreachable or slow optimizer therefore never delays or fails a connection:
+//! refreshed. The hour of the week is part of a bucket, but an entry answers its bucket in
+//! every hour: at the hour's change, last hour's answer is a stale one, used while the new
+//! hour's is fetched (keyed by the full bucket, every bucket would fall back once an hour). An unreachable or slow optimizer therefore never delays or fails a connection:
 //! it only shows up as `fallback` decisions and in the metrics.
 
 use std::collections::{HashMap, HashSet};
@@ -63,6 +65,8 @@ pub static CACHE: CacheStats = CacheStats {
 struct Entry {
     answer: BucketDecision,
     fetched: Instant,
+    /// The hour of the week the answer is for.
+    hour: u16,
 }
 
 #[derive(Debug)]
@@ -134,6 +138,7 @@ impl OptimizerSource {
                         Entry {
                             answer,
                             fetched: Instant::now(),
+                            hour: ctx.hour_of_week,
                         },
                     );
                 }
@@ -184,11 +189,13 @@ impl SettingsSource for OptimizerSource {
         service: &Service,
         connection_id: &uuid::Uuid,
     ) -> Decision {
-        let key = ctx.bucket_key();
+        let key = ctx.bucket_key_of_any_hour();
         let entry = self.inner.cache.lock().expect("cache").get(&key).cloned();
         let now = Instant::now();
         match entry {
-            Some(e) if now.duration_since(e.fetched) < ttl(&e.answer) => {
+            Some(e)
+                if e.hour == ctx.hour_of_week && now.duration_since(e.fetched) < ttl(&e.answer) =>
+            {
                 CACHE.hits.fetch_add(1, Ordering::Relaxed);
                 e.answer
                     .for_connection(ctx.client_key.as_deref(), connection_id)
@@ -207,5 +214,129 @@ impl SettingsSource for OptimizerSource {
                 Decision::fixed(service.settings, Reason::Fallback)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A stand-in optimizer: answers every decision request with a model decision whose model
+    /// version names the hour of the week it was asked for.
+    async fn optimizer() -> std::net::SocketAddr {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    loop {
+                        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                            let mut chunk = [0u8; 4096];
+                            match s.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                            continue;
+                        };
+                        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                        let len: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .map_or(0, |v| v.trim().parse().unwrap());
+                        while buf.len() < end + 4 + len {
+                            let mut chunk = [0u8; 4096];
+                            match s.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        let ctx: ConnectionContext =
+                            serde_json::from_slice(&buf[end + 4..end + 4 + len]).unwrap();
+                        buf.drain(..end + 4 + len);
+                        let mut d = Decision::fixed(tuning::Settings::default(), Reason::Model);
+                        d.model_version = Some(format!("hour-{}", ctx.hour_of_week));
+                        let body = serde_json::to_vec(&BucketDecision {
+                            decision: d,
+                            exploration: None,
+                            client_overrides: Vec::new(),
+                            ttl_ms: 60_000,
+                            rollout: None,
+                        })
+                        .unwrap();
+                        let head = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                            body.len()
+                        );
+                        if s.write_all(head.as_bytes()).await.is_err()
+                            || s.write_all(&body).await.is_err()
+                        {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn the_hours_change_answers_from_last_hours_entry_while_it_asks_again() {
+        let addr = optimizer().await;
+        let source = OptimizerSource::new(OptimizerConfig {
+            url: format!("http://{addr}"),
+            token: None,
+            timeout: Duration::from_secs(5),
+            max_stale: Duration::from_secs(300),
+            max_entries: 100,
+        });
+        let config = crate::config::Config::from_toml(
+            "listen = \"127.0.0.1:0\"\n[services.chat]\nupstreams = [\"127.0.0.1:9\"]\nroutes = [{ path_prefix = \"/\" }]\n",
+        )
+        .unwrap();
+        let service = &config.services["chat"];
+        let ctx = |hour: u16| ConnectionContext {
+            service: "chat".into(),
+            route: "/".into(),
+            protocol: tuning::context::Protocol::Websocket,
+            subprotocol: None,
+            offers_deflate: false,
+            client_class: tuning::context::ClientClass::Browser,
+            client_region: "unknown".into(),
+            hour_of_week: hour,
+            client_key: None,
+        };
+        let id = uuid::Uuid::new_v4();
+        let version = |d: Decision| (d.reason, d.model_version);
+        // The first connection of a bucket falls back, and the answer arrives meanwhile.
+        assert_eq!(
+            version(source.decide(&ctx(5), service, &id)),
+            (Reason::Fallback, None)
+        );
+        let mut answered = None;
+        for _ in 0..500 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            let d = source.decide(&ctx(5), service, &id);
+            if d.reason == Reason::Model {
+                answered = Some(version(d));
+                break;
+            }
+        }
+        assert_eq!(answered, Some((Reason::Model, Some("hour-5".into()))));
+        // The next hour: last hour's answer, not the fallback, until the new one is in.
+        let next = version(source.decide(&ctx(6), service, &id));
+        assert_eq!(next, (Reason::Model, Some("hour-5".into())));
+        let mut answered = None;
+        for _ in 0..500 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            let d = version(source.decide(&ctx(6), service, &id));
+            if d.1.as_deref() == Some("hour-6") {
+                answered = Some(d);
+                break;
+            }
+            assert_eq!(d, (Reason::Model, Some("hour-5".into())));
+        }
+        assert_eq!(answered, Some((Reason::Model, Some("hour-6".into()))));
     }
 }

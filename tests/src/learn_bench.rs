@@ -335,9 +335,18 @@ pub struct Compared {
     /// Pairs left out: a connection missing, or decided by another model than its arm's (at
     /// a phase's start the data plane's cache may still answer from the previous phase).
     pub incomplete: usize,
+    /// Why, for the first few incomplete pairs.
+    pub why_incomplete: Vec<String>,
 }
 
 impl Compared {
+    fn incomplete(&mut self, why: String) {
+        self.incomplete += 1;
+        if self.why_incomplete.len() < 8 {
+            self.why_incomplete.push(why);
+        }
+    }
+
     /// Per archetype: the `(control, canary)` composite cost of each complete pair.
     pub fn pairs(&self) -> BTreeMap<String, Vec<(f64, f64)>> {
         self.by_archetype
@@ -378,16 +387,34 @@ pub async fn compare(
         by_pair.entry(pair.to_string()).or_default()[side].push(pr);
     }
     let mut out = Compared::default();
-    for (_, [control, canary]) in by_pair {
+    for (pair, [control, canary]) in by_pair {
         let ([c], [k]) = (control.as_slice(), canary.as_slice()) else {
-            out.incomplete += 1;
+            let side = |v: &[Profile]| -> Vec<String> {
+                v.iter()
+                    .map(|p| format!("{} at {}", p.context.service, p.started_at.format("%T%.3f")))
+                    .collect()
+            };
+            out.incomplete(format!(
+                "{pair}: control {:?}, canary {:?}",
+                side(&control),
+                side(&canary)
+            ));
             continue;
         };
         if c.decision.model_version.as_deref() != Some(control_model)
             || k.decision.model_version.as_deref() != Some(canary_model)
             || c.context.service != k.context.service
         {
-            out.incomplete += 1;
+            let d = |p: &Profile| {
+                format!(
+                    "{} {:?} {:?} at {}",
+                    p.context.service,
+                    p.decision.reason,
+                    p.decision.model_version,
+                    p.started_at.format("%T%.3f")
+                )
+            };
+            out.incomplete(format!("{pair}: control {}, canary {}", d(c), d(k)));
             continue;
         }
         if c.decision.explored || k.decision.explored {
@@ -471,6 +498,9 @@ fn report_phase(out: &mut String, c: &Compared, names: [&str; 2]) {
         c.explored,
         c.incomplete
     );
+    for why in &c.why_incomplete {
+        let _ = writeln!(out, "  incomplete: {why}");
+    }
 }
 
 /// An optimizer with the shipped defaults as its active model (a constant model), an echo

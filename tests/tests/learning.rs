@@ -172,7 +172,7 @@ async fn a_paired_workload_runs_each_session_once_in_each_cohort(pool: sqlx::PgP
         by_archetype.keys()
     );
     // Primed: the phase's first connections are decided under the rollout too.
-    assert!(c.incomplete <= 2, "{c:?}");
+    assert!(c.incomplete <= 2, "{:#?}", c.why_incomplete);
     // Both sides of a pair sent the same messages.
     type Row = (String, String, i64);
     let rows: Vec<Row> = sqlx::query_as(

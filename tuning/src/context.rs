@@ -141,8 +141,15 @@ impl ConnectionContext {
     /// The cache bucket of this context: every field a decision may depend on except the
     /// per-connection ones (client key), which the data plane applies locally.
     pub fn bucket_key(&self) -> String {
+        format!("{}|{}", self.bucket_key_of_any_hour(), self.hour_of_week)
+    }
+
+    /// [`ConnectionContext::bucket_key`] without the hour of the week: the same bucket in
+    /// every hour. The data plane keys its cache by it, so that the hour's change finds last
+    /// hour's answer to use while it asks for the new one.
+    pub fn bucket_key_of_any_hour(&self) -> String {
         format!(
-            "{}|{}|{}|{}|{}|{}|{}|{}",
+            "{}|{}|{}|{}|{}|{}|{}",
             self.service,
             self.route,
             self.protocol.as_str(),
@@ -150,7 +157,6 @@ impl ConnectionContext {
             u8::from(self.offers_deflate),
             self.client_class.as_str(),
             self.client_region,
-            self.hour_of_week
         )
     }
 }
