@@ -16,7 +16,7 @@
 //!    detection delay, premature idle closes), canary against control with a bootstrap
 //!    interval over pairs; pooled, each term and the p99 first-message latency.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -126,7 +126,13 @@ pub async fn register_constant(
     Ok(())
 }
 
-async fn drive(proxy: SocketAddr, p: &Params, d: Duration, seed: u64, paired: Option<Paired>) {
+async fn drive(
+    proxy: SocketAddr,
+    p: &Params,
+    d: Duration,
+    seed: u64,
+    paired: Option<Paired>,
+) -> std::sync::Arc<crate::workload::Stats> {
     let stats = crate::workload::run(Workload {
         proxy,
         concurrency: p.concurrency,
@@ -139,6 +145,7 @@ async fn drive(proxy: SocketAddr, p: &Params, d: Duration, seed: u64, paired: Op
     })
     .await;
     eprintln!("  workload: {stats:?}");
+    stats
 }
 
 /// Wait until no new profile has arrived for a second (the writer flushed the phase).
@@ -157,9 +164,19 @@ async fn settle(db: &sqlx::PgPool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What a comparison phase ran: its window, and the message latencies the workload's clients
+/// measured (µs, per client key).
+#[derive(Debug)]
+pub struct Phase {
+    /// From the first paired session's start to the last one's end.
+    pub window: trainer::Window,
+    /// Per client key (see [`crate::workload::Latencies`]).
+    pub latency_us: HashMap<String, Vec<u64>>,
+}
+
 /// One comparison phase: a rollout of `candidate` at 50 % against the active model while the
 /// workload runs every session as a pair, one connection in each cohort (see
-/// [`crate::workload::Paired`]). Returns the phase's window.
+/// [`crate::workload::Paired`]).
 pub async fn phase(
     db: &sqlx::PgPool,
     opt: SocketAddr,
@@ -167,7 +184,7 @@ pub async fn phase(
     candidate: &str,
     p: &Params,
     seed: u64,
-) -> anyhow::Result<trainer::Window> {
+) -> anyhow::Result<Phase> {
     let r = api(
         opt,
         "POST",
@@ -184,7 +201,7 @@ pub async fn phase(
         .ok_or_else(|| anyhow::anyhow!("rollout without a salt: {r}"))? as u64;
     prime(db, proxy).await?;
     let since = Utc::now();
-    drive(
+    let stats = drive(
         proxy,
         p,
         p.compare,
@@ -198,10 +215,13 @@ pub async fn phase(
     let until = Utc::now();
     api(opt, "POST", &format!("/v1/rollouts/{id}/abort"), None).await?;
     settle(db).await?;
-    Ok(trainer::Window {
-        since,
-        until,
-        service: None,
+    Ok(Phase {
+        window: trainer::Window {
+            since,
+            until,
+            service: None,
+        },
+        latency_us: stats.latency.take(),
     })
 }
 
@@ -257,10 +277,12 @@ pub struct Arm {
     terms: CostTerms,
     premature: u64,
     first_message_us: Vec<u64>,
+    /// The message latencies the workload measured on these connections (µs).
+    pub message_us: Vec<u64>,
 }
 
 impl Arm {
-    fn add(&mut self, p: &Profile, w: &CostWeights) {
+    fn add(&mut self, p: &Profile, w: &CostWeights, latency_us: &HashMap<String, Vec<u64>>) {
         let t = cost_terms(p, &p.decision.settings, w);
         self.costs.push(t.total());
         self.terms.add(&t);
@@ -268,24 +290,41 @@ impl Arm {
         if let Some(us) = p.upstream_to_client.first_message_us {
             self.first_message_us.push(us);
         }
+        if let Some(v) = p
+            .context
+            .client_key
+            .as_ref()
+            .and_then(|k| latency_us.get(k))
+        {
+            self.message_us.extend_from_slice(v);
+        }
     }
     fn merge(&mut self, o: &Arm) {
         self.costs.extend_from_slice(&o.costs);
         self.terms.add(&o.terms);
         self.premature += o.premature;
         self.first_message_us.extend_from_slice(&o.first_message_us);
+        self.message_us.extend_from_slice(&o.message_us);
     }
     fn mean(&self) -> f64 {
         self.costs.iter().sum::<f64>() / self.costs.len().max(1) as f64
     }
     fn p99_first_ms(&self) -> f64 {
-        let mut v = self.first_message_us.clone();
-        v.sort_unstable();
-        if v.is_empty() {
-            return f64::NAN;
-        }
-        v[((v.len() - 1) as f64 * 0.99).round() as usize] as f64 / 1000.0
+        p99_ms(&self.first_message_us)
     }
+    /// The 99th percentile of the workload's message latencies, ms (NaN without any).
+    pub fn p99_message_ms(&self) -> f64 {
+        p99_ms(&self.message_us)
+    }
+}
+
+fn p99_ms(v: &[u64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_unstable();
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[((v.len() - 1) as f64 * 0.99).round() as usize] as f64 / 1000.0
 }
 
 fn xorshift(state: &mut u64) -> u64 {
@@ -372,14 +411,14 @@ impl Compared {
 /// Pair up the connections of a paired phase by client key, and cost them.
 pub async fn compare(
     db: &sqlx::PgPool,
-    w: &trainer::Window,
+    phase: &Phase,
     control_model: &str,
     canary_model: &str,
 ) -> anyhow::Result<Compared> {
     let weights = CostWeights::default();
     // pair → [control, canary]
     let mut by_pair: BTreeMap<String, [Vec<Profile>; 2]> = BTreeMap::new();
-    for pr in trainer::load(db, w).await? {
+    for pr in trainer::load(db, &phase.window).await? {
         let Some(pair) = pr.context.client_key.as_deref().and_then(pair_of) else {
             continue;
         };
@@ -425,8 +464,8 @@ pub async fn compare(
             .by_archetype
             .entry(c.context.service.clone())
             .or_default();
-        arms[0].add(c, &weights);
-        arms[1].add(k, &weights);
+        arms[0].add(c, &weights, &phase.latency_us);
+        arms[1].add(k, &weights, &phase.latency_us);
     }
     Ok(out)
 }
@@ -452,12 +491,12 @@ fn report_phase(out: &mut String, c: &Compared, names: [&str; 2]) {
         names[0],
         names[1],
         format!("{} vs {}", names[1], names[0]),
-        "p99 first msg, ms"
+        "p99 message, ms"
     );
     let pairs = c.pairs();
     let row = |out: &mut String, name: &str, arms: &[Arm; 2], change: (f64, (f64, f64))| {
         let ms = |arm: &Arm| {
-            let v = arm.p99_first_ms();
+            let v = arm.p99_message_ms();
             if v.is_nan() {
                 "-".to_string()
             } else {
@@ -501,7 +540,49 @@ fn report_phase(out: &mut String, c: &Compared, names: [&str; 2]) {
     for why in &c.why_incomplete {
         let _ = writeln!(out, "  incomplete: {why}");
     }
+    let _ = writeln!(
+        out,
+        "cost terms per archetype, mean per connection of the pairs above, {} / {}:",
+        names[0], names[1]
+    );
+    let _ = write!(out, "{:<12}", "archetype");
+    for name in [
+        "memory-time",
+        "CPU",
+        "bytes on the wire",
+        "dead-peer delay",
+        "premature closes",
+        "composite",
+    ] {
+        let _ = write!(out, "{name:>22}");
+    }
+    out.push('\n');
+    for (svc, arms) in &c.by_archetype {
+        let _ = write!(out, "{svc:<12}");
+        for (_, f) in TERMS.iter().take(6) {
+            let per = |a: &Arm| f(a) / a.costs.len().max(1) as f64;
+            let _ = write!(
+                out,
+                "{:>22}",
+                format!("{:.1} / {:.1}", per(&arms[0]), per(&arms[1]))
+            );
+        }
+        out.push('\n');
+    }
 }
+
+type Term = (&'static str, fn(&Arm) -> f64);
+
+/// The cost terms as the report names them (the first six are means per connection).
+const TERMS: [Term; 7] = [
+    ("buffer memory-time", |a| a.terms.buffer_memory),
+    ("CPU (syscalls, pings, deflate, parsing)", |a| a.terms.cpu),
+    ("bytes on the wire", |a| a.terms.wire),
+    ("dead-peer detection delay", |a| a.terms.dead_peer_delay),
+    ("premature idle closes", |a| a.terms.premature_close),
+    ("composite", |a| a.terms.total()),
+    ("premature idle closes (count)", |a| a.premature as f64),
+];
 
 /// An optimizer with the shipped defaults as its active model (a constant model), an echo
 /// upstream, and a data plane routing every archetype to it, profiles into `db`.
@@ -615,18 +696,8 @@ pub async fn run(db_url: &str, db: &sqlx::PgPool, p: Params) -> anyhow::Result<S
         "{:<34}{:>18}{:>18}{:>18}",
         "term", ARMS[0], ARMS[1], ARMS[2]
     );
-    type Term = (&'static str, fn(&Arm) -> f64);
     let per = |a: &Arm, v: f64| v / a.costs.len().max(1) as f64;
-    let terms: [Term; 7] = [
-        ("buffer memory-time", |a| a.terms.buffer_memory),
-        ("CPU (syscalls, pings, deflate, parsing)", |a| a.terms.cpu),
-        ("bytes on the wire", |a| a.terms.wire),
-        ("dead-peer detection delay", |a| a.terms.dead_peer_delay),
-        ("premature idle closes", |a| a.terms.premature_close),
-        ("composite", |a| a.terms.total()),
-        ("premature idle closes (count)", |a| a.premature as f64),
-    ];
-    for (name, f) in terms {
+    for (name, f) in TERMS {
         let _ = write!(out, "{name:<34}");
         for a in pooled {
             let v = if name.ends_with("(count)") {
@@ -641,6 +712,11 @@ pub async fn run(db_url: &str, db: &sqlx::PgPool, p: Params) -> anyhow::Result<S
     let _ = write!(out, "{:<34}", "p99 first message (ms)");
     for a in pooled {
         let _ = write!(out, "{:>18.2}", a.p99_first_ms());
+    }
+    out.push('\n');
+    let _ = write!(out, "{:<34}", "p99 message latency (ms)");
+    for a in pooled {
+        let _ = write!(out, "{:>18.2}", a.p99_message_ms());
     }
     out.push('\n');
     drop(dp);

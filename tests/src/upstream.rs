@@ -166,7 +166,9 @@ async fn push_ws(ws: WebSocketStream<TcpStream>, rate: u32, size: usize) {
         tokio::select! {
             _ = tick.tick() => {
                 seq += 1;
-                let mut m = format!("{{\"seq\":{seq},\"symbol\":\"TRMT\",\"bid\":101.25,\"ask\":101.5,\"pad\":\"");
+                // (`at`: when it was sent, µs since the epoch: the workload's push latency)
+                let at = crate::workload::unix_us();
+                let mut m = format!("{{\"seq\":{seq},\"at\":{at},\"symbol\":\"TRMT\",\"bid\":101.25,\"ask\":101.5,\"pad\":\"");
                 while m.len() + 2 < size {
                     m.push_str("abcabc");
                 }

@@ -205,6 +205,56 @@ pub struct Stats {
     pub received: AtomicU64,
     /// Why the first few failed connections failed (archetype: error).
     pub errors: std::sync::Mutex<Vec<String>>,
+    /// Message latencies the clients measured, per client key (see [`Latencies`]).
+    pub latency: Latencies,
+}
+
+/// Message latencies the clients measured, in µs, per client key: for the archetypes whose
+/// server pushes (feed, dashboard), each push's time from the upstream's send (the time it
+/// carries in `"at"`, µs since the epoch on the same machine) to its arrival; for the others,
+/// each message's round trip from the client's send to its echo (a terminal's keystroke to its
+/// echoed byte).
+#[derive(Default)]
+pub struct Latencies(std::sync::Mutex<std::collections::HashMap<String, Vec<u64>>>);
+
+impl Latencies {
+    fn add(&self, client: &str, mut v: Vec<u64>) {
+        let mut m = self.0.lock().expect("latencies");
+        m.entry(client.to_string()).or_default().append(&mut v);
+    }
+
+    /// Every client's samples, taken out.
+    pub fn take(&self) -> std::collections::HashMap<String, Vec<u64>> {
+        std::mem::take(&mut *self.0.lock().expect("latencies"))
+    }
+}
+
+impl std::fmt::Debug for Latencies {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let m = self.0.lock().expect("latencies");
+        let samples: usize = m.values().map(Vec::len).sum();
+        write!(
+            f,
+            "Latencies {{ clients: {}, samples: {samples} }}",
+            m.len()
+        )
+    }
+}
+
+/// Microseconds since the Unix epoch (what an upstream's push carries in `"at"`).
+pub fn unix_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// The send time a pushed message carries (`"at":<µs since the epoch>`), if it carries one.
+pub fn pushed_at(text: &str) -> Option<u64> {
+    let rest = &text[text.find("\"at\":")? + 5..];
+    let end = rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
 }
 
 impl Stats {
@@ -265,11 +315,13 @@ pub async fn run(w: Workload) -> Arc<Stats> {
                     let (w, stats) = (&w, &stats);
                     async move {
                         let mut seed = session_seed;
+                        let mut latency = Vec::new();
                         let r = tokio::time::timeout(
                             left + Duration::from_secs(2),
-                            session(w, a, &client, &mut seed, stats, deadline),
+                            session(w, a, &client, &mut seed, stats, deadline, &mut latency),
                         )
                         .await;
+                        stats.latency.add(&client, latency);
                         match r {
                             Ok(Ok(())) => {
                                 stats.connections.fetch_add(1, Ordering::Relaxed);
@@ -307,10 +359,12 @@ async fn session(
     seed: &mut u64,
     stats: &Stats,
     deadline: Instant,
+    latency: &mut Vec<u64>,
 ) -> anyhow::Result<()> {
     if a == Archetype::Terminal {
-        return terminal(w, client, seed, stats).await;
+        return terminal(w, client, seed, stats, latency).await;
     }
+    let pushed = matches!(a, Archetype::Feed | Archetype::Dashboard);
     let query = match a {
         Archetype::Feed => "?push=50&size=120",
         Archetype::Dashboard => "?push=2&size=3000",
@@ -339,6 +393,7 @@ async fn session(
                 .await?;
         }
         stats.sent.fetch_add(1, Ordering::Relaxed);
+        let (sent_at, mut echoed) = (Instant::now(), false);
         // read what arrives until the next send (after the first exchange, a long idle gap
         // if the session has one), or until the session's end: a session ends within its life
         // (a device's 20–60 s interval would otherwise carry it past the end its run planned)
@@ -346,8 +401,17 @@ async fn session(
         while let Ok(m) = tokio::time::timeout_at(until.into(), ws.next()).await {
             match m {
                 Some(Ok(Message::Close(_))) | None => return Ok(()),
-                Some(Ok(_)) => {
+                Some(Ok(m)) => {
                     stats.received.fetch_add(1, Ordering::Relaxed);
+                    if pushed {
+                        if let Some(at) = m.to_text().ok().and_then(pushed_at) {
+                            latency.push(unix_us().saturating_sub(at));
+                        }
+                    } else if !echoed {
+                        // (nothing but echoes comes back to these: the first is this send's)
+                        echoed = true;
+                        latency.push(sent_at.elapsed().as_micros() as u64);
+                    }
                 }
                 Some(Err(e)) => return Err(e.into()),
             }
@@ -456,7 +520,13 @@ async fn ws_handshake(
     ))
 }
 
-async fn terminal(w: &Workload, client: &str, seed: &mut u64, stats: &Stats) -> anyhow::Result<()> {
+async fn terminal(
+    w: &Workload,
+    client: &str,
+    seed: &mut u64,
+    stats: &Stats,
+    latency: &mut Vec<u64>,
+) -> anyhow::Result<()> {
     let mut s = TcpStream::connect(w.proxy).await?;
     let head = format!(
         "GET /terminal/exec HTTP/1.1\r\nHost: demo\r\nConnection: Upgrade\r\nUpgrade: x-echo\r\nUser-Agent: {}\r\nX-Client-Id: {client}\r\n\r\n",
@@ -473,13 +543,19 @@ async fn terminal(w: &Workload, client: &str, seed: &mut u64, stats: &Stats) -> 
     anyhow::ensure!(got.starts_with(b"HTTP/1.1 101"), "no 101");
     let end = Instant::now() + w.session;
     while Instant::now() < end {
-        // a burst of keystrokes, then a pause
+        // a burst of keystrokes, each echoed as a terminal echoes it, then a pause
         for _ in 0..(3 + rng(seed) % 10) {
+            let t = Instant::now();
             s.write_all(b"k").await?;
             stats.sent.fetch_add(1, Ordering::Relaxed);
+            if let Ok(Ok(1..)) =
+                tokio::time::timeout(Duration::from_millis(200), s.read(&mut buf)).await
+            {
+                stats.received.fetch_add(1, Ordering::Relaxed);
+                latency.push(t.elapsed().as_micros() as u64);
+            }
             tokio::time::sleep(Duration::from_millis(30)).await;
         }
-        let _ = tokio::time::timeout(Duration::from_millis(200), s.read(&mut buf)).await;
         tokio::time::sleep(Duration::from_millis(500 + rng(seed) % 1000)).await;
     }
     s.shutdown().await?;

@@ -1092,6 +1092,19 @@ async fn the_workload_generator_drives_every_archetype_into_profiles(pool: sqlx:
     .await;
     let done = stats.connections.load(std::sync::atomic::Ordering::Relaxed);
     assert!(done >= 30, "{stats:?}");
+    // The clients measured every archetype's message latency (a push carries its send time),
+    // and nothing took a second on loopback.
+    let latency = stats.latency.take();
+    for a in Archetype::ALL {
+        let svc = a.route().trim_start_matches('/');
+        let v: Vec<u64> = latency
+            .iter()
+            .filter(|(k, _)| k.starts_with(&format!("{svc}-")))
+            .flat_map(|(_, v)| v.iter().copied())
+            .collect();
+        assert!(!v.is_empty(), "{svc}: no latency measured");
+        assert!(v.iter().all(|us| *us < 1_000_000), "{svc}: {v:?}");
+    }
     type Row = (String, i64, i64, i64);
     let rows: Vec<Row> = eventually(Duration::from_secs(10), || async {
         let r: Vec<Row> = sqlx::query_as(

@@ -171,6 +171,14 @@ async fn a_paired_workload_runs_each_session_once_in_each_cohort(pool: sqlx::PgP
         "archetypes {:?}",
         by_archetype.keys()
     );
+    // The clients measured their messages' latency on both sides of every archetype's pairs
+    // (pushes one way, the rest round trips), and none took anywhere near a second.
+    for (svc, arms) in &c.by_archetype {
+        for arm in arms {
+            let p99 = arm.p99_message_ms();
+            assert!(p99 > 0.0 && p99 < 1000.0, "{svc}: p99 {p99} ms");
+        }
+    }
     // Primed: the phase's first connections are decided under the rollout too.
     assert!(c.incomplete <= 2, "{:#?}", c.why_incomplete);
     // Both sides of a pair sent the same messages.
@@ -178,8 +186,8 @@ async fn a_paired_workload_runs_each_session_once_in_each_cohort(pool: sqlx::PgP
     let rows: Vec<Row> = sqlx::query_as(
         "select client_key, cohort, c2u_messages from profiles where started_at >= $1 and started_at < $2",
     )
-    .bind(w.since)
-    .bind(w.until)
+    .bind(w.window.since)
+    .bind(w.window.until)
     .fetch_all(&pool)
     .await
     .expect("rows");
