@@ -118,6 +118,21 @@ impl Archetype {
         session.mul_f64(10.0 / 3.0 + u * 20.0 / 3.0)
     }
 
+    /// When an IoT device vanishes, if it does: one in five, 2 to 7 session lengths into its
+    /// life (12–42 s at the benchmark's 6 s sessions, with readings every 20–60 s: after its
+    /// first reading or two), drawn from the session's seed alone, so both sessions of a pair
+    /// vanish alike. Early enough in a device's life that, within a bounded run, the proxy's
+    /// pings or idle timeout can find it before the run ends.
+    pub fn vanishes_after(self, session: Duration, seed: u64) -> Option<Duration> {
+        if self != Archetype::Iot {
+            return None;
+        }
+        let mut s = (seed ^ 0x7661_6e69_7368_0001).max(1);
+        let draw = rng(&mut s);
+        draw.is_multiple_of(5)
+            .then(|| session.mul_f64(2.0 + (draw >> 11) as f64 / (1u64 << 53) as f64 * 5.0))
+    }
+
     /// Parse a name.
     pub fn parse(s: &str) -> Option<Archetype> {
         Archetype::ALL
@@ -371,7 +386,9 @@ async fn session(
         _ => "",
     };
     let mut long_idle = a.long_idle(w.session, *seed);
-    let end = Instant::now() + a.life(w.session, *seed);
+    let start = Instant::now();
+    let vanish_at = a.vanishes_after(w.session, *seed).map(|d| start + d);
+    let end = vanish_at.unwrap_or(start + a.life(w.session, *seed));
     let (mut ws, socket) =
         ws_handshake(w.proxy, &format!("{}/stream{query}", a.route()), a, client).await?;
     let report_every = Archetype::report_every(w.session, *seed);
@@ -417,7 +434,7 @@ async fn session(
             }
         }
     }
-    if a == Archetype::Iot && rng(seed).is_multiple_of(5) {
+    if vanish_at.is_some() {
         return vanish(ws, socket, deadline).await;
     }
     ws.close(None).await?;

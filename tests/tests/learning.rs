@@ -250,3 +250,36 @@ fn one_chat_session_in_three_idles_past_a_30_s_timeout() {
         "{long} of 3000 chat sessions idle long"
     );
 }
+
+/// One IoT device in five vanishes, 2 to 7 session lengths into its ten-length life (12–42 s
+/// at the benchmark's 6 s sessions); no other archetype vanishes.
+#[test]
+fn one_iot_device_in_five_vanishes_early_in_its_life() {
+    use std::time::Duration;
+    use trimtab_tests::workload::Archetype;
+    let session = Duration::from_secs(6);
+    let mut vanish = 0;
+    for seed in 1..=3000u64 {
+        for a in Archetype::ALL {
+            let v = a.vanishes_after(session, seed);
+            assert_eq!(
+                v,
+                a.vanishes_after(session, seed),
+                "drawn from the seed alone"
+            );
+            if let Some(d) = v {
+                assert_eq!(a, Archetype::Iot);
+                assert!(
+                    d >= Duration::from_secs(12) && d <= Duration::from_secs(42),
+                    "{d:?}"
+                );
+                assert!(d < a.life(session, seed));
+                vanish += 1;
+            }
+        }
+    }
+    assert!(
+        (500..700).contains(&vanish),
+        "{vanish} of 3000 devices vanish"
+    );
+}
