@@ -448,8 +448,10 @@ async fn session(
 /// duplicate of the connection's socket: closing the WebSocket's own descriptor then sends
 /// nothing. What the proxy sends is read from the duplicate and thrown away, never
 /// answered (its pings get no pong; reading keeps the receive window open, where a powered-off
-/// device's would stop acknowledging) until the proxy closes, or until the run's deadline, when the socket is
-/// dropped (a FIN: the run is bounded).
+/// device's would stop acknowledging). When the proxy closes, the device does not answer that
+/// either: the socket is held [`VANISHED_HOLD`] longer, past the proxy's close grace, before it
+/// is dropped (a FIN the proxy no longer waits for); at the run's deadline it is dropped in any
+/// case (the run is bounded).
 async fn vanish(
     ws: WebSocketStream<Box<dyn Io>>,
     socket: std::os::fd::OwnedFd,
@@ -466,10 +468,19 @@ async fn vanish(
                 break;
             }
         }
+        // A gone device sends no FIN back: the proxy's close must go unanswered.
+        tokio::time::sleep(VANISHED_HOLD).await;
     })
     .await;
     Ok(())
 }
+
+/// How long a vanished device holds its socket after the proxy closed it: longer than the
+/// data plane's close grace (`limits.drain_timeout`, at most 5 s), so that the close goes
+/// unanswered, as it would to a device that lost power. Dropping it at once sent a FIN
+/// within the grace, and the data plane took the device for a live one that answered its idle
+/// close.
+pub const VANISHED_HOLD: Duration = Duration::from_secs(7);
 
 /// The WebSocket handshake as the archetype's client makes it (offering permessage-deflate
 /// when it does, and speaking it when the proxy agrees); with a duplicate of the socket's
