@@ -314,27 +314,35 @@ mod tests {
             version(source.decide(&ctx(5), service, &id)),
             (Reason::Fallback, None)
         );
-        let mut answered = None;
-        for _ in 0..500 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            let d = source.decide(&ctx(5), service, &id);
-            if d.reason == Reason::Model {
-                answered = Some(version(d));
-                break;
+        // Ask for the hour's bucket until its own answer decides (5 s at most); what decided
+        // before it.
+        let until_answered = |hour: u16| {
+            let (source, ctx) = (&source, &ctx);
+            async move {
+                let mut before = Vec::new();
+                let want = Some(format!("hour-{hour}"));
+                let r = tokio::time::timeout(Duration::from_secs(5), async {
+                    loop {
+                        let d = version(source.decide(&ctx(hour), service, &id));
+                        if d.1 == want {
+                            return d;
+                        }
+                        before.push(d);
+                        tokio::task::yield_now().await;
+                    }
+                })
+                .await
+                .ok();
+                (r, before)
             }
-        }
+        };
+        let (answered, _) = until_answered(5).await;
         assert_eq!(answered, Some((Reason::Model, Some("hour-5".into()))));
         // The next hour: last hour's answer, not the fallback, until the new one is in.
         let next = version(source.decide(&ctx(6), service, &id));
         assert_eq!(next, (Reason::Model, Some("hour-5".into())));
-        let mut answered = None;
-        for _ in 0..500 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            let d = version(source.decide(&ctx(6), service, &id));
-            if d.1.as_deref() == Some("hour-6") {
-                answered = Some(d);
-                break;
-            }
+        let (answered, before) = until_answered(6).await;
+        for d in before {
             assert_eq!(d, (Reason::Model, Some("hour-5".into())));
         }
         assert_eq!(answered, Some((Reason::Model, Some("hour-6".into()))));
