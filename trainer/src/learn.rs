@@ -1,5 +1,7 @@
-//! Learning: features and hindsight labels from profiles, a time split, one cost-weighted
-//! decision tree per target (linfa), honest evaluation against the baselines, ONNX export.
+//! Learning: features and hindsight labels from profiles, a time split, a cost-weighted random
+//! forest per target (linfa's decision trees on bootstrap samples and feature subsets, leaves
+//! relabelled by replay cost, a majority vote), honest evaluation against the baselines, ONNX
+//! export.
 //!
 //! Follows linfa's contract: unchecked params → checked params → `fit` → a model with `predict`.
 
@@ -15,6 +17,13 @@ use tuning::{Profile, Settings, Target};
 /// Training parameters (unchecked).
 #[derive(Debug, Clone)]
 pub struct TrainParams {
+    /// Trees per target. One tree sees every training row and every feature; each tree of a
+    /// forest is fitted on a bootstrap sample of the rows (drawn with replacement, as many as
+    /// there are) and may split on a random share of the features ([`Self::feature_share`]),
+    /// and the forest answers the class most of its trees answer.
+    pub trees: usize,
+    /// Share of the features each tree of a forest may split on (at least one).
+    pub feature_share: f64,
     /// Deepest tree.
     pub max_depth: usize,
     /// Least total row weight a leaf may hold (row weights run from 1 to 16). Within one
@@ -39,6 +48,8 @@ pub struct TrainParams {
 impl Default for TrainParams {
     fn default() -> Self {
         TrainParams {
+            trees: 25,
+            feature_share: 0.5,
             max_depth: 8,
             min_leaf_weight: 32.0,
             test_share: 0.2,
@@ -72,6 +83,18 @@ impl TrainParams {
             return Err(LearnError::Param(format!(
                 "max_depth = {} must be between 1 and 32",
                 self.max_depth
+            )));
+        }
+        if !(1..=256).contains(&self.trees) {
+            return Err(LearnError::Param(format!(
+                "trees = {} must be between 1 and 256",
+                self.trees
+            )));
+        }
+        if !(self.feature_share > 0.0 && self.feature_share <= 1.0) {
+            return Err(LearnError::Param(format!(
+                "feature_share = {} must be above 0 and at most 1",
+                self.feature_share
             )));
         }
         if !(self.min_leaf_weight.is_finite() && self.min_leaf_weight >= 1.0) {
@@ -249,12 +272,7 @@ pub fn dataset(profiles: Vec<Profile>, w: &CostWeights) -> Result<Dataset, Learn
                 }
                 costs.extend(cost);
             }
-            let lo = costs.iter().copied().fold(f64::INFINITY, f64::min);
-            let hi = costs.iter().copied().fold(0.0, f64::max);
-            // Whole numbers from 1 to 16: linfa accumulates weights in f32, and sums of whole
-            // numbers stay exact (below 2^24) where fractions drift and can reach a negative
-            // class frequency on large tables.
-            weights[i].push((1.0 + (hi - lo).max(0.0)).ln().round().clamp(0.0, 15.0) as f32 + 1.0);
+            weights[i].push(regret_weight(costs));
         }
     }
     let mut d = Dataset::assemble(profiles, &x, labels, weights)?;
@@ -268,20 +286,23 @@ pub fn dataset(profiles: Vec<Profile>, w: &CostWeights) -> Result<Dataset, Learn
 /// the policy's business: one device in five vanishing is worth pings for every device of its
 /// kind (each vanished one costs tens of thousands, the pings of the others a few dozen), where
 /// the majority of labels (the live devices', which need no pings) said no pings, and the
-/// log-scaled weights could not outvote it. Leaves no training row reaches keep their class.
-pub fn relabel_by_cost(mut tree: Tree, d: &Dataset, t: Target, train: usize) -> Tree {
-    let Some(costs) = Target::ALL
-        .iter()
-        .position(|x| *x == t)
-        .map(|i| &d.class_costs[i])
-        .filter(|c| !c.is_empty())
-    else {
+/// log-scaled weights could not outvote it. A leaf keeps its class when no other is strictly
+/// cheaper, and so does a leaf no row reaches. `costs` holds each row's cost of each class
+/// (rows × `k`, row-major: [`class_costs`]); `rows` are the training rows the tree learned
+/// from (a bootstrap sample repeats some). Nothing changes when `costs` is empty.
+pub fn relabel_by_cost(
+    mut tree: Tree,
+    x: &Array2<f32>,
+    costs: &[f32],
+    k: usize,
+    rows: impl IntoIterator<Item = usize>,
+) -> Tree {
+    if costs.is_empty() || k == 0 {
         return tree;
-    };
-    let k = t.classes();
+    }
     let mut sums: std::collections::BTreeMap<usize, Vec<f64>> = Default::default();
-    for r in 0..train.min(costs.len() / k) {
-        let row = d.x.row(r);
+    for r in rows.into_iter().filter(|r| *r < costs.len() / k) {
+        let row = x.row(r);
         let leaf = match row.as_slice() {
             Some(x) => tree.leaf(x),
             None => tree.leaf(&row.to_vec()),
@@ -292,16 +313,214 @@ pub fn relabel_by_cost(mut tree: Tree, d: &Dataset, t: Target, train: usize) -> 
         }
     }
     for (leaf, s) in sums {
-        if let Some((class, _)) = s
+        let TreeNode::Leaf { class: now } = tree.nodes[leaf] else {
+            continue;
+        };
+        if let Some((class, least)) = s
             .iter()
             .enumerate()
             .filter(|(_, v)| v.is_finite())
             .min_by(|a, b| a.1.total_cmp(b.1))
+            && s.get(now).is_none_or(|v| v > least)
         {
             tree.nodes[leaf] = TreeNode::Leaf { class };
         }
     }
     tree
+}
+
+/// The replay cost of each of the first `rows` rows under each class of `t` (rows × classes,
+/// row-major; infinite where the combination is invalid), the other settings at `base(row)`.
+pub fn class_costs(
+    d: &Dataset,
+    t: Target,
+    rows: usize,
+    w: &CostWeights,
+    base: impl Fn(usize) -> Settings,
+) -> Vec<f32> {
+    let mut out = Vec::with_capacity(rows * t.classes());
+    for (r, p) in d.profiles.iter().enumerate().take(rows) {
+        let mut s = base(r);
+        for c in 0..t.classes() {
+            t.set_class(&mut s, c);
+            out.push(if s.validate().is_ok() {
+                replay_cost(p, &s, w) as f32
+            } else {
+                f32::INFINITY
+            });
+        }
+    }
+    out
+}
+
+/// The weight of a row whose classes cost `costs`: `1 + round(ln(1 + regret))`, the regret
+/// being the worst valid class's cost above the best's (whole numbers from 1 to 16: linfa
+/// accumulates weights in f32, and sums of whole numbers stay exact below 2^24 where fractions
+/// drift and can reach a negative class frequency on large tables).
+fn regret_weight(costs: impl IntoIterator<Item = f64>) -> f32 {
+    let (lo, hi) = costs
+        .into_iter()
+        .filter(|c| c.is_finite())
+        .fold((f64::INFINITY, 0.0f64), |(lo, hi), c| {
+            (lo.min(c), hi.max(c))
+        });
+    (1.0 + (hi - lo).max(0.0)).ln().round().clamp(0.0, 15.0) as f32 + 1.0
+}
+
+/// The first fit learns each row's oracle labels, and its leaves answer by cost with each
+/// row's other settings at its oracle's: a combination a policy cannot always give. A device
+/// that vanished after its first reading is cheapest with a 30 s timeout and no pings, so no
+/// label asks for pings; but its context also holds live devices whose 45 s gaps need 60 s,
+/// and with 60 s, which the policy gives them all, three missed 15 s pings find the vanished
+/// one 15 s sooner. So the targets that answer by cost are fitted again, target after target,
+/// given what the model answers each row for the other settings, until no answer on a
+/// training row changes (at most three rounds): the policy's own coordinate descent. A row's
+/// label is then the class of least summed cost over the rows of its context (its decision
+/// bucket: what the model can tell apart), the most common oracle label among the cheapest
+/// where several tie; labelled row by row, the vanished devices' pings against the live ones'
+/// none, the tree split one context's rows along its drifting aggregate features (an earlier
+/// vanishing raises the context's abnormal-close share), which serving does not see. Rows keep
+/// the weight of their own regret, and the leaves answer by the same costs.
+fn refit_given_policy(
+    p: &TrainParams,
+    d: &Dataset,
+    models: &mut [TargetModel],
+    train: usize,
+) -> Result<(), LearnError> {
+    let rows: Vec<Vec<f32>> = (0..train).map(|r| d.x.row(r).to_vec()).collect();
+    let answers = |models: &[TargetModel]| -> Vec<Settings> {
+        let f = Fitted {
+            models: models.to_vec(),
+        };
+        rows.iter()
+            .enumerate()
+            .map(|(r, x)| f.predict(x, d.profiles[r].decision.settings))
+            .collect()
+    };
+    let mut contexts: std::collections::BTreeMap<String, Vec<usize>> = Default::default();
+    for (r, p) in d.profiles.iter().enumerate().take(train) {
+        contexts.entry(p.context.bucket_key()).or_default().push(r);
+    }
+    let mut before = answers(models);
+    for _ in 0..3 {
+        for (i, t) in Target::ALL.iter().enumerate() {
+            if !by_cost(*t) {
+                continue;
+            }
+            let policy = answers(models);
+            let k = t.classes();
+            let costs = class_costs(d, *t, train, &p.weights, |r| policy[r]);
+            let oracle = d.labels(*t)?;
+            let mut y = vec![0; train];
+            for rows in contexts.values() {
+                let mut sums = vec![0.0f64; k];
+                let mut votes = vec![0usize; k];
+                for r in rows {
+                    for (c, v) in sums.iter_mut().enumerate() {
+                        *v += f64::from(costs[r * k + c]);
+                    }
+                    votes[oracle[*r].min(k - 1)] += 1;
+                }
+                let least = sums.iter().copied().fold(f64::INFINITY, f64::min);
+                let label = (0..k)
+                    .filter(|c| sums[*c] == least)
+                    .max_by_key(|c| (votes[*c], std::cmp::Reverse(*c)))
+                    .unwrap_or(0);
+                for r in rows {
+                    y[*r] = label;
+                }
+            }
+            let w: Vec<f32> = (0..train)
+                .map(|r| regret_weight(costs[r * k..(r + 1) * k].iter().map(|c| f64::from(*c))))
+                .collect();
+            models[i].trees = fit_forest(p, d, *t, &y, &w, &costs)
+                .map_err(|e| LearnError::Data(format!("{}: {e}", t.name())))?;
+        }
+        let after = answers(models);
+        if after == before {
+            break;
+        }
+        before = after;
+    }
+    Ok(())
+}
+
+/// splitmix64: the forest's draws, the same for the same seed.
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// A draw from `0..n` (`n > 0`).
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// The trees of one target, fitted on the first `y.len()` rows: one tree on every row and
+/// feature when `p.trees` is 1, else a random forest. Each of its trees learns from a bootstrap
+/// sample (a row drawn k times weighs k times its weight), may split only on its own random
+/// `feature_share` of the features (the others are zero in its matrix, so never split on), and
+/// has its leaves relabelled by the replay cost of its sample ([`relabel_by_cost`]). The draws
+/// come from `p.seed` and the target, so a window trains the same model every time.
+fn fit_forest(
+    p: &TrainParams,
+    d: &Dataset,
+    t: Target,
+    y: &[usize],
+    w: &[f32],
+    costs: &[f32],
+) -> Result<Vec<Tree>, LearnError> {
+    let train = y.len();
+    let x = d.x.slice(s![..train, ..]);
+    let target = Target::ALL.iter().position(|x| *x == t).unwrap_or(0);
+    let k = t.classes();
+    let present: std::collections::BTreeSet<usize> = y.iter().copied().collect();
+    if present.len() == 1 {
+        let tree = Tree::constant(*present.iter().next().expect("one class"));
+        return Ok(vec![relabel_by_cost(tree, &d.x, costs, k, 0..train)]);
+    }
+    if p.trees == 1 {
+        let (_, tree) = fit_tree(x, y, w, p.max_depth, p.min_leaf_weight)?;
+        return Ok(vec![relabel_by_cost(tree, &d.x, costs, k, 0..train)]);
+    }
+    let cols = x.ncols();
+    let keep = ((cols as f64 * p.feature_share).round() as usize).clamp(1, cols);
+    let mut rng = SplitMix(p.seed ^ (target as u64 + 1).wrapping_mul(0xd1b5_4a32_d192_ed03));
+    let mut trees = Vec::with_capacity(p.trees);
+    for _ in 0..p.trees {
+        let mut drawn = vec![0u32; train];
+        for _ in 0..train {
+            drawn[rng.below(train)] += 1;
+        }
+        // a partial Fisher–Yates shuffle picks the tree's features
+        let mut order: Vec<usize> = (0..cols).collect();
+        for i in 0..keep {
+            let j = i + rng.below(cols - i);
+            order.swap(i, j);
+        }
+        let rows: Vec<usize> = (0..train).filter(|r| drawn[*r] > 0).collect();
+        let mut bx = Array2::<f32>::zeros((rows.len(), cols));
+        for (i, r) in rows.iter().enumerate() {
+            for c in &order[..keep] {
+                bx[[i, *c]] = x[[*r, *c]];
+            }
+        }
+        let by: Vec<usize> = rows.iter().map(|r| y[*r]).collect();
+        let bw: Vec<f32> = rows.iter().map(|r| w[*r] * drawn[*r] as f32).collect();
+        let (_, tree) = fit_tree(bx.view(), &by, &bw, p.max_depth, p.min_leaf_weight)?;
+        let sample = rows
+            .iter()
+            .flat_map(|r| std::iter::repeat_n(*r, drawn[*r] as usize));
+        trees.push(relabel_by_cost(tree, &d.x, costs, k, sample));
+    }
+    Ok(trees)
 }
 
 /// Fit one cost-weighted tree and convert it to the exported form.
@@ -411,10 +630,10 @@ pub struct Report {
     pub services: Vec<ServiceDelta>,
 }
 
-/// A fitted model: trees per target.
+/// A fitted model: a forest (or one tree) per target.
 #[derive(Debug, Clone)]
 pub struct Fitted {
-    /// Trees (one per target).
+    /// The trees of each target.
     pub models: Vec<TargetModel>,
 }
 
@@ -423,7 +642,7 @@ impl Fitted {
     pub fn predict(&self, x: &[f32], base: Settings) -> Settings {
         let mut s = base;
         for m in &self.models {
-            m.target.set_class(&mut s, m.trees[0].predict(x));
+            m.target.set_class(&mut s, m.predict(x));
         }
         s.clamp().0
     }
@@ -473,13 +692,11 @@ pub fn fit_and_evaluate(p: &CheckedParams, d: &Dataset) -> Result<(Fitted, Repor
         )));
     }
     let mut models = Vec::new();
-    for t in Target::ALL.iter() {
-        let y: Array1<usize> = d.labels(*t)?[..train].iter().copied().collect();
-        let w: Array1<f32> = d.weights(*t)?[..train].iter().copied().collect();
+    for (i, t) in Target::ALL.iter().enumerate() {
+        let y: Vec<usize> = d.labels(*t)?[..train].to_vec();
+        let w: Vec<f32> = d.weights(*t)?[..train].to_vec();
         let present: std::collections::BTreeSet<usize> = y.iter().copied().collect();
-        let tree = if present.len() == 1 {
-            Tree::constant(*present.iter().next().expect("one class"))
-        } else {
+        if present.len() > 1 {
             for c in &present {
                 let rows = y.iter().filter(|v| *v == c).count();
                 if rows < p.min_class_rows {
@@ -490,21 +707,12 @@ pub fn fit_and_evaluate(p: &CheckedParams, d: &Dataset) -> Result<(Fitted, Repor
                     )));
                 }
             }
-            let (_, tree) = fit_tree(
-                d.x.slice(s![..train, ..]),
-                y.as_slice().unwrap_or(&[]),
-                w.as_slice().unwrap_or(&[]),
-                p.max_depth,
-                p.min_leaf_weight,
-            )
+        }
+        let trees = fit_forest(p, d, *t, &y, &w, &d.class_costs[i])
             .map_err(|e| LearnError::Data(format!("{}: {e}", t.name())))?;
-            relabel_by_cost(tree, d, *t, train)
-        };
-        models.push(TargetModel {
-            target: *t,
-            trees: vec![tree],
-        });
+        models.push(TargetModel { target: *t, trees });
     }
+    refit_given_policy(p, d, &mut models, train)?;
     let fitted = Fitted { models };
     let predicted: Vec<Settings> = (train..n)
         .map(|r| fitted.predict(&d.x.row(r).to_vec(), d.profiles[r].decision.settings))
@@ -797,12 +1005,128 @@ mod tests {
         let by_weight =
             |c: usize| -> f32 { (0..12).filter(|r| labels[*r] == c).map(|r| w[r]).sum() };
         assert!(by_weight(0) > by_weight(1), "the majority says no pings");
-        let tree = relabel_by_cost(Tree::constant(0), &d, t, 12);
+        let tree = relabel_by_cost(
+            Tree::constant(0),
+            &d.x,
+            &d.class_costs[i],
+            t.classes(),
+            0..12,
+        );
         assert_eq!(
             tuning::settings::PING_INTERVALS[tree.predict(&vec![0.0; d.x.ncols()])],
             15
         );
         assert_eq!(d.class_costs[i].len(), 12 * t.classes());
+    }
+
+    /// Devices that report every 45 s, one in five vanishing after its first reading. Each
+    /// row's oracle says no pings (a vanished device alone is cheapest with a 30 s timeout,
+    /// which three missed pings cannot beat), so no label asks for pings. But the policy must
+    /// give the whole context 60 s (the live devices' gaps), and with 60 s, pings every 15 s find
+    /// a vanished device 15 s sooner: relabelled given what the policy does, the model answers
+    /// pings every 15 s and 60 s.
+    #[test]
+    fn the_leaves_answer_by_cost_given_what_the_policy_does_for_the_other_settings() {
+        let ctx = context("iot");
+        let device = |vanished: bool| {
+            let mut p = Profile::new(
+                ctx.clone(),
+                tuning::Decision::fixed(Settings::default(), tuning::Reason::Default),
+            );
+            p.dead_peer = vanished;
+            p.duration_us = if vanished { 125 } else { 60 } * 1_000_000;
+            let d = &mut p.client_to_upstream;
+            d.msg_sizes.record(20);
+            if vanished {
+                d.messages = 1;
+                d.bytes = 20;
+                d.max_gap_ms = 125_000;
+            } else {
+                d.messages = 2;
+                d.bytes = 40;
+                d.msg_sizes.record(20);
+                d.gaps_ms.record(45_000);
+                d.max_gap_ms = 45_000;
+            }
+            p
+        };
+        let profiles: Vec<Profile> = (0..60).map(|i| device(i % 5 == 4)).collect();
+        let d = dataset(profiles, &CostWeights::default()).unwrap();
+        let pings = d.labels(Target::PingInterval).unwrap();
+        let timeouts = d.labels(Target::IdleTimeout).unwrap();
+        assert!(pings.iter().all(|c| *c == 0), "no label asks for pings");
+        for (r, c) in timeouts.iter().enumerate() {
+            let want = if r % 5 == 4 { 30 } else { 60 };
+            assert_eq!(tuning::settings::IDLE_TIMEOUTS[*c], want, "row {r}");
+        }
+        let params = TrainParams {
+            min_class_rows: 1,
+            ..TrainParams::default()
+        }
+        .check()
+        .unwrap();
+        let (f, _) = fit_and_evaluate(&params, &d).unwrap();
+        for r in 48..60 {
+            let s = f.predict(&d.x.row(r).to_vec(), Settings::default());
+            assert_eq!((s.ping_interval, s.idle_timeout), (15, 60), "row {r}");
+        }
+    }
+
+    /// Two contexts told apart by 3 of the features only, `zero_copy` for one and `frame_aware`
+    /// for the other. A tree that drew none of the three into its half of the features cannot tell
+    /// them apart and answers one class for both; the forest's vote answers each its own, on
+    /// every held-out row. The same seed gives the same forest, another seed another one.
+    #[test]
+    fn a_forest_outvotes_its_trees_that_could_not_see_the_telling_features() {
+        let n = 200;
+        let width = tuning::feature_len();
+        let telling = [3, width / 2, width - 2];
+        let mut x = Vec::with_capacity(n * width);
+        let mut labels = vec![vec![0u32; n]; Target::ALL.len()];
+        for (r, label) in labels[4].iter_mut().enumerate() {
+            let b = r % 2 == 1;
+            x.extend((0..width).map(|c| if telling.contains(&c) && b { 1.0 } else { 0.25 }));
+            *label = u32::from(b);
+        }
+        let p = Profile::new(
+            context("s"),
+            tuning::Decision::fixed(Settings::default(), tuning::Reason::Default),
+        );
+        let d = Dataset::assemble(
+            vec![p; n],
+            &x,
+            labels,
+            vec![vec![1.0; n]; Target::ALL.len()],
+        )
+        .unwrap();
+        let params = |seed: u64| {
+            TrainParams {
+                seed,
+                ..TrainParams::default()
+            }
+            .check()
+            .unwrap()
+        };
+        let (f, report) = fit_and_evaluate(&params(7), &d).unwrap();
+        let forest = &f.models[4];
+        assert_eq!(forest.target, Target::Mode);
+        assert_eq!(forest.trees.len(), TrainParams::default().trees);
+        let row = |b: bool| d.x.row(usize::from(b)).to_vec();
+        let blind = forest
+            .trees
+            .iter()
+            .filter(|t| t.predict(&row(false)) == t.predict(&row(true)))
+            .count();
+        assert!(blind > 0, "some trees drew none of the telling features");
+        assert!(blind < forest.trees.len() / 2, "{blind} blind trees");
+        assert_eq!(forest.predict(&row(false)), 0);
+        assert_eq!(forest.predict(&row(true)), 1);
+        assert_eq!(report.targets[4].balanced_accuracy, 1.0);
+        assert_eq!(fit_and_evaluate(&params(7), &d).unwrap().0.models, f.models);
+        assert_ne!(
+            fit_and_evaluate(&params(8), &d).unwrap().0.models[4],
+            *forest
+        );
     }
 
     #[test]

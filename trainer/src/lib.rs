@@ -199,6 +199,8 @@ pub async fn train_with_progress(
             "ping_interval": tuning::settings::PING_INTERVALS,
             "idle_timeout": tuning::settings::IDLE_TIMEOUTS,
         },
+        "trees": params.trees,
+        "feature_share": params.feature_share,
         "max_depth": params.max_depth,
     });
     sqlx::query(
@@ -409,6 +411,22 @@ mod tests {
         assert_eq!(
             p.check().unwrap_err().to_string(),
             "min_leaf_weight = 0.5 must be a number of at least 1"
+        );
+        let p = learn::TrainParams {
+            trees: 0,
+            ..Default::default()
+        };
+        assert_eq!(
+            p.check().unwrap_err().to_string(),
+            "trees = 0 must be between 1 and 256"
+        );
+        let p = learn::TrainParams {
+            feature_share: 1.5,
+            ..Default::default()
+        };
+        assert_eq!(
+            p.check().unwrap_err().to_string(),
+            "feature_share = 1.5 must be above 0 and at most 1"
         );
         sqlx::query("drop table profiles cascade")
             .execute(&db)

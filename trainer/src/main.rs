@@ -75,6 +75,13 @@ enum Command {
     Train {
         #[command(flatten)]
         window: WindowArgs,
+        /// Trees per target: 1 fits one tree on every row and feature; more fit a random
+        /// forest (bootstrap samples, a share of the features each) that votes.
+        #[arg(long, default_value_t = 25)]
+        trees: usize,
+        /// Share of the features each tree of a forest may split on.
+        #[arg(long, default_value_t = 0.5)]
+        feature_share: f64,
         /// Deepest tree.
         #[arg(long, default_value_t = 8)]
         max_depth: usize,
@@ -149,12 +156,16 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Train {
             window,
+            trees,
+            feature_share,
             max_depth,
             min_leaf_weight,
             test_share,
         } => {
             let w = window.window(WEEK);
             let params = trainer::learn::TrainParams {
+                trees,
+                feature_share,
                 max_depth,
                 min_leaf_weight,
                 test_share,

@@ -93,6 +93,21 @@ pub struct TargetModel {
     pub trees: Vec<Tree>,
 }
 
+impl TargetModel {
+    /// The class most of the trees answer for a feature vector; a tie goes to the lowest class,
+    /// as ONNX Runtime's `TreeEnsembleClassifier` resolves it (every tree's leaf adds the same
+    /// weight to its class, and the first class of the highest sum wins).
+    pub fn predict(&self, x: &[f32]) -> usize {
+        let mut votes = vec![0usize; self.target.classes().max(1)];
+        for t in &self.trees {
+            let c = t.predict(x).min(votes.len() - 1);
+            votes[c] += 1;
+        }
+        let top = votes.iter().copied().max().unwrap_or(0);
+        votes.iter().position(|v| *v == top).unwrap_or(0)
+    }
+}
+
 /// Number of class labels written for a target (two-class targets get a padding label).
 pub fn written_classes(t: Target) -> usize {
     t.classes().max(3)

@@ -300,4 +300,58 @@ mod tests {
             predict_labels(&mut s, "features", vec![0.2, 0.0, 0.9, 0.0, 0.5, 7.0], 2).expect("run");
         assert_eq!(labels, vec![0, 1, 0]);
     }
+
+    /// A forest exported by [`crate::onnx::export`] answers in ONNX Runtime what
+    /// [`crate::onnx::TargetModel::predict`] answers in Rust, ties included (three trees voting
+    /// three different classes; two trees voting two), on a target of four classes and on a
+    /// two-class one written with a padding label.
+    #[test]
+    fn onnx_runtime_votes_a_forest_as_the_trainer_does() {
+        use crate::onnx::{TargetModel, Tree, TreeNode, export};
+        let split = |feature: usize, yes: usize, no: usize| Tree {
+            nodes: vec![
+                TreeNode::Branch {
+                    feature,
+                    threshold: 0.5,
+                    yes: 1,
+                    no: 2,
+                },
+                TreeNode::Leaf { class: yes },
+                TreeNode::Leaf { class: no },
+            ],
+        };
+        let models = vec![
+            TargetModel {
+                target: Target::BufferSize,
+                trees: vec![split(0, 0, 1), split(1, 1, 2), Tree::constant(2)],
+            },
+            TargetModel {
+                target: Target::Compression,
+                trees: vec![split(0, 0, 1), split(1, 1, 0)],
+            },
+        ];
+        let rt = Runtime::init(None).expect("ONNX Runtime (./dev sets ORT_DYLIB_PATH)");
+        let bytes = export(&models, &Settings::default(), "v-forest");
+        let m = LoadedModel::load(rt, "v-forest", &bytes).expect("load");
+        let rows: Vec<Vec<f32>> = [(0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0)]
+            .iter()
+            .map(|(a, b)| {
+                let mut r = vec![0.0; crate::feature_len()];
+                r[0] = *a;
+                r[1] = *b;
+                r
+            })
+            .collect();
+        let labels = m.labels(&rows).expect("run");
+        for (i, t) in Target::ALL.iter().enumerate() {
+            let Some(model) = models.iter().find(|m| m.target == *t) else {
+                continue;
+            };
+            let rust: Vec<i64> = rows.iter().map(|r| model.predict(r) as i64).collect();
+            assert_eq!(labels[i], rust, "{}", t.name());
+        }
+        let at = |t: Target| labels[Target::ALL.iter().position(|x| *x == t).unwrap()].clone();
+        assert_eq!(at(Target::BufferSize), vec![0, 1, 2, 2]);
+        assert_eq!(at(Target::Compression), vec![0, 1, 0, 0]);
+    }
 }
