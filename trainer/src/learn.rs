@@ -922,6 +922,14 @@ type Dataset2 = linfa::DatasetBase<Array2<f32>, Array1<usize>>;
 mod tests {
     use super::*;
 
+    /// A profile of `ctx` under the shipped defaults, with no traffic yet.
+    fn profile(ctx: &tuning::ConnectionContext) -> Profile {
+        Profile::new(
+            ctx.clone(),
+            tuning::Decision::fixed(Settings::default(), tuning::Reason::Default),
+        )
+    }
+
     /// A WebSocket context of `service` (route `/{service}`), nothing else told apart.
     fn context(service: &str) -> tuning::ConnectionContext {
         tuning::ConnectionContext {
@@ -980,10 +988,7 @@ mod tests {
     fn a_leaf_answers_the_class_of_least_summed_cost_not_the_majority_label() {
         let ctx = context("iot");
         let device = |vanished: bool| {
-            let mut p = Profile::new(
-                ctx.clone(),
-                tuning::Decision::fixed(Settings::default(), tuning::Reason::Default),
-            );
+            let mut p = profile(&ctx);
             p.duration_us = if vanished { 150 } else { 60 } * 1_000_000;
             let d = &mut p.client_to_upstream;
             d.messages = 2;
@@ -1029,10 +1034,7 @@ mod tests {
     fn the_leaves_answer_by_cost_given_what_the_policy_does_for_the_other_settings() {
         let ctx = context("iot");
         let device = |vanished: bool| {
-            let mut p = Profile::new(
-                ctx.clone(),
-                tuning::Decision::fixed(Settings::default(), tuning::Reason::Default),
-            );
+            let mut p = profile(&ctx);
             p.dead_peer = vanished;
             p.duration_us = if vanished { 125 } else { 60 } * 1_000_000;
             let d = &mut p.client_to_upstream;
@@ -1088,10 +1090,7 @@ mod tests {
             x.extend((0..width).map(|c| if telling.contains(&c) && b { 1.0 } else { 0.25 }));
             *label = u32::from(b);
         }
-        let p = Profile::new(
-            context("s"),
-            tuning::Decision::fixed(Settings::default(), tuning::Reason::Default),
-        );
+        let p = profile(&context("s"));
         let d = Dataset::assemble(
             vec![p; n],
             &x,
@@ -1133,10 +1132,7 @@ mod tests {
     fn a_class_with_too_few_training_rows_is_refused_by_name() {
         let ctx = context("s");
         let n = 40;
-        let p = Profile::new(
-            ctx,
-            tuning::Decision::fixed(Settings::default(), tuning::Reason::Default),
-        );
+        let p = profile(&ctx);
         let mut labels = vec![vec![0u32; n]; Target::ALL.len()];
         labels[0][3] = 2; // one training row of buffer_size class 2 (64 KiB)
         labels[0][4] = 1;
